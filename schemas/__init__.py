@@ -1,0 +1,1 @@
+"""Wire and storage types: TradeClosed, NegativeCase, Event, and their validation."""

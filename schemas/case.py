@@ -1,0 +1,83 @@
+"""NegativeCase: a losing trade turned into a prioritized training example."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import msgpack
+
+ACTIONS = ("BUY", "SELL", "HOLD")
+
+
+def case_id_for(trade_id: str) -> str:
+    """The case id of a trade: derived, so a redelivered or duplicated trade maps to one case."""
+    return "nc-" + hashlib.blake2b(trade_id.encode(), digest_size=10).hexdigest()
+
+
+@dataclass(slots=True)
+class NegativeCase:
+    """Everything known about one losing trade, what should have been done, and its training."""
+
+    case_id: str
+    trade_id: str
+    symbol: str
+    side: str
+    entry_price: float
+    exit_price: float
+    quantity: float
+    leverage: float
+    fee_rate: float
+    move_pct: float
+    pnl_pct: float
+    loss_percentage: float
+    loss_amount: float
+    what_should_have_been_done: str
+    lesson_learned: str
+    training_priority: int
+    training_epochs: int
+    created_at_ms: int
+    opened_at_ms: int | None = None
+    closed_at_ms: int | None = None
+    confidence: float | None = None
+    model_version: int | None = None
+    features: list[float] | None = None
+    market_state_before: dict[str, Any] | None = None
+    market_state_after: dict[str, Any] | None = None
+    technical_indicators: dict[str, Any] | None = None
+    tick_data: list[dict[str, Any]] | None = None
+    retraining_count: int = 0
+    last_retrained_ms: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> int:
+        """The training label: the index of what should have been done in ACTIONS."""
+        return ACTIONS.index(self.what_should_have_been_done)
+
+    @property
+    def trainable(self) -> bool:
+        """Whether the case carries the model's input; cases without features are only kept."""
+        return self.features is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The case as plain data (msgpack and JSON friendly)."""
+        return {name: getattr(self, name) for name in _FIELD_NAMES}
+
+    def to_msgpack(self) -> bytes:
+        """The stored form, in Redis and in the archive."""
+        return msgpack.packb(self.to_dict(), use_bin_type=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> NegativeCase:
+        """Build from stored data; fields a newer writer added are ignored, not fatal."""
+        return cls(**{name: data[name] for name in _FIELD_NAMES if name in data})
+
+    @classmethod
+    def from_msgpack(cls, blob: bytes) -> NegativeCase:
+        """Decode a stored case. msgpack builds plain data only: nothing in a blob runs."""
+        return cls.from_dict(msgpack.unpackb(blob, raw=False, strict_map_key=False))
+
+
+_FIELD_NAMES = tuple(f.name for f in fields(NegativeCase))

@@ -1,0 +1,332 @@
+"""TradeClosed, version 1: the trade-close event, its three encodings, and its validation.
+
+An entry on `<ns>:trades` is flat stream fields, or one field `json` holding a JSON object,
+or one field `msgpack` holding a msgpack map. `parse_trade` turns any of them into a
+`TradeClosed` or raises `TradeError` naming the field and the reason. It runs once per
+entry in the detector's hot loop, so it decodes each value once and allocates little.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import msgpack
+import orjson
+
+SCHEMA_VERSION = 1
+SIDES = ("BUY", "SELL")
+TRADE_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
+SYMBOL_PATTERN = r"^[^\x00-\x1f\x7f]{1,64}$"
+ISO_8601_PATTERN = (
+    r"^\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d{1,9})?)?(Z|[+-]\d{2}(:?\d{2})?)?)?$"
+)
+_TRADE_ID = re.compile(TRADE_ID_PATTERN)
+_SYMBOL = re.compile(SYMBOL_PATTERN)
+_ISO_8601 = re.compile(ISO_8601_PATTERN)
+_DIGITS = re.compile(r"^\d+$")
+
+# Fields carried as JSON text when the entry uses flat stream fields.
+_JSON_TEXT_FIELDS = frozenset(
+    {"features", "market_state_before", "market_state_after", "technical_indicators", "tick_data"}
+)
+_NUMBER_FIELDS = frozenset(
+    {"entry_price", "exit_price", "quantity", "leverage", "fee_rate", "confidence"}
+)
+KNOWN_FIELDS = frozenset(
+    {"trade_id", "symbol", "side", "opened_at", "closed_at", "model_version"}
+    | _NUMBER_FIELDS
+    | _JSON_TEXT_FIELDS
+)
+
+
+class TradeError(ValueError):
+    """A trade event that cannot be used: `field` names what is wrong, `reason` says why."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class TradeDefaults:
+    """The deployment's values for what a producer may leave out, and its limits."""
+
+    feature_count: int = 8
+    leverage: float = 1.0
+    fee_rate: float = 0.0
+    max_entry_bytes: int = 65536
+
+
+@dataclass(slots=True)
+class TradeClosed:
+    """One closed trade, validated."""
+
+    trade_id: str
+    symbol: str
+    side: str
+    entry_price: float
+    exit_price: float
+    quantity: float
+    leverage: float
+    fee_rate: float
+    opened_at_ms: int | None
+    closed_at_ms: int | None
+    confidence: float | None
+    model_version: int | None
+    features: list[float] | None
+    market_state_before: dict[str, Any] | None
+    market_state_after: dict[str, Any] | None
+    technical_indicators: dict[str, Any] | None
+    tick_data: list[dict[str, Any]] | None
+    extra: dict[str, Any]
+
+
+def parse_trade(fields: Mapping[bytes, bytes], defaults: TradeDefaults) -> TradeClosed:
+    """Decode and validate one stream entry in any of the three encodings."""
+    return validate_trade(decode_entry(fields, defaults.max_entry_bytes), defaults)
+
+
+def decode_entry(fields: Mapping[bytes, bytes], max_entry_bytes: int) -> dict[str, Any]:
+    """The entry's fields as a plain object, whatever the encoding; types not checked yet."""
+    size = 0
+    for name, value in fields.items():
+        size += len(name) + len(value)
+    if size > max_entry_bytes:
+        raise TradeError("entry", f"{size} bytes, over the limit of {max_entry_bytes}")
+    if not fields:
+        raise TradeError("entry", "no fields")
+    if len(fields) == 1:
+        ((name, value),) = fields.items()
+        if name == b"json":
+            return _decode_json(value)
+        if name == b"msgpack":
+            return _decode_msgpack(value)
+        if name.decode("utf-8", "replace") not in KNOWN_FIELDS:
+            raise TradeError(
+                "entry",
+                f"unknown encoding {name.decode('utf-8', 'replace')!r}: "
+                "expected flat trade fields, or one field 'json' or 'msgpack'",
+            )
+    return _decode_flat(fields)
+
+
+def _decode_json(value: bytes) -> dict[str, Any]:
+    try:
+        obj = orjson.loads(value)
+    except orjson.JSONDecodeError as error:
+        raise TradeError("json", f"not valid JSON: {error}") from None
+    if not isinstance(obj, dict):
+        raise TradeError("json", f"expected a JSON object, got {_kind(obj)}")
+    return obj
+
+
+def _decode_msgpack(value: bytes) -> dict[str, Any]:
+    try:
+        obj = msgpack.unpackb(value, raw=False, strict_map_key=False)
+    except UnicodeDecodeError:
+        raise TradeError("msgpack", "holds text that is not valid UTF-8") from None
+    except Exception as error:  # msgpack raises several unrelated types for bad bytes
+        raise TradeError("msgpack", f"not a valid msgpack value: {error}") from None
+    if not isinstance(obj, dict):
+        raise TradeError("msgpack", f"expected a map, got {_kind(obj)}")
+    for key in obj:
+        if not isinstance(key, str):
+            raise TradeError("msgpack", f"map keys must be text, got {_kind(key)}")
+    return obj
+
+
+def _decode_flat(fields: Mapping[bytes, bytes]) -> dict[str, Any]:
+    obj: dict[str, Any] = {}
+    for raw_name, raw_value in fields.items():
+        try:
+            name = raw_name.decode()
+        except UnicodeDecodeError:
+            raise TradeError(repr(raw_name), "field name is not valid UTF-8") from None
+        try:
+            text = raw_value.decode()
+        except UnicodeDecodeError:
+            raise TradeError(name, "not valid UTF-8") from None
+        obj[name] = _flat_value(name, text)
+    return obj
+
+
+def _flat_value(name: str, text: str) -> Any:
+    """A flat field's text as the JSON value it stands for (numbers, JSON text, strings)."""
+    if name in _NUMBER_FIELDS:
+        try:
+            return float(text)
+        except ValueError:
+            raise TradeError(name, f"expected a number, got {text!r}") from None
+    if name == "model_version":
+        try:
+            return int(text)
+        except ValueError:
+            raise TradeError(name, f"expected an integer, got {text!r}") from None
+    if name in ("opened_at", "closed_at") and _DIGITS.match(text):
+        return int(text)
+    if name in _JSON_TEXT_FIELDS:
+        try:
+            return orjson.loads(text)
+        except orjson.JSONDecodeError as error:
+            raise TradeError(name, f"not valid JSON text: {error}") from None
+    return text
+
+
+def validate_trade(obj: Mapping[str, Any], defaults: TradeDefaults) -> TradeClosed:
+    """Check a decoded trade object against TradeClosed v1 and build the typed value."""
+    trade_id = _required(obj, "trade_id")
+    if not isinstance(trade_id, str) or not _TRADE_ID.match(trade_id):
+        raise TradeError("trade_id", "expected 1-128 characters of A-Z a-z 0-9 . _ : -")
+    symbol = _required(obj, "symbol")
+    if not isinstance(symbol, str) or not _SYMBOL.match(symbol):
+        raise TradeError("symbol", "expected 1-64 printable characters")
+    side = _required(obj, "side")
+    if side not in SIDES:
+        raise TradeError("side", f"expected 'BUY' or 'SELL', got {side!r}")
+    features = obj.get("features")
+    return TradeClosed(
+        trade_id=trade_id,
+        symbol=symbol,
+        side=side,
+        entry_price=_number(obj, "entry_price", above=0.0),
+        exit_price=_number(obj, "exit_price", above=0.0),
+        quantity=_number(obj, "quantity", above=0.0, default=1.0),
+        leverage=_number(obj, "leverage", at_least=1.0, default=defaults.leverage),
+        fee_rate=_number(obj, "fee_rate", at_least=0.0, at_most=1.0, default=defaults.fee_rate),
+        opened_at_ms=_timestamp_ms(obj, "opened_at"),
+        closed_at_ms=_timestamp_ms(obj, "closed_at"),
+        confidence=_number(obj, "confidence", at_least=0.0, at_most=1.0, default=None),
+        model_version=_integer(obj, "model_version"),
+        features=None if features is None else _features(features, defaults.feature_count),
+        market_state_before=_object(obj, "market_state_before"),
+        market_state_after=_object(obj, "market_state_after"),
+        technical_indicators=_object(obj, "technical_indicators"),
+        tick_data=_tick_data(obj.get("tick_data")),
+        extra={name: value for name, value in obj.items() if name not in KNOWN_FIELDS},
+    )
+
+
+def _required(obj: Mapping[str, Any], name: str) -> Any:
+    value = obj.get(name)
+    if value is None:
+        raise TradeError(name, "required")
+    return value
+
+
+def _is_number(value: Any) -> bool:
+    # bool is an int in Python but not a number in JSON.
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+_MISSING: Any = object()
+
+
+def _number(
+    obj: Mapping[str, Any],
+    name: str,
+    *,
+    above: float | None = None,
+    at_least: float | None = None,
+    at_most: float | None = None,
+    default: Any = _MISSING,
+) -> Any:
+    value = obj.get(name)
+    if value is None:
+        if default is _MISSING:
+            raise TradeError(name, "required")
+        return default
+    if not _is_number(value):
+        raise TradeError(name, f"expected a number, got {_kind(value)}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise TradeError(name, f"must be finite, got {value}")
+    if above is not None and not value > above:
+        raise TradeError(name, f"must be > {above:g}, got {value:g}")
+    if at_least is not None and value < at_least:
+        raise TradeError(name, f"must be >= {at_least:g}, got {value:g}")
+    if at_most is not None and value > at_most:
+        raise TradeError(name, f"must be <= {at_most:g}, got {value:g}")
+    return value
+
+
+def _integer(obj: Mapping[str, Any], name: str) -> int | None:
+    value = obj.get(name)
+    if value is None:
+        return None
+    if not _is_number(value) or (isinstance(value, float) and not value.is_integer()):
+        raise TradeError(name, f"expected an integer, got {_kind(value)}")
+    if value < 0:
+        raise TradeError(name, f"must be >= 0, got {value}")
+    return int(value)
+
+
+def _timestamp_ms(obj: Mapping[str, Any], name: str) -> int | None:
+    value = obj.get(name)
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if not _ISO_8601.match(value):
+            raise TradeError(name, f"expected ms since epoch or ISO 8601, got {value!r}")
+        try:
+            moment = datetime.fromisoformat(value.replace(" ", "T"))
+        except ValueError as error:
+            raise TradeError(name, f"not a valid ISO 8601 time: {error}") from None
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+        return int(moment.timestamp() * 1000)
+    ms = _integer(obj, name)
+    return ms
+
+
+def _features(value: Any, feature_count: int) -> list[float]:
+    if not isinstance(value, list):
+        raise TradeError("features", f"expected an array of numbers, got {_kind(value)}")
+    if len(value) != feature_count:
+        raise TradeError("features", f"expected {feature_count} numbers, got {len(value)}")
+    for index, item in enumerate(value):
+        if not _is_number(item) or not math.isfinite(item):
+            raise TradeError(f"features[{index}]", f"expected a finite number, got {item!r}")
+    return [float(item) for item in value]
+
+
+def _object(obj: Mapping[str, Any], name: str) -> dict[str, Any] | None:
+    value = obj.get(name)
+    if value is not None and not isinstance(value, dict):
+        raise TradeError(name, f"expected an object, got {_kind(value)}")
+    return value
+
+
+def _tick_data(value: Any) -> list[dict[str, Any]] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        raise TradeError("tick_data", f"expected an array of objects, got {_kind(value)}")
+    for index, tick in enumerate(value):
+        if not isinstance(tick, dict):
+            raise TradeError(f"tick_data[{index}]", f"expected an object, got {_kind(tick)}")
+    return value
+
+
+def _kind(value: Any) -> str:
+    """A JSON-ish name for a value's type, for error messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return f"the number {value!r}"
+    if isinstance(value, str):
+        return f"the string {value[:40]!r}"
+    if isinstance(value, bytes):
+        return "binary data"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__

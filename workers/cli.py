@@ -1,0 +1,51 @@
+"""The `negcase` command: one subcommand per job, each in the module that does the job."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from workers import detector
+from workers.options import CommandError
+
+REGISTRARS = [
+    detector.register,
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="negcase",
+        description=(
+            "negcase learns from losing trades: a loss detector turns each losing trade on "
+            "the Redis stream <ns>:trades into a prioritized negative case, training workers "
+            "retrain a PyTorch model on the worst cases first and publish checkpoints, and "
+            "inference workers hot-reload each checkpoint while they keep answering."
+        ),
+        epilog=(
+            "Every command reads NEGCASE_REDIS_URL (redis://, rediss://, unix://; default "
+            "redis://127.0.0.1:6379/0) and NEGCASE_NAMESPACE (default negcase). "
+            "Run `negcase demo` to see the whole loop on a local Redis."
+        ),
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for register in REGISTRARS:
+        register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except CommandError as error:
+        print(f"negcase {args.command}: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

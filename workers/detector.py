@@ -1,0 +1,275 @@
+"""The loss detector: reads trade-close events, turns each loss into a NegativeCase."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import redis
+
+from schemas.trade import TradeDefaults, TradeError, parse_trade
+from store.archive import Archive
+from store.cases import Batch, CaseStore, DeadLetter, version_label
+from store.connection import backoff_s
+from store.keys import DETECTOR_GROUP
+from workers.losses import negative_case, outcome_of
+from workers.options import common_options, redis_client, settings_from
+from workers.settings import Settings
+from workers.shutdown import StopFlag, install_signal_handlers
+
+Entry = tuple[bytes, dict[bytes, bytes]]
+
+
+def default_consumer_name() -> str:
+    """host:pid, unique among live detectors; pass --consumer for a name that survives restarts."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass(slots=True)
+class DetectorTotals:
+    """What a detector did since it started."""
+
+    entries: int = 0
+    cases_added: int = 0
+    duplicates: int = 0
+    dead_lettered: int = 0
+    wins: int = 0
+
+
+class LossDetector:
+    """One member of the `detectors` consumer group on `<ns>:trades`."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        settings: Settings,
+        consumer: str,
+        archive: Archive | None,
+    ) -> None:
+        self.client = client
+        self.settings = settings
+        self.keys = settings.keys
+        self.consumer = consumer
+        self.archive = archive
+        self.store = CaseStore(client, self.keys)
+        self.defaults = TradeDefaults(
+            feature_count=settings.feature_count,
+            leverage=settings.default_leverage,
+            fee_rate=settings.default_fee_rate,
+            max_entry_bytes=settings.max_entry_bytes,
+        )
+        self.totals = DetectorTotals()
+
+    def run(self, stop: StopFlag, burst: bool = False) -> DetectorTotals:
+        """Work until `stop` is set (or, in burst mode, until the stream is drained)."""
+        failures = 0
+        recovered = False
+        next_claim_s = 0.0
+        while not stop.is_set():
+            try:
+                if not recovered:
+                    self.ensure_group()
+                    # Our own pending entries first: a restart under the same name resumes
+                    # exactly where the last run stopped.
+                    for entries in self._own_pending():
+                        self.handle(entries)
+                    recovered = True
+                if time.monotonic() >= next_claim_s:
+                    for entries in self._claim_abandoned():
+                        self.handle(entries)
+                    next_claim_s = time.monotonic() + self.settings.claim_idle_ms / 2000
+                entries = self._read_new(block=not burst)
+                if entries:
+                    self.handle(entries)
+                elif burst:
+                    if not self._pending_elsewhere():
+                        break
+                    # Another detector holds entries: wait for its ack, or to claim them.
+                    stop.wait(0.05)
+                failures = 0
+            except redis.ConnectionError as error:
+                delay = backoff_s(failures)
+                failures += 1
+                print(
+                    f"detector: Redis unreachable ({error}); retry in {delay:.2f}s", file=sys.stderr
+                )
+                recovered = False
+                stop.wait(delay)
+        return self.totals
+
+    def ensure_group(self) -> None:
+        """Create the consumer group (and the stream) if they do not exist yet."""
+        try:
+            self.client.xgroup_create(self.keys.trades, DETECTOR_GROUP, id="0", mkstream=True)
+        except redis.ResponseError as error:
+            if "BUSYGROUP" not in str(error):
+                raise
+
+    def handle(self, entries: list[Entry]) -> None:
+        """Turn a batch of entries into cases and dead letters, archive, store, acknowledge."""
+        batch = self.assess(entries)
+        if self.archive is not None:
+            self.archive.add_cases(batch.cases, batch.blobs)
+        added, duplicates = self.store.record_batch(
+            batch, self.consumer, self.settings.events_maxlen, self.settings.dead_letters_maxlen
+        )
+        totals = self.totals
+        totals.entries += len(entries)
+        totals.cases_added += added
+        totals.duplicates += duplicates
+        totals.dead_lettered += len(batch.dead_letters)
+
+    def assess(self, entries: list[Entry]) -> Batch:
+        """Pure computation: what each entry becomes. No I/O."""
+        batch = Batch()
+        now_ms = int(time.time() * 1000)
+        settings = self.settings
+        for entry_id, fields in entries:
+            batch.handled_ids.append(entry_id)
+            try:
+                trade = parse_trade(fields, self.defaults)
+            except TradeError as error:
+                batch.dead_letters.append(
+                    DeadLetter(entry_id, fields, error.field, error.reason, _trade_id_of(fields))
+                )
+                continue
+            outcome = outcome_of(trade)
+            if outcome.is_loss:
+                batch.add_case(negative_case(trade, outcome, settings, now_ms))
+            else:
+                self.totals.wins += 1
+                label = version_label(trade.model_version)
+                batch.count("trades")
+                batch.count("wins")
+                batch.count(f"model:{label}:trades")
+        return batch
+
+    def _read_new(self, block: bool) -> list[Entry]:
+        reply = self.client.xreadgroup(
+            DETECTOR_GROUP,
+            self.consumer,
+            {self.keys.trades: ">"},
+            count=self.settings.batch_size,
+            block=self.settings.block_ms if block else None,
+        )
+        return _entries_of(reply)
+
+    def _own_pending(self) -> Iterator[list[Entry]]:
+        last_id = "0"
+        while True:
+            reply = self.client.xreadgroup(
+                DETECTOR_GROUP,
+                self.consumer,
+                {self.keys.trades: last_id},
+                count=self.settings.batch_size,
+            )
+            entries = _entries_of(reply)
+            if not entries:
+                return
+            last_id = entries[-1][0]
+            yield entries
+
+    def _claim_abandoned(self) -> Iterator[list[Entry]]:
+        """Entries another detector read but did not acknowledge for claim_idle_ms."""
+        cursor = "0-0"
+        while True:
+            reply = self.client.xautoclaim(
+                self.keys.trades,
+                DETECTOR_GROUP,
+                self.consumer,
+                min_idle_time=self.settings.claim_idle_ms,
+                start_id=cursor,
+                count=self.settings.batch_size,
+            )
+            # Redis 6.2 replies [cursor, entries]; Redis 7 adds a third item, the ids of
+            # pending entries that no longer exist, which it has already removed.
+            cursor, claimed = reply[0], reply[1]
+            entries = [(entry_id, fields) for entry_id, fields in claimed if entry_id is not None]
+            if entries:
+                yield entries
+            if cursor in (b"0-0", "0-0"):
+                return
+
+    def _pending_elsewhere(self) -> bool:
+        """Whether entries are still pending in the group (burst mode waits for them)."""
+        summary = self.client.xpending(self.keys.trades, DETECTOR_GROUP)
+        return bool(summary and summary.get("pending"))
+
+
+def _entries_of(reply: list | dict | None) -> list[Entry]:
+    if not reply:
+        return []
+    streams = reply.values() if isinstance(reply, dict) else (item[1] for item in reply)
+    entries: list[Entry] = []
+    for stream_entries in streams:
+        # RESP3 wraps each stream's entries in one more list.
+        if stream_entries and isinstance(stream_entries[0], list):
+            stream_entries = stream_entries[0]
+        entries.extend(stream_entries)
+    return entries
+
+
+def _trade_id_of(fields: dict[bytes, bytes]) -> str | None:
+    raw = fields.get(b"trade_id")
+    return raw.decode("utf-8", "replace")[:128] if raw else None
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add `negcase detect`."""
+    parser = sub.add_parser(
+        "detect",
+        parents=[common_options()],
+        help="run a loss detector (consumer group 'detectors' on <ns>:trades)",
+        description=(
+            "Read trade-close events from <ns>:trades in the consumer group 'detectors', turn "
+            "every losing trade into a prioritized negative case (stored in Redis, queued for "
+            "training, archived on disk), copy bad entries to <ns>:trades:dead with the "
+            "reason, and acknowledge each batch only after it is stored. Several detectors "
+            "can run side by side. The first SIGTERM/SIGINT finishes the batch in hand."
+        ),
+    )
+    parser.add_argument(
+        "--consumer",
+        help="consumer name; give a stable one to resume its "
+        "own pending entries after a restart (default host:pid)",
+    )
+    parser.add_argument("--batch-size", type=int, help="entries per read (default 500)")
+    parser.add_argument("--block-ms", type=int, help="how long one read blocks (default 1000)")
+    parser.add_argument(
+        "--claim-idle-ms",
+        type=int,
+        help="claim entries another detector left pending this long (default 30000)",
+    )
+    parser.add_argument("--no-archive", action="store_true", help="do not write the disk archive")
+    parser.add_argument("--burst", action="store_true", help="drain the stream, then exit")
+    parser.set_defaults(run=run_detect)
+
+
+def run_detect(args: argparse.Namespace) -> int:
+    """Run one detector until stopped (or drained, with --burst)."""
+    settings = settings_from(
+        args,
+        batch_size=args.batch_size,
+        block_ms=args.block_ms,
+        claim_idle_ms=args.claim_idle_ms,
+        archive=False if args.no_archive else None,
+    )
+    client = redis_client(settings)
+    archive = Archive(settings.data_dir) if settings.archive else None
+    consumer = args.consumer or default_consumer_name()
+    stop = StopFlag()
+    install_signal_handlers(stop, f"detector {consumer}")
+    detector = LossDetector(client, settings, consumer, archive)
+    totals = detector.run(stop, burst=args.burst)
+    print(
+        f"detector {consumer}: {totals.entries} entries, {totals.cases_added} cases added, "
+        f"{totals.duplicates} duplicates, {totals.dead_lettered} dead-lettered, "
+        f"{totals.wins} wins",
+        file=sys.stderr,
+    )
+    return 0

@@ -1,0 +1,159 @@
+"""Settings: one frozen dataclass built from NEGCASE_* environment variables and CLI flags."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from store.keys import Keys
+
+
+class SettingsError(ValueError):
+    """A NEGCASE_* variable or flag that cannot be used, naming it and why."""
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(part) for part in text.split(",") if part.strip())
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split(",") if part.strip())
+
+
+def _bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected 1/0, true/false, yes/no or on/off, got {text!r}")
+
+
+def _optional_str(text: str) -> str | None:
+    return text or None
+
+
+_PARSERS: dict[str, Callable[[str], Any]] = {
+    "int": int,
+    "float": float,
+    "str": str,
+    "bool": _bool,
+    "Path": Path,
+    "str | None": _optional_str,
+    "tuple[float, ...]": _floats,
+    "tuple[int, ...]": _ints,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything a worker or command can be told; each field reads NEGCASE_<FIELD_NAME>."""
+
+    # Where things live.
+    redis_url: str | None = None
+    namespace: str = "negcase"
+    data_dir: Path = Path("testcases/negative")
+
+    # The trade contract and the loss rules (DESIGN.md, "From trade to negative case").
+    feature_count: int = 8
+    default_leverage: float = 1.0
+    default_fee_rate: float = 0.0
+    priority_thresholds_pct: tuple[float, ...] = (10.0, 5.0, 2.0, 1.0)
+    base_epochs: tuple[int, ...] = (100, 200, 300, 400, 500)
+    epoch_multiplier: float = 2.0
+    min_profitable_move_pct: float = 0.1
+    max_entry_bytes: int = 65536
+
+    # The loss detector.
+    batch_size: int = 500
+    block_ms: int = 1000
+    claim_idle_ms: int = 30000
+    archive: bool = True
+
+    # Streams and caps.
+    events_maxlen: int = 100_000
+    dead_letters_maxlen: int = 100_000
+
+    # Training (the case queue, leases, the model, the gate).
+    lease_s: float = 30.0
+    max_attempts: int = 3
+    cases_per_claim: int = 1
+    hidden_sizes: tuple[int, ...] = (64, 64)
+    learning_rate: float = 0.01
+    replay_size: int = 64
+    heldout_size: int = 64
+    gate_tolerance: float = 0.02
+    keep_checkpoints: int = 10
+    model_factory: str | None = None
+    seed: int = 0
+
+    # Inference.
+    serve_batch_size: int = 256
+    reply_ttl_s: int = 30
+
+    # Health keys.
+    health_ttl_s: int = 15
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read every NEGCASE_<FIELD> that is set; the rest keep their defaults."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            name = f"NEGCASE_{f.name.upper()}"
+            if name not in environ:
+                continue
+            parse = _PARSERS[str(f.type)]
+            try:
+                values[f.name] = parse(environ[name])
+            except ValueError as error:
+                raise SettingsError(f"{name}={environ[name]!r}: {error}") from None
+        return cls(**values).validated()
+
+    def with_overrides(self, **overrides: Any) -> Settings:
+        """A copy with the given fields replaced; None means 'not given' and keeps the value."""
+        given = {name: value for name, value in overrides.items() if value is not None}
+        return replace(self, **given).validated() if given else self
+
+    def validated(self) -> Settings:
+        """Self, after checking the values that would otherwise fail far from here."""
+        if len(self.priority_thresholds_pct) != 4:
+            raise SettingsError("priority_thresholds_pct: needs 4 thresholds (for 5, 4, 3, 2)")
+        if list(self.priority_thresholds_pct) != sorted(self.priority_thresholds_pct, reverse=True):
+            raise SettingsError("priority_thresholds_pct: must be in decreasing order")
+        if len(self.base_epochs) != 5:
+            raise SettingsError("base_epochs: needs 5 values, for priorities 1 to 5")
+        if self.feature_count < 1:
+            raise SettingsError("feature_count: must be at least 1")
+        if self.batch_size < 1 or self.block_ms < 1:
+            raise SettingsError("batch_size and block_ms: must be at least 1")
+        if self.default_leverage < 1 or self.default_fee_rate < 0:
+            raise SettingsError("default_leverage >= 1 and default_fee_rate >= 0 are required")
+        return self
+
+    @property
+    def keys(self) -> Keys:
+        """The Redis key names for this namespace."""
+        return Keys(self.namespace)
+
+    @property
+    def cases_dir(self) -> Path:
+        """Archive folder of case files."""
+        return self.data_dir / "cases"
+
+    @property
+    def sessions_dir(self) -> Path:
+        """Archive folder of training session files."""
+        return self.data_dir / "sessions"
+
+    @property
+    def models_dir(self) -> Path:
+        """Archive folder of checkpoint files."""
+        return self.data_dir / "models"
+
+    def epochs_for(self, priority: int) -> int:
+        """Training epochs for a case of this priority (1-5)."""
+        return round(self.base_epochs[priority - 1] * self.epoch_multiplier)

@@ -21,3 +21,8 @@ def queue_score(priority: int, loss_pct: float, created_at_ms: int) -> float:
 def priority_of_score(score: float) -> int:
     """The priority a queue score was built from."""
     return int(score // _PRIORITY_UNIT)
+
+
+def score_range(priority: int) -> tuple[float, str]:
+    """ZCOUNT/ZRANGEBYSCORE bounds (min, exclusive max) of one priority's scores."""
+    return priority * _PRIORITY_UNIT, f"({(priority + 1) * _PRIORITY_UNIT}"

@@ -6,11 +6,15 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from workers import detector
+from workers import demo, detector, monitor, publish, server
 from workers.options import CommandError
 
 REGISTRARS = [
+    demo.register,
     detector.register,
+    publish.register,
+    monitor.register,
+    server.register,
 ]
 
 

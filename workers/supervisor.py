@@ -1,0 +1,65 @@
+"""Start worker processes and stop every one of them, whatever happens."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from workers.settings import Settings
+
+
+def worker_environment(settings: Settings) -> dict[str, str]:
+    """The environment a child worker needs to reach the same Redis, namespace and archive."""
+    env = dict(os.environ)
+    env.update(
+        NEGCASE_REDIS_URL=settings.redis_url or "",
+        NEGCASE_NAMESPACE=settings.namespace,
+        NEGCASE_DATA_DIR=str(settings.data_dir),
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+@dataclass
+class Supervisor:
+    """The worker processes one command started; `stop_all` ends them (SIGTERM, then kill)."""
+
+    settings: Settings
+    log_dir: Path
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        """Run `negcase <args>` as a child named `name`, its output in `<log_dir>/<name>.log`."""
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.log_dir / f"{name}.log", "wb") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "workers.cli", *args],
+                env=worker_environment(self.settings),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        self.processes[name] = process
+        return process
+
+    def exited(self) -> dict[str, int]:
+        """Children that exited on their own, with their exit codes."""
+        return {name: code for name, p in self.processes.items() if (code := p.poll()) is not None}
+
+    def stop_all(self, timeout_s: float = 15.0) -> dict[str, int]:
+        """Ask every child to finish its work in hand, wait, kill stragglers; exit codes."""
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        codes = {}
+        for name, process in self.processes.items():
+            try:
+                codes[name] = process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                codes[name] = process.wait()
+        return codes

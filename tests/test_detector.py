@@ -1,0 +1,180 @@
+"""The loss detector against a real Redis: cases, queue order, dead letters, the archive."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+import redis
+from hypothesis import HealthCheck, given, settings as hypothesis_settings, strategies as st
+
+from schemas.case import NegativeCase, case_id_for
+from store.archive import Archive
+from store.cases import CaseStore
+from store.keys import DETECTOR_GROUP
+from store.queue import queue_score
+from workers.detector import LossDetector
+from workers.publish import encode_trade, publish_trades
+from workers.settings import Settings
+from workers.shutdown import StopFlag
+
+FEATURES = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
+
+
+def losing(trade_id: str, exit_price: float = 2970, **extra) -> dict:
+    return {"trade_id": trade_id, "symbol": "ETH/USDT", "side": "BUY", "entry_price": 3000,
+            "exit_price": exit_price, "features": FEATURES, **extra}  # fmt: skip
+
+
+def drain(client: redis.Redis, settings: Settings, archive: bool = True) -> LossDetector:
+    detector = LossDetector(
+        client, settings, "test-detector", Archive(settings.data_dir) if archive else None
+    )
+    detector.run(StopFlag(), burst=True)
+    return detector
+
+
+def test_a_loss_becomes_one_queued_archived_case(client, settings):
+    # given the README's example trade, published with plain XADD fields
+    client.xadd(settings.keys.trades, encode_trade(losing("t1"), "flat"))
+    # when a detector drains the stream
+    drain(client, settings)
+    # then one priority-1 case is queued, stored, archived, announced and acknowledged
+    case_id = case_id_for("t1")
+    queued = client.zrange(settings.keys.queue, 0, -1, withscores=True)
+    assert [member for member, _ in queued] == [case_id.encode()]
+    stored = CaseStore(client, settings.keys).get(case_id)
+    assert stored is not None and stored.training_priority == 1
+    assert stored.what_should_have_been_done == "SELL" and stored.loss_percentage == 1.0
+    assert Archive(settings.data_dir).read_case(case_id) == stored
+    event = client.xrange(settings.keys.events)[0][1]
+    assert event[b"type"] == b"case_added" and event[b"case_id"] == case_id.encode()
+    assert client.xpending(settings.keys.trades, DETECTOR_GROUP)["pending"] == 0
+
+
+def test_queue_orders_by_priority_then_loss_then_age():
+    by_priority = queue_score(2, 1.5, 1_000_000)
+    bigger_loss = queue_score(1, 0.9, 1_000_000)
+    older = queue_score(1, 0.5, 1_000_000)
+    newer = queue_score(1, 0.5, 1_002_000)
+    assert by_priority > bigger_loss > older > newer
+
+
+def test_duplicates_and_redeliveries_make_no_second_case(client, settings):
+    # given the same trade twice, once flat and once as json
+    publish_trades(client, settings.keys, [losing("dup")], "flat")
+    publish_trades(client, settings.keys, [losing("dup")], "json")
+    # when drained
+    drain(client, settings)
+    # then one case, one duplicate counted
+    assert client.scard(settings.keys.cases) == 1
+    assert client.hget(settings.keys.stats, "duplicates") == b"1"
+    assert client.hget(settings.keys.stats, "cases_added") == b"1"
+
+
+def test_bad_entries_are_dead_lettered_with_reason_and_original_fields(client, settings):
+    client.xadd(settings.keys.trades, {"trade_id": "bad1", "symbol": "X", "side": "BUY",
+                                       "entry_price": "-3", "exit_price": "1"})  # fmt: skip
+    client.xadd(settings.keys.trades, {"avro": b"\x00\x01"})
+    drain(client, settings)
+    dead = client.xrange(settings.keys.trades_dead)
+    assert len(dead) == 2
+    first, second = dead[0][1], dead[1][1]
+    assert first[b"dead:reason"] == b"entry_price: must be > 0, got -3"
+    assert first[b"trade_id"] == b"bad1" and first[b"entry_price"] == b"-3"
+    assert second[b"dead:field"] == b"entry" and second[b"avro"] == b"\x00\x01"
+    assert client.hget(settings.keys.stats, "dead_lettered") == b"2"
+    types = [fields[b"type"] for _, fields in client.xrange(settings.keys.events)]
+    assert types == [b"dead_lettered", b"dead_lettered"]
+    assert client.xpending(settings.keys.trades, DETECTOR_GROUP)["pending"] == 0
+
+
+def test_wins_count_per_model_version_and_featureless_losses_are_kept_not_queued(client, settings):
+    publish_trades(client, settings.keys, [
+        losing("w1", exit_price=3100, model_version=1),
+        losing("l1", model_version=1),
+        {**losing("l2", model_version=2), "features": None},
+    ])  # fmt: skip
+    drain(client, settings)
+    stats = {k.decode(): v.decode() for k, v in client.hgetall(settings.keys.stats).items()}
+    assert stats["model:1:trades"] == "2" and stats["model:1:losses"] == "1"
+    assert stats["model:2:trades"] == "1" and stats["wins"] == "1"
+    assert stats["cases_without_features"] == "1"
+    assert client.zcard(settings.keys.queue) == 1
+    assert client.sismember(settings.keys.featureless, case_id_for("l2"))
+    assert Archive(settings.data_dir).read_case(case_id_for("l2")).features is None
+
+
+def test_archive_matches_redis(client, settings):
+    trades = [losing(f"a{i}", exit_price=3000 - 10 * (i + 1)) for i in range(40)]
+    publish_trades(client, settings.keys, trades, "msgpack")
+    drain(client, settings)
+    archive = Archive(settings.data_dir)
+    in_redis = {m.decode() for m in client.smembers(settings.keys.cases)}
+    assert set(archive.read_index()) == in_redis
+    assert {case.case_id for case in archive.iter_cases()} == in_redis
+    store = CaseStore(client, settings.keys)
+    for case in store.get_many(in_redis):
+        assert archive.read_case(case.case_id) == case
+
+
+def test_archive_off_writes_nothing_to_disk(client, settings):
+    publish_trades(client, settings.keys, [losing("x")])
+    drain(client, settings, archive=False)
+    assert client.scard(settings.keys.cases) == 1
+    assert not settings.data_dir.exists()
+
+
+# Arbitrary and malformed field maps: every entry ends as exactly one case, one win, or one
+# dead letter, and nothing stays pending.
+field_names = st.sampled_from(
+    ["trade_id", "symbol", "side", "entry_price", "exit_price", "quantity", "leverage",
+     "fee_rate", "features", "opened_at", "model_version", "json", "msgpack", "x"]
+)  # fmt: skip
+field_values = st.one_of(
+    st.binary(max_size=20),
+    st.text(max_size=20).map(str.encode),
+    st.floats(allow_nan=True, allow_infinity=True).map(lambda f: repr(f).encode()),
+    st.sampled_from([b"BUY", b"SELL", b"3000", b"2970", b"[1,2,3]", orjson.dumps(FEATURES)]),
+)
+good_trades = st.builds(
+    lambda i, side, entry, move: {"trade_id": f"h{i}", "symbol": "BTC/USDT", "side": side,
+                                  "entry_price": entry, "exit_price": entry * (1 + move),
+                                  "features": FEATURES},  # fmt: skip
+    st.integers(0, 10**9), st.sampled_from(["BUY", "SELL"]),
+    st.floats(1, 1e5), st.floats(-0.5, 0.5),
+)  # fmt: skip
+entries = st.lists(
+    st.one_of(
+        st.dictionaries(field_names, field_values, min_size=1, max_size=8),
+        good_trades.map(lambda t: {k.encode(): v for k, v in encode_trade(t, "flat").items()}),
+        good_trades.map(lambda t: {b"json": orjson.dumps(t)}),
+    ),
+    min_size=1,
+    max_size=25,
+)
+
+
+@hypothesis_settings(max_examples=40, deadline=None,
+                     suppress_health_check=[HealthCheck.function_scoped_fixture])  # fmt: skip
+@given(batch=entries)
+def test_every_entry_ends_as_one_case_one_win_or_one_dead_letter(client, settings, batch):
+    client.flushall()
+    ids = [client.xadd(settings.keys.trades, fields) for fields in batch]
+    detector = drain(client, settings, archive=False)
+    dead_ids = [f[b"dead:entry_id"] for _, f in client.xrange(settings.keys.trades_dead)]
+    totals = detector.totals
+    assert len(dead_ids) == len(set(dead_ids)) == totals.dead_lettered
+    assert set(dead_ids) <= set(ids)
+    assert totals.cases_added + totals.duplicates + totals.wins + totals.dead_lettered == len(ids)
+    assert client.scard(settings.keys.cases) + client.scard(settings.keys.featureless) == (
+        totals.cases_added
+    )
+    assert client.xpending(settings.keys.trades, DETECTOR_GROUP)["pending"] == 0
+
+
+@pytest.mark.parametrize("encoding", ["flat", "json", "msgpack"])
+def test_each_encoding_reaches_the_queue(client, settings, encoding):
+    publish_trades(client, settings.keys, [losing("enc")], encoding)
+    drain(client, settings, archive=False)
+    blob = client.get(settings.keys.case(case_id_for("enc")))
+    assert NegativeCase.from_msgpack(blob).trade_id == "enc"

@@ -1,0 +1,92 @@
+"""Detector processes killed, restarted and run side by side: nothing lost, nothing twice."""
+
+from __future__ import annotations
+
+import signal
+
+import numpy as np
+import pytest
+
+from schemas.case import case_id_for
+from schemas.trade import TradeDefaults, TradeError, validate_trade
+from store.archive import Archive
+from store.keys import DETECTOR_GROUP
+from tests.conftest import wait_until
+from workers.engine import Market, SyntheticEngine, random_side
+from workers.losses import outcome_of
+from workers.publish import publish_trades
+
+pytestmark = pytest.mark.slow
+
+
+def publish_market(client, settings, count: int, seed: int = 3) -> set[str]:
+    """Publish `count` synthetic trades (some malformed); return the case ids of the losses."""
+    engine = SyntheticEngine(Market(seed=seed), random_side(np.random.default_rng(seed)))
+    trades = engine.trades(prefix=f"s{seed}")
+    batch = [next(trades) for _ in range(count)]
+    publish_trades(client, settings.keys, batch)
+    losses = set()
+    for trade in batch:
+        try:
+            valid = validate_trade(trade, TradeDefaults())
+        except TradeError:
+            continue
+        if outcome_of(valid).is_loss:
+            losses.add(case_id_for(valid.trade_id))
+    return losses
+
+
+def case_ids(client, settings) -> set[str]:
+    return {member.decode() for member in client.smembers(settings.keys.cases)}
+
+
+def assert_nothing_lost_or_doubled(client, settings, expected: set[str]) -> None:
+    assert case_ids(client, settings) == expected
+    assert client.zcard(settings.keys.queue) == len(expected)
+    assert client.hget(settings.keys.stats, "cases_added") == str(len(expected)).encode()
+    assert client.xpending(settings.keys.trades, DETECTOR_GROUP)["pending"] == 0
+    assert set(Archive(settings.data_dir).read_index()) == expected
+
+
+@pytest.mark.parametrize("restart_as", ["same-consumer", "other-consumer"])
+def test_sigkill_mid_stream_then_restart_loses_nothing(client, settings, spawn, restart_as):
+    # given a stream of trades and a detector working through it in small batches
+    expected = publish_market(client, settings, 3000)
+    first = spawn("detect", "--consumer", "d1", "--batch-size", "50", "--claim-idle-ms", "300")
+    wait_until(lambda: client.scard(settings.keys.cases) > 100, what="the first cases")
+    # when it is killed without warning, mid-stream
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    assert client.scard(settings.keys.cases) < len(expected), "killed too late to test"
+    # and a detector restarts (under the same name, or another that claims what d1 left)
+    name = "d1" if restart_as == "same-consumer" else "d2"
+    second = spawn("detect", "--consumer", name, "--burst", "--claim-idle-ms", "300")
+    assert second.wait(120) == 0, second.stderr.read()
+    # then every loss is a case exactly once, and nothing is left pending
+    assert_nothing_lost_or_doubled(client, settings, expected)
+
+
+def test_two_detectors_share_the_group(client, settings, spawn):
+    expected = publish_market(client, settings, 4000, seed=5)
+    detectors = [spawn("detect", "--consumer", f"d{i}", "--batch-size", "100", "--burst")
+                 for i in (1, 2)]  # fmt: skip
+    for process in detectors:
+        assert process.wait(120) == 0, process.stderr.read()
+    assert_nothing_lost_or_doubled(client, settings, expected)
+    consumers = client.xinfo_consumers(settings.keys.trades, DETECTOR_GROUP)
+    assert {c["name"] for c in consumers} == {b"d1", b"d2"}
+
+
+def test_sigterm_finishes_the_batch_in_hand_and_exits_zero(client, settings, spawn):
+    expected = publish_market(client, settings, 2000, seed=9)
+    detector = spawn("detect", "--consumer", "d1", "--batch-size", "100")
+    wait_until(lambda: client.scard(settings.keys.cases) > 0, what="the first cases")
+    detector.send_signal(signal.SIGTERM)
+    assert detector.wait(60) == 0, detector.stderr.read()
+    # whatever it read it also stored and acknowledged: its pending list is empty
+    assert client.xpending(settings.keys.trades, DETECTOR_GROUP)["pending"] == 0
+    assert case_ids(client, settings) <= expected
+    # and a later detector finishes the stream
+    rest = spawn("detect", "--consumer", "d2", "--burst")
+    assert rest.wait(120) == 0
+    assert_nothing_lost_or_doubled(client, settings, expected)

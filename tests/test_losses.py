@@ -1,0 +1,96 @@
+"""The loss rules of DESIGN.md, table-driven."""
+
+from __future__ import annotations
+
+import pytest
+
+from schemas.trade import TradeClosed
+from workers.losses import negative_case, outcome_of, priority_for, should_have_done
+from workers.settings import Settings
+
+SETTINGS = Settings()
+
+
+def trade(side: str, entry: float, exit_: float, leverage: float = 1.0, fee: float = 0.0,
+          quantity: float = 1.0) -> TradeClosed:  # fmt: skip
+    return TradeClosed(
+        trade_id="t", symbol="ETH/USDT", side=side, entry_price=entry, exit_price=exit_,
+        quantity=quantity, leverage=leverage, fee_rate=fee, opened_at_ms=None,
+        closed_at_ms=None, confidence=None, model_version=None, features=None,
+        market_state_before=None, market_state_after=None, technical_indicators=None,
+        tick_data=None, extra={},
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("side", "entry", "exit_", "leverage", "fee", "loss", "pnl_pct", "priority", "action"),
+    [
+        # the README example: a 1 % loss at leverage 1 is priority 1
+        ("BUY", 3000, 2970, 1, 0, True, -1.0, 1, "SELL"),
+        ("BUY", 3000, 3030, 1, 0, False, 1.0, None, None),
+        # SELL: a rising market is the loss
+        ("SELL", 100, 103, 1, 0, True, -3.0, 3, "BUY"),
+        ("SELL", 100, 97, 1, 0, False, 3.0, None, None),
+        # leverage 500, no fee: a 0.1 % move against is a 50 % loss
+        ("BUY", 1000, 999, 500, 0, True, -50.0, 5, "SELL"),
+        # leverage 500, a move below the minimum profitable one: HOLD
+        ("SELL", 10000, 10005, 500, 0, True, -25.0, 5, "HOLD"),
+        # a fee turns a tiny win into a loss: the market went the right way, HOLD
+        ("BUY", 1000, 1000.2, 10, 0.001, True, -0.8, 1, "HOLD"),
+        # leverage multiplies loss
+        ("BUY", 200, 196, 5, 0, True, -10.0, 4, "SELL"),
+    ],
+)
+def test_loss_rules(side, entry, exit_, leverage, fee, loss, pnl_pct, priority, action):
+    # given a closed trade, when its outcome is computed
+    t = trade(side, entry, exit_, leverage, fee)
+    outcome = outcome_of(t)
+    # then loss, P&L, priority and the lesson's action follow DESIGN.md
+    assert outcome.is_loss is loss
+    assert outcome.pnl_pct == pytest.approx(pnl_pct, abs=1e-9)
+    if loss:
+        case = negative_case(t, outcome, SETTINGS, now_ms=1)
+        assert case.training_priority == priority
+        assert case.what_should_have_been_done == action
+        assert case.training_epochs == (100 * priority) * 2
+        assert case.loss_percentage == pytest.approx(-pnl_pct)
+
+
+@pytest.mark.parametrize(
+    ("loss_pct", "priority"),
+    [
+        (10.000001, 5), (10.0, 4), (5.000001, 4), (5.0, 3), (2.000001, 3), (2.0, 2),
+        (1.000001, 2), (1.0, 1), (0.01, 1), (500.0, 5),
+    ],
+)  # fmt: skip
+def test_priority_thresholds_are_strictly_over(loss_pct, priority):
+    assert priority_for(loss_pct, SETTINGS.priority_thresholds_pct) == priority
+
+
+def test_threshold_edges_from_real_prices_do_not_fall_on_float_noise():
+    # (2700 - 3000) / 3000 is -0.1 in exact arithmetic: a 10 % loss is priority 4, not 5.
+    assert negative_case(trade("BUY", 3000, 2700), outcome_of(trade("BUY", 3000, 2700)),
+                         SETTINGS, 1).training_priority == 4  # fmt: skip
+
+
+def test_loss_amount_is_in_quote_units_of_the_notional():
+    t = trade("BUY", 3000, 2970, leverage=10, quantity=0.1)
+    case = negative_case(t, outcome_of(t), SETTINGS, 1)
+    assert case.loss_amount == pytest.approx(3.0)  # 1 % of 300 notional
+    assert case.loss_percentage == pytest.approx(10.0)  # of the margin at risk (30)
+
+
+def test_minimum_profitable_move_and_thresholds_are_settings():
+    strict = Settings(min_profitable_move_pct=2.0, priority_thresholds_pct=(40, 30, 20, 0.5))
+    t = trade("BUY", 100, 99)
+    outcome = outcome_of(t)
+    assert should_have_done(t, outcome, strict.min_profitable_move_pct) == "HOLD"
+    assert negative_case(t, outcome, strict, 1).training_priority == 2
+
+
+def test_lesson_is_a_readable_sentence():
+    t = trade("BUY", 3000, 2970)
+    case = negative_case(t, outcome_of(t), SETTINGS, 1)
+    assert case.lesson_learned == (
+        "Should have SOLD ETH/USDT instead of BUYING: the market moved 1.00 % against the position."
+    )

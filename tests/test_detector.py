@@ -5,7 +5,9 @@ from __future__ import annotations
 import orjson
 import pytest
 import redis
-from hypothesis import HealthCheck, given, settings as hypothesis_settings, strategies as st
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
 from schemas.case import NegativeCase, case_id_for
 from store.archive import Archive
@@ -21,8 +23,15 @@ FEATURES = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
 
 
 def losing(trade_id: str, exit_price: float = 2970, **extra) -> dict:
-    return {"trade_id": trade_id, "symbol": "ETH/USDT", "side": "BUY", "entry_price": 3000,
-            "exit_price": exit_price, "features": FEATURES, **extra}  # fmt: skip
+    return {
+        "trade_id": trade_id,
+        "symbol": "ETH/USDT",
+        "side": "BUY",
+        "entry_price": 3000,
+        "exit_price": exit_price,
+        "features": FEATURES,
+        **extra,
+    }
 
 
 def drain(client: redis.Redis, settings: Settings, archive: bool = True) -> LossDetector:
@@ -72,8 +81,10 @@ def test_duplicates_and_redeliveries_make_no_second_case(client, settings):
 
 
 def test_bad_entries_are_dead_lettered_with_reason_and_original_fields(client, settings):
-    client.xadd(settings.keys.trades, {"trade_id": "bad1", "symbol": "X", "side": "BUY",
-                                       "entry_price": "-3", "exit_price": "1"})  # fmt: skip
+    client.xadd(
+        settings.keys.trades,
+        {"trade_id": "bad1", "symbol": "X", "side": "BUY", "entry_price": "-3", "exit_price": "1"},
+    )
     client.xadd(settings.keys.trades, {"avro": b"\x00\x01"})
     drain(client, settings)
     dead = client.xrange(settings.keys.trades_dead)
@@ -89,11 +100,15 @@ def test_bad_entries_are_dead_lettered_with_reason_and_original_fields(client, s
 
 
 def test_wins_count_per_model_version_and_featureless_losses_are_kept_not_queued(client, settings):
-    publish_trades(client, settings.keys, [
-        losing("w1", exit_price=3100, model_version=1),
-        losing("l1", model_version=1),
-        {**losing("l2", model_version=2), "features": None},
-    ])  # fmt: skip
+    publish_trades(
+        client,
+        settings.keys,
+        [
+            losing("w1", exit_price=3100, model_version=1),
+            losing("l1", model_version=1),
+            {**losing("l2", model_version=2), "features": None},
+        ],
+    )
     drain(client, settings)
     stats = {k.decode(): v.decode() for k, v in client.hgetall(settings.keys.stats).items()}
     assert stats["model:1:trades"] == "2" and stats["model:1:losses"] == "1"
@@ -127,9 +142,23 @@ def test_archive_off_writes_nothing_to_disk(client, settings):
 # Arbitrary and malformed field maps: every entry ends as exactly one case, one win, or one
 # dead letter, and nothing stays pending.
 field_names = st.sampled_from(
-    ["trade_id", "symbol", "side", "entry_price", "exit_price", "quantity", "leverage",
-     "fee_rate", "features", "opened_at", "model_version", "json", "msgpack", "x"]
-)  # fmt: skip
+    [
+        "trade_id",
+        "symbol",
+        "side",
+        "entry_price",
+        "exit_price",
+        "quantity",
+        "leverage",
+        "fee_rate",
+        "features",
+        "opened_at",
+        "model_version",
+        "json",
+        "msgpack",
+        "x",
+    ]
+)
 field_values = st.one_of(
     st.binary(max_size=20),
     st.text(max_size=20).map(str.encode),
@@ -137,12 +166,19 @@ field_values = st.one_of(
     st.sampled_from([b"BUY", b"SELL", b"3000", b"2970", b"[1,2,3]", orjson.dumps(FEATURES)]),
 )
 good_trades = st.builds(
-    lambda i, side, entry, move: {"trade_id": f"h{i}", "symbol": "BTC/USDT", "side": side,
-                                  "entry_price": entry, "exit_price": entry * (1 + move),
-                                  "features": FEATURES},  # fmt: skip
-    st.integers(0, 10**9), st.sampled_from(["BUY", "SELL"]),
-    st.floats(1, 1e5), st.floats(-0.5, 0.5),
-)  # fmt: skip
+    lambda i, side, entry, move: {
+        "trade_id": f"h{i}",
+        "symbol": "BTC/USDT",
+        "side": side,
+        "entry_price": entry,
+        "exit_price": entry * (1 + move),
+        "features": FEATURES,
+    },
+    st.integers(0, 10**9),
+    st.sampled_from(["BUY", "SELL"]),
+    st.floats(1, 1e5),
+    st.floats(-0.5, 0.5),
+)
 entries = st.lists(
     st.one_of(
         st.dictionaries(field_names, field_values, min_size=1, max_size=8),
@@ -154,8 +190,9 @@ entries = st.lists(
 )
 
 
-@hypothesis_settings(max_examples=40, deadline=None,
-                     suppress_health_check=[HealthCheck.function_scoped_fixture])  # fmt: skip
+@hypothesis_settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(batch=entries)
 def test_every_entry_ends_as_one_case_one_win_or_one_dead_letter(client, settings, batch):
     client.flushall()

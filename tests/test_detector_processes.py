@@ -68,8 +68,9 @@ def test_sigkill_mid_stream_then_restart_loses_nothing(client, settings, spawn, 
 
 def test_two_detectors_share_the_group(client, settings, spawn):
     expected = publish_market(client, settings, 4000, seed=5)
-    detectors = [spawn("detect", "--consumer", f"d{i}", "--batch-size", "100", "--burst")
-                 for i in (1, 2)]  # fmt: skip
+    detectors = [
+        spawn("detect", "--consumer", f"d{i}", "--batch-size", "100", "--burst") for i in (1, 2)
+    ]
     for process in detectors:
         assert process.wait(120) == 0, process.stderr.read()
     assert_nothing_lost_or_doubled(client, settings, expected)

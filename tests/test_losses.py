@@ -11,15 +11,34 @@ from workers.settings import Settings
 SETTINGS = Settings()
 
 
-def trade(side: str, entry: float, exit_: float, leverage: float = 1.0, fee: float = 0.0,
-          quantity: float = 1.0) -> TradeClosed:  # fmt: skip
+def trade(
+    side: str,
+    entry: float,
+    exit_: float,
+    leverage: float = 1.0,
+    fee: float = 0.0,
+    quantity: float = 1.0,
+) -> TradeClosed:
     return TradeClosed(
-        trade_id="t", symbol="ETH/USDT", side=side, entry_price=entry, exit_price=exit_,
-        quantity=quantity, leverage=leverage, fee_rate=fee, opened_at_ms=None,
-        closed_at_ms=None, confidence=None, model_version=None, features=None,
-        market_state_before=None, market_state_after=None, technical_indicators=None,
-        tick_data=None, extra={},
-    )  # fmt: skip
+        trade_id="t",
+        symbol="ETH/USDT",
+        side=side,
+        entry_price=entry,
+        exit_price=exit_,
+        quantity=quantity,
+        leverage=leverage,
+        fee_rate=fee,
+        opened_at_ms=None,
+        closed_at_ms=None,
+        confidence=None,
+        model_version=None,
+        features=None,
+        market_state_before=None,
+        market_state_after=None,
+        technical_indicators=None,
+        tick_data=None,
+        extra={},
+    )
 
 
 @pytest.mark.parametrize(
@@ -59,18 +78,30 @@ def test_loss_rules(side, entry, exit_, leverage, fee, loss, pnl_pct, priority, 
 @pytest.mark.parametrize(
     ("loss_pct", "priority"),
     [
-        (10.000001, 5), (10.0, 4), (5.000001, 4), (5.0, 3), (2.000001, 3), (2.0, 2),
-        (1.000001, 2), (1.0, 1), (0.01, 1), (500.0, 5),
+        (10.000001, 5),
+        (10.0, 4),
+        (5.000001, 4),
+        (5.0, 3),
+        (2.000001, 3),
+        (2.0, 2),
+        (1.000001, 2),
+        (1.0, 1),
+        (0.01, 1),
+        (500.0, 5),
     ],
-)  # fmt: skip
+)
 def test_priority_thresholds_are_strictly_over(loss_pct, priority):
     assert priority_for(loss_pct, SETTINGS.priority_thresholds_pct) == priority
 
 
 def test_threshold_edges_from_real_prices_do_not_fall_on_float_noise():
     # (2700 - 3000) / 3000 is -0.1 in exact arithmetic: a 10 % loss is priority 4, not 5.
-    assert negative_case(trade("BUY", 3000, 2700), outcome_of(trade("BUY", 3000, 2700)),
-                         SETTINGS, 1).training_priority == 4  # fmt: skip
+    assert (
+        negative_case(
+            trade("BUY", 3000, 2700), outcome_of(trade("BUY", 3000, 2700)), SETTINGS, 1
+        ).training_priority
+        == 4
+    )
 
 
 def test_loss_amount_is_in_quote_units_of_the_notional():

@@ -45,12 +45,20 @@ def fields_of(trade: dict[str, Any], encoding: str) -> dict[bytes, bytes]:
 
 
 FULL = with_(
-    quantity=0.5, leverage=20, fee_rate=0.0004, opened_at="2026-11-24T09:00:00Z",
-    closed_at=1795513508000, confidence=0.7, model_version=3, features=FEATURES,
-    market_state_before={"rsi": 71}, market_state_after={"rsi": 40},
-    technical_indicators={"macd": -1.2}, tick_data=[{"p": 3000}, {"p": 2990}],
+    quantity=0.5,
+    leverage=20,
+    fee_rate=0.0004,
+    opened_at="2026-11-24T09:00:00Z",
+    closed_at=1795513508000,
+    confidence=0.7,
+    model_version=3,
+    features=FEATURES,
+    market_state_before={"rsi": 71},
+    market_state_after={"rsi": 40},
+    technical_indicators={"macd": -1.2},
+    tick_data=[{"p": 3000}, {"p": 2990}],
     strategy="momentum",
-)  # fmt: skip
+)
 
 
 @pytest.mark.parametrize("encoding", ["flat", "json", "msgpack"])
@@ -79,8 +87,11 @@ def test_defaults_fill_what_a_producer_leaves_out():
 @pytest.mark.parametrize(
     ("fields", "field", "reason"),
     [
-        ({b"symbol": b"X", b"side": b"BUY", b"entry_price": b"1", b"exit_price": b"1"},
-         "trade_id", "required"),
+        (
+            {b"symbol": b"X", b"side": b"BUY", b"entry_price": b"1", b"exit_price": b"1"},
+            "trade_id",
+            "required",
+        ),
         ({**fields_of(BASE, "flat"), b"entry_price": b"abc"}, "entry_price", "expected a number"),
         ({**fields_of(BASE, "flat"), b"entry_price": b"nan"}, "entry_price", "finite"),
         ({**fields_of(BASE, "flat"), b"exit_price": b"inf"}, "exit_price", "finite"),
@@ -94,16 +105,22 @@ def test_defaults_fill_what_a_producer_leaves_out():
         ({b"json": b"{not json"}, "json", "not valid JSON"),
         ({b"json": b"[1, 2]"}, "json", "expected a JSON object"),
         ({b"msgpack": b"\xc1"}, "msgpack", "not a valid msgpack"),
-        ({b"msgpack": msgpack.packb({"trade_id": b"\xff"}, use_bin_type=False)}, "msgpack",
-         "UTF-8"),
+        (
+            {b"msgpack": msgpack.packb({"trade_id": b"\xff"}, use_bin_type=False)},
+            "msgpack",
+            "UTF-8",
+        ),
         ({b"protobuf": b"\x08\x01"}, "entry", "unknown encoding 'protobuf'"),
         ({b"json": b"x" * 70000}, "entry", "over the limit"),
         ({}, "entry", "no fields"),
-        ({b"json": orjson.dumps({**BASE, "features": [*FEATURES[:7], True]})}, "features[7]",
-         "finite number"),
+        (
+            {b"json": orjson.dumps({**BASE, "features": [*FEATURES[:7], True]})},
+            "features[7]",
+            "finite number",
+        ),
         ({b"msgpack": msgpack.packb({**BASE, "exit_price": math.nan})}, "exit_price", "finite"),
     ],
-)  # fmt: skip
+)
 def test_bad_input_is_an_error_naming_the_field_and_the_reason(fields, field, reason):
     with pytest.raises(TradeError) as caught:
         parse_trade(fields, DEFAULTS)

@@ -33,7 +33,7 @@ class Event:
         flat = {"type": self.type, "at_ms": str(self.at_ms)}
         for name, value in self.details.items():
             if value is not None:
-                flat[name] = _text(value)
+                flat[name] = value if type(value) is str else _text(value)
         return flat
 
     @classmethod

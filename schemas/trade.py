@@ -43,6 +43,17 @@ KNOWN_FIELDS = frozenset(
     | _JSON_TEXT_FIELDS
 )
 
+_KNOWN_NAMES = {name.encode(): name for name in KNOWN_FIELDS}
+# Allowed range of each number field: (minimum, whether the minimum itself is excluded, maximum).
+_BOUNDS = {
+    "entry_price": (0.0, True, math.inf),
+    "exit_price": (0.0, True, math.inf),
+    "quantity": (0.0, True, math.inf),
+    "leverage": (1.0, False, math.inf),
+    "fee_rate": (0.0, False, 1.0),
+    "confidence": (0.0, False, 1.0),
+}
+
 
 class TradeError(ValueError):
     """A trade event that cannot be used: `field` names what is wrong, `reason` says why."""
@@ -94,9 +105,7 @@ def parse_trade(fields: Mapping[bytes, bytes], defaults: TradeDefaults) -> Trade
 
 def decode_entry(fields: Mapping[bytes, bytes], max_entry_bytes: int) -> dict[str, Any]:
     """The entry's fields as a plain object, whatever the encoding; types not checked yet."""
-    size = 0
-    for name, value in fields.items():
-        size += len(name) + len(value)
+    size = sum(map(len, fields)) + sum(map(len, fields.values()))
     if size > max_entry_bytes:
         raise TradeError("entry", f"{size} bytes, over the limit of {max_entry_bytes}")
     if not fields:
@@ -144,25 +153,33 @@ def _decode_msgpack(value: bytes) -> dict[str, Any]:
 def _decode_flat(fields: Mapping[bytes, bytes]) -> dict[str, Any]:
     obj: dict[str, Any] = {}
     for raw_name, raw_value in fields.items():
-        try:
-            name = raw_name.decode()
-        except UnicodeDecodeError:
-            raise TradeError(repr(raw_name), "field name is not valid UTF-8") from None
-        try:
-            text = raw_value.decode()
-        except UnicodeDecodeError:
-            raise TradeError(name, "not valid UTF-8") from None
-        obj[name] = _flat_value(name, text)
+        name = _KNOWN_NAMES.get(raw_name)
+        if name is None:
+            try:
+                name = raw_name.decode()
+            except UnicodeDecodeError:
+                raise TradeError(repr(raw_name), "field name is not valid UTF-8") from None
+        obj[name] = _flat_value(name, raw_value)
     return obj
 
 
-def _flat_value(name: str, text: str) -> Any:
-    """A flat field's text as the JSON value it stands for (numbers, JSON text, strings)."""
+def _flat_value(name: str, raw: bytes) -> Any:
+    """A flat field's bytes as the JSON value they stand for: numbers and JSON text are
+    parsed straight from the bytes (float() and orjson take bytes), the rest is text."""
     if name in _NUMBER_FIELDS:
         try:
-            return float(text)
+            return float(raw)
         except ValueError:
-            raise TradeError(name, f"expected a number, got {text!r}") from None
+            raise TradeError(name, f"expected a number, got {_text_of(raw)!r}") from None
+    if name in _JSON_TEXT_FIELDS:
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError as error:
+            raise TradeError(name, f"not valid JSON text: {error}") from None
+    try:
+        text = raw.decode()
+    except UnicodeDecodeError:
+        raise TradeError(name, "not valid UTF-8") from None
     if name == "model_version":
         try:
             return int(text)
@@ -170,12 +187,11 @@ def _flat_value(name: str, text: str) -> Any:
             raise TradeError(name, f"expected an integer, got {text!r}") from None
     if name in ("opened_at", "closed_at") and _DIGITS.match(text):
         return int(text)
-    if name in _JSON_TEXT_FIELDS:
-        try:
-            return orjson.loads(text)
-        except orjson.JSONDecodeError as error:
-            raise TradeError(name, f"not valid JSON text: {error}") from None
     return text
+
+
+def _text_of(raw: bytes) -> str:
+    return raw.decode("utf-8", "replace")[:40]
 
 
 def validate_trade(obj: Mapping[str, Any], defaults: TradeDefaults) -> TradeClosed:
@@ -194,14 +210,14 @@ def validate_trade(obj: Mapping[str, Any], defaults: TradeDefaults) -> TradeClos
         trade_id=trade_id,
         symbol=symbol,
         side=side,
-        entry_price=_number(obj, "entry_price", above=0.0),
-        exit_price=_number(obj, "exit_price", above=0.0),
-        quantity=_number(obj, "quantity", above=0.0, default=1.0),
-        leverage=_number(obj, "leverage", at_least=1.0, default=defaults.leverage),
-        fee_rate=_number(obj, "fee_rate", at_least=0.0, at_most=1.0, default=defaults.fee_rate),
+        entry_price=_number(obj, "entry_price"),
+        exit_price=_number(obj, "exit_price"),
+        quantity=_number(obj, "quantity", 1.0),
+        leverage=_number(obj, "leverage", defaults.leverage),
+        fee_rate=_number(obj, "fee_rate", defaults.fee_rate),
         opened_at_ms=_timestamp_ms(obj, "opened_at"),
         closed_at_ms=_timestamp_ms(obj, "closed_at"),
-        confidence=_number(obj, "confidence", at_least=0.0, at_most=1.0, default=None),
+        confidence=_number(obj, "confidence", None),
         model_version=_integer(obj, "model_version"),
         features=None if features is None else _features(features, defaults.feature_count),
         market_state_before=_object(obj, "market_state_before"),
@@ -227,16 +243,16 @@ def _is_number(value: Any) -> bool:
 _MISSING: Any = object()
 
 
-def _number(
-    obj: Mapping[str, Any],
-    name: str,
-    *,
-    above: float | None = None,
-    at_least: float | None = None,
-    at_most: float | None = None,
-    default: Any = _MISSING,
-) -> Any:
+def _number(obj: Mapping[str, Any], name: str, default: Any = _MISSING) -> Any:
     value = obj.get(name)
+    low, low_excluded, high = _BOUNDS[name]
+    # The usual case, a float in range, costs one type check and two comparisons.
+    if (
+        type(value) is float
+        and (value > low if low_excluded else value >= low)
+        and (value <= high and value != math.inf)
+    ):
+        return value
     if value is None:
         if default is _MISSING:
             raise TradeError(name, "required")
@@ -246,12 +262,12 @@ def _number(
     value = float(value)
     if not math.isfinite(value):
         raise TradeError(name, f"must be finite, got {value}")
-    if above is not None and not value > above:
-        raise TradeError(name, f"must be > {above:g}, got {value:g}")
-    if at_least is not None and value < at_least:
-        raise TradeError(name, f"must be >= {at_least:g}, got {value:g}")
-    if at_most is not None and value > at_most:
-        raise TradeError(name, f"must be <= {at_most:g}, got {value:g}")
+    if low_excluded and not value > low:
+        raise TradeError(name, f"must be > {low:g}, got {value:g}")
+    if value < low:
+        raise TradeError(name, f"must be >= {low:g}, got {value:g}")
+    if value > high:
+        raise TradeError(name, f"must be <= {high:g}, got {value:g}")
     return value
 
 
@@ -289,6 +305,9 @@ def _features(value: Any, feature_count: int) -> list[float]:
         raise TradeError("features", f"expected an array of numbers, got {_kind(value)}")
     if len(value) != feature_count:
         raise TradeError("features", f"expected {feature_count} numbers, got {len(value)}")
+    # Fast path for the usual case, all floats: a NaN or infinity makes the sum non-finite.
+    if all(type(item) is float for item in value) and math.isfinite(sum(value)):
+        return value
     for index, item in enumerate(value):
         if not _is_number(item) or not math.isfinite(item):
             raise TradeError(f"features[{index}]", f"expected a finite number, got {item!r}")

@@ -11,7 +11,8 @@ import contextlib
 import ctypes
 import fcntl
 import os
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,51 +58,70 @@ def _sync_filesystem_of(folder: Path) -> None:
 
 
 class Archive:
-    """The archive folder: `cases/<case_id>.msgpack`, `case_index.json`, `sessions/`, `models/`."""
+    """The archive folder: `cases/<case_id>.msgpack`, `case_index.json`, `sessions/`, `models/`.
 
-    def __init__(self, root: Path) -> None:
+    The case files are the record. `case_index.json` is a summary of them, rewritten at most
+    every `index_interval_s` and on `flush_index()` (rewriting a growing file for every batch
+    would make ingest slower the longer it runs); `reconcile_index()` catches it up with the
+    case files after a crash.
+    """
+
+    def __init__(self, root: Path, index_interval_s: float = 1.0) -> None:
         self.root = Path(root)
         self.cases_dir = self.root / "cases"
         self.sessions_dir = self.root / "sessions"
         self.models_dir = self.root / "models"
         for folder in (self.cases_dir, self.sessions_dir, self.models_dir):
             folder.mkdir(parents=True, exist_ok=True)
+        self.index_interval_s = index_interval_s
         self._index: dict[str, dict[str, Any]] = {}
         self._index_stamp: tuple[int, int, int] | None = None
+        self._unindexed: dict[str, dict[str, Any]] = {}
+        self._index_written_s = time.monotonic()
 
     def case_path(self, case_id: str) -> Path:
         """Where a case's file lives."""
         return self.cases_dir / f"{case_id}.msgpack"
 
     def add_cases(self, cases: list[NegativeCase], blobs: list[bytes]) -> None:
-        """Archive new cases and index them; a case already archived keeps its first file.
+        """Archive new cases; a case already archived keeps its first file.
 
-        The files are made durable before they get their final names, in one sync for the
-        whole batch, and the index is updated under a lock that other detectors share.
+        The files are made durable before they get their final names, with one syncfs for
+        the whole batch instead of an fsync per file.
         """
         if not cases:
             return
         first_of_each: dict[str, bytes] = {}
         for case, blob in zip(cases, blobs, strict=True):
             first_of_each.setdefault(case.case_id, blob)
+        folder = str(self.cases_dir)
+        pid = os.getpid()
         temps = []
         for case_id, blob in first_of_each.items():
-            tmp = self.cases_dir / f".{case_id}.{os.getpid()}.tmp"
-            tmp.write_bytes(blob)
-            temps.append((tmp, self.case_path(case_id)))
+            tmp = f"{folder}/.{case_id}.{pid}.tmp"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                os.write(fd, blob)
+            finally:
+                os.close(fd)
+            temps.append((tmp, f"{folder}/{case_id}.msgpack"))
         _sync_filesystem_of(self.cases_dir)
         for tmp, final in temps:
             # link() refuses to replace: a redelivered trade never rewrites its case.
             with contextlib.suppress(FileExistsError):
                 os.link(tmp, final)
-            tmp.unlink()
+            os.unlink(tmp)
         _fsync_folder(self.cases_dir)
-        self._update_index(cases)
+        for case in cases:
+            self._unindexed.setdefault(case.case_id, _index_entry(case))
+        if time.monotonic() - self._index_written_s >= self.index_interval_s:
+            self.flush_index()
 
     def replace_case(self, case: NegativeCase) -> None:
         """Store a newer state of a case (its retraining count, say) over the old file."""
         write_atomic(self.case_path(case.case_id), case.to_msgpack())
-        self._update_index([case])
+        self._unindexed[case.case_id] = _index_entry(case)
+        self.flush_index()
 
     def read_case(self, case_id: str) -> NegativeCase:
         """One archived case."""
@@ -123,18 +143,34 @@ class Archive:
         write_atomic(path, orjson.dumps(data, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
         return path
 
-    def _update_index(self, cases: Iterable[NegativeCase]) -> None:
+    def flush_index(self) -> None:
+        """Merge what this process archived into case_index.json, under a lock that other
+        processes writing the same archive share."""
+        self._index_written_s = time.monotonic()
+        if not self._unindexed:
+            return
         path = self.root / INDEX_NAME
         with open(self.root / f".{INDEX_NAME}.lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             # Re-read only when another process wrote since we last did.
-            stamp = _stamp(path)
-            if stamp != self._index_stamp:
+            if _stamp(path) != self._index_stamp:
                 self._index = self.read_index()
-            for case in cases:
-                self._index[case.case_id] = _index_entry(case)
+            self._index.update(self._unindexed)
             write_atomic(path, orjson.dumps(self._index, option=orjson.OPT_SORT_KEYS))
             self._index_stamp = _stamp(path)
+        self._unindexed = {}
+
+    def reconcile_index(self) -> int:
+        """Index every case file the index misses (left by a process that was killed before
+        its flush). Returns how many were added."""
+        indexed = self.read_index()
+        for path in self.cases_dir.glob("*.msgpack"):
+            case_id = path.name.removesuffix(".msgpack")
+            if case_id not in indexed and case_id not in self._unindexed:
+                self._unindexed[case_id] = _index_entry(self.read_case(case_id))
+        added = len(self._unindexed)
+        self.flush_index()
+        return added
 
 
 def _stamp(path: Path) -> tuple[int, int, int] | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from itertools import chain
 
 import msgpack
 import redis
@@ -140,8 +141,7 @@ def _score_arg(case: NegativeCase) -> str:
 
 
 def _packed_event(event: Event) -> bytes:
-    flat = event.to_fields()
-    return msgpack.packb([item for pair in flat.items() for item in pair])
+    return msgpack.packb(list(chain.from_iterable(event.to_fields().items())))
 
 
 def _packed_dead_letter(dead: DeadLetter, consumer: str, now_ms: int) -> bytes:

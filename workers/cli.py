@@ -6,15 +6,31 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from workers import demo, detector, monitor, publish, server
+from workers import (
+    bench,
+    checkpoint_cli,
+    demo,
+    detector,
+    inference,
+    monitor,
+    publish,
+    server,
+    signal_client,
+    trainer,
+)
 from workers.options import CommandError
 
 REGISTRARS = [
+    bench.register,
     demo.register,
     detector.register,
+    trainer.register,
+    checkpoint_cli.register,
     publish.register,
     monitor.register,
     server.register,
+    inference.register,
+    signal_client.register,
 ]
 
 

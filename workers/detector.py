@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import socket
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import redis
@@ -56,7 +58,7 @@ class LossDetector:
         self.keys = settings.keys
         self.consumer = consumer
         self.archive = archive
-        self.store = CaseStore(client, self.keys)
+        self.cases = CaseStore(client, self.keys)
         self.defaults = TradeDefaults(
             feature_count=settings.feature_count,
             leverage=settings.default_leverage,
@@ -66,41 +68,62 @@ class LossDetector:
         self.totals = DetectorTotals()
 
     def run(self, stop: StopFlag, burst: bool = False) -> DetectorTotals:
-        """Work until `stop` is set (or, in burst mode, until the stream is drained)."""
+        """Work until `stop` is set (or, in burst mode, until the stream is drained).
+
+        Storing batch N (archive sync and the Lua script: waiting on disk and Redis) runs in
+        a second thread while batch N+1 is read and assessed, so the two overlap. At most one
+        batch is in flight, and a batch's entries stay pending until it is stored.
+        """
         failures = 0
         recovered = False
         next_claim_s = 0.0
-        while not stop.is_set():
-            try:
-                if not recovered:
-                    self.ensure_group()
-                    # Our own pending entries first: a restart under the same name resumes
-                    # exactly where the last run stopped.
-                    for entries in self._own_pending():
-                        self.handle(entries)
-                    recovered = True
-                if time.monotonic() >= next_claim_s:
-                    for entries in self._claim_abandoned():
-                        self.handle(entries)
-                    next_claim_s = time.monotonic() + self.settings.claim_idle_ms / 2000
-                entries = self._read_new(block=not burst)
-                if entries:
-                    self.handle(entries)
-                elif burst:
-                    if not self._pending_elsewhere():
-                        break
-                    # Another detector holds entries: wait for its ack, or to claim them.
-                    stop.wait(0.05)
-                failures = 0
-            except redis.ConnectionError as error:
-                delay = backoff_s(failures)
-                failures += 1
-                print(
-                    f"detector: Redis unreachable ({error}); retry in {delay:.2f}s", file=sys.stderr
-                )
-                recovered = False
-                stop.wait(delay)
+        in_flight: Future[None] | None = None
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="detector-store") as storer:
+            while not stop.is_set():
+                try:
+                    if not recovered or time.monotonic() >= next_claim_s:
+                        in_flight = _settled(in_flight)
+                        if not recovered:
+                            self._recover()
+                            recovered = True
+                        for entries in self._claim_abandoned():
+                            self.handle(entries)
+                        next_claim_s = time.monotonic() + self.settings.claim_idle_ms / 2000
+                    entries = self._read_new(block=not burst)
+                    if entries:
+                        batch = self.assess(entries)
+                        _settled(in_flight)
+                        in_flight = storer.submit(self.store, batch, len(entries))
+                    else:
+                        in_flight = _settled(in_flight)
+                        if burst:
+                            if not self._pending_elsewhere():
+                                break
+                            # Another detector holds entries: wait for its ack, or to claim them.
+                            stop.wait(0.05)
+                    failures = 0
+                except redis.ConnectionError as error:
+                    # What was in flight stays pending and is read again after reconnecting.
+                    in_flight = _abandoned(in_flight)
+                    delay = backoff_s(failures)
+                    failures += 1
+                    print(f"detector: Redis unreachable ({error}); retry in {delay:.2f}s",
+                          file=sys.stderr)  # fmt: skip
+                    recovered = False
+                    stop.wait(delay)
+            _settled(in_flight)
+        if self.archive is not None:
+            self.archive.flush_index()
         return self.totals
+
+    def _recover(self) -> None:
+        """Create the group if needed, catch the archive index up, and handle our own pending
+        entries first: a restart under the same name resumes where the last run stopped."""
+        self.ensure_group()
+        if self.archive is not None:
+            self.archive.reconcile_index()
+        for entries in self._own_pending():
+            self.handle(entries)
 
     def ensure_group(self) -> None:
         """Create the consumer group (and the stream) if they do not exist yet."""
@@ -112,14 +135,17 @@ class LossDetector:
 
     def handle(self, entries: list[Entry]) -> None:
         """Turn a batch of entries into cases and dead letters, archive, store, acknowledge."""
-        batch = self.assess(entries)
+        self.store(self.assess(entries), len(entries))
+
+    def store(self, batch: Batch, entry_count: int) -> None:
+        """Archive a batch's cases, then record it and acknowledge its entries in one script."""
         if self.archive is not None:
             self.archive.add_cases(batch.cases, batch.blobs)
-        added, duplicates = self.store.record_batch(
+        added, duplicates = self.cases.record_batch(
             batch, self.consumer, self.settings.events_maxlen, self.settings.dead_letters_maxlen
         )
         totals = self.totals
-        totals.entries += len(entries)
+        totals.entries += entry_count
         totals.cases_added += added
         totals.duplicates += duplicates
         totals.dead_lettered += len(batch.dead_letters)
@@ -199,6 +225,19 @@ class LossDetector:
         """Whether entries are still pending in the group (burst mode waits for them)."""
         summary = self.client.xpending(self.keys.trades, DETECTOR_GROUP)
         return bool(summary and summary.get("pending"))
+
+
+def _settled(in_flight: Future[None] | None) -> None:
+    """Wait for the batch in flight to be stored; its error, if any, is raised here."""
+    if in_flight is not None:
+        in_flight.result()
+
+
+def _abandoned(in_flight: Future[None] | None) -> None:
+    """Wait for the batch in flight, ignoring its error: its entries stay pending."""
+    if in_flight is not None:
+        with contextlib.suppress(redis.RedisError):
+            in_flight.result()
 
 
 def _entries_of(reply: list | dict | None) -> list[Entry]:

@@ -1,0 +1,307 @@
+"""`negcase bench`: throughput and latency, reported as ratios against raw Redis measured
+in the same run (these machines are shared and noisy; absolute figures drift)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import shutil
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import redis
+
+from store.archive import Archive
+from store.connection import connect
+from store.keys import DETECTOR_GROUP, Keys
+from store.local_redis import LocalRedis
+from workers.detector import LossDetector
+from workers.options import common_options, settings_from
+from workers.publish import encode_trade
+from workers.settings import Settings
+from workers.shutdown import StopFlag
+from workers.supervisor import Supervisor
+
+FEATURES = [0.1234, -0.5678, 0.9012, -0.3456, 0.7891, -0.2345, 0.6789, -0.0123]
+
+
+@contextlib.contextmanager
+def bench_redis(settings: Settings) -> Iterator[str]:
+    """The configured Redis URL, or a local redis-server for the duration of the bench."""
+    if settings.redis_url:
+        yield settings.redis_url
+        return
+    folder = Path(tempfile.mkdtemp(prefix="negcase-bench-"))
+    try:
+        with LocalRedis(folder) as server:
+            yield server.url
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def bench_trade(i: int, prefix: str) -> dict[bytes, bytes]:
+    """A ~300-byte flat trade event; every other one is a 1 % loss."""
+    exit_price = 2970.0 if i % 2 else 3030.0
+    trade = {
+        "trade_id": f"{prefix}-{i:09d}",
+        "symbol": "ETH/USDT",
+        "side": "BUY",
+        "entry_price": 3000.0,
+        "exit_price": exit_price,
+        "quantity": 0.5,
+        "leverage": 3.0,
+        "fee_rate": 0.0004,
+        "closed_at": 1795513508000 + i,
+        "model_version": 1,
+        "features": FEATURES,
+    }
+    return {k.encode(): v if isinstance(v, bytes) else v.encode()
+            for k, v in encode_trade(trade, "flat").items()}  # fmt: skip
+
+
+def fill_stream(client: redis.Redis, keys: Keys, events: list[dict[bytes, bytes]]) -> None:
+    """Put the events on the trades stream and create the detectors group (not timed)."""
+    pipe = client.pipeline(transaction=False)
+    for n, fields in enumerate(events, start=1):
+        pipe.xadd(keys.trades, fields)
+        if n % 1000 == 0:
+            pipe.execute()
+    pipe.execute()
+    client.xgroup_create(keys.trades, DETECTOR_GROUP, id="0", mkstream=True)
+
+
+def raw_loop(client: redis.Redis, keys: Keys, batch_size: int) -> int:
+    """The baseline: XREADGROUP a batch, XACK it, until the stream is drained."""
+    handled = 0
+    while True:
+        reply = client.xreadgroup(DETECTOR_GROUP, "raw", {keys.trades: ">"}, count=batch_size)
+        if not reply:
+            return handled
+        ids = [entry_id for entry_id, _ in reply[0][1]]
+        client.xack(keys.trades, DETECTOR_GROUP, *ids)
+        handled += len(ids)
+
+
+def drop_namespace(client: redis.Redis, namespace: str) -> None:
+    """Delete every key of a bench namespace."""
+    for chunk in _chunks(client.scan_iter(match=f"{namespace}:*", count=1000), 500):
+        client.unlink(*chunk)
+
+
+def _chunks(items: Iterator[bytes], size: int) -> Iterator[list[bytes]]:
+    chunk: list[bytes] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def timed_throughput(
+    client: redis.Redis, settings: Settings, events: list[dict[bytes, bytes]], mode: str
+) -> float:
+    """Events/s of one mode ("raw", "archive-off", "archive-on") on a fresh namespace."""
+    namespace = f"bench-{mode}-{time.monotonic_ns()}"
+    run_settings = settings.with_overrides(namespace=namespace)
+    fill_stream(client, run_settings.keys, events)
+    archive_dir = Path(tempfile.mkdtemp(prefix="negcase-bench-archive-"))
+    try:
+        started = time.perf_counter()
+        if mode == "raw":
+            handled = raw_loop(client, run_settings.keys, settings.batch_size)
+        else:
+            archive = Archive(archive_dir) if mode == "archive-on" else None
+            detector = LossDetector(client, run_settings, "bench", archive)
+            handled = detector.run(StopFlag(), burst=True).entries
+        elapsed = time.perf_counter() - started
+    finally:
+        shutil.rmtree(archive_dir, ignore_errors=True)
+        drop_namespace(client, namespace)
+    assert handled == len(events), f"{mode}: handled {handled} of {len(events)}"
+    return handled / elapsed
+
+
+def steady_latency(
+    client: redis.Redis, settings: Settings, rate: float, duration_s: float, log_dir: Path
+) -> dict[str, float]:
+    """p50/p99 ms from XADD to the case being in the queue, with a detector process, at a
+    steady `rate`. The case_added event is written in the same script as the queue entry,
+    so seeing it is seeing the case queued."""
+    namespace = f"bench-latency-{time.monotonic_ns()}"
+    run_settings = settings.with_overrides(namespace=namespace, data_dir=log_dir / "archive")
+    keys = run_settings.keys
+    client.xgroup_create(keys.trades, DETECTOR_GROUP, id="0", mkstream=True)
+    client.xadd(keys.events, {"type": "bench_start"})
+    supervisor = Supervisor(run_settings, log_dir)
+    sent_at: dict[bytes, float] = {}
+    latencies_ms: list[float] = []
+    total = int(rate * duration_s)
+    losses = total // 2
+    observer = threading.Thread(
+        target=_observe_cases, args=(connect(run_settings.redis_url or ""), keys, sent_at,
+                                     latencies_ms, losses, duration_s + 30), daemon=True
+    )  # fmt: skip
+    supervisor.start("bench-detector", "detect", "--consumer", "bench", "--block-ms", "100")
+    try:
+        _wait_for_consumer(client, keys)
+        observer.start()
+        _publish_steadily(client, keys, rate, total, sent_at)
+        observer.join()
+    finally:
+        supervisor.stop_all()
+        drop_namespace(client, namespace)
+    latencies_ms.sort()
+    return {
+        "cases": len(latencies_ms),
+        "p50_ms": _percentile(latencies_ms, 50),
+        "p99_ms": _percentile(latencies_ms, 99),
+        "max_ms": latencies_ms[-1] if latencies_ms else float("nan"),
+    }
+
+
+def _wait_for_consumer(client: redis.Redis, keys: Keys, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if client.xinfo_consumers(keys.trades, DETECTOR_GROUP):
+            return
+        time.sleep(0.05)
+    raise RuntimeError("the bench detector did not start")
+
+
+def _publish_steadily(
+    client: redis.Redis, keys: Keys, rate: float, total: int, sent_at: dict[bytes, float]
+) -> None:
+    tick_s = 0.01
+    per_tick = max(1, round(rate * tick_s))
+    next_tick = time.perf_counter()
+    i = 0
+    while i < total:
+        pipe = client.pipeline(transaction=False)
+        for _ in range(min(per_tick, total - i)):
+            fields = bench_trade(i, "lat")
+            pipe.xadd(keys.trades, fields)
+            sent_at[fields[b"trade_id"]] = time.time()
+            i += 1
+        pipe.execute()
+        next_tick += tick_s
+        time.sleep(max(0.0, next_tick - time.perf_counter()))
+
+
+def _observe_cases(
+    client: redis.Redis,
+    keys: Keys,
+    sent_at: dict[bytes, float],
+    latencies_ms: list[float],
+    expected: int,
+    timeout_s: float,
+) -> None:
+    cursor = "$"
+    deadline = time.monotonic() + timeout_s
+    while len(latencies_ms) < expected and time.monotonic() < deadline:
+        reply = client.xread({keys.events: cursor}, block=200, count=1000)
+        now = time.time()
+        for entry_id, fields in reply[0][1] if reply else []:
+            cursor = entry_id
+            sent = sent_at.get(fields.get(b"trade_id", b""))
+            if fields.get(b"type") == b"case_added" and sent is not None:
+                latencies_ms.append((now - sent) * 1000)
+
+
+def _percentile(sorted_values: list[float], pct: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    index = min(len(sorted_values) - 1, round(pct / 100 * (len(sorted_values) - 1)))
+    return round(sorted_values[index], 3)
+
+
+def run_ingest_bench(settings: Settings, events_n: int, repeats: int, rate: float,
+                     duration_s: float) -> dict[str, Any]:  # fmt: skip
+    """Every ingest figure of issue 2 in one run."""
+    events = [bench_trade(i, "tp") for i in range(events_n)]
+    payload_bytes = statistics.mean(sum(len(k) + len(v) for k, v in e.items()) for e in events)
+    with bench_redis(settings) as url:
+        settings = settings.with_overrides(redis_url=url)
+        client = connect(url)
+        runs: dict[str, list[float]] = {"raw": [], "archive-off": [], "archive-on": []}
+        for _ in range(repeats):  # interleaved, so drift on a shared machine hits each alike
+            for mode, figures in runs.items():
+                figures.append(timed_throughput(client, settings, events, mode))
+        log_dir = Path(tempfile.mkdtemp(prefix="negcase-bench-latency-"))
+        try:
+            latency = steady_latency(client, settings, rate, duration_s, log_dir)
+        finally:
+            shutil.rmtree(log_dir, ignore_errors=True)
+    median = {mode: statistics.median(figures) for mode, figures in runs.items()}
+    return {
+        "events": events_n,
+        "payload_bytes": round(payload_bytes),
+        "repeats": repeats,
+        "events_per_s": {mode: round(v) for mode, v in median.items()},
+        "ratio_to_raw": {
+            "archive-off": round(median["archive-off"] / median["raw"], 3),
+            "archive-on": round(median["archive-on"] / median["raw"], 3),
+        },
+        "latency_at_rate": {"rate_per_s": rate, "duration_s": duration_s, **latency},
+    }
+
+
+def render_ingest(result: dict[str, Any]) -> str:
+    """The ingest figures for people."""
+    eps, ratio, lat = result["events_per_s"], result["ratio_to_raw"], result["latency_at_rate"]
+    return "\n".join(
+        [
+            f"ingest bench: {result['events']} events of ~{result['payload_bytes']} bytes, "
+            f"50 % losses, median of {result['repeats']} interleaved runs",
+            f"  raw XREADGROUP+XACK loop   {eps['raw']:>9,} events/s  (baseline)",
+            f"  detector, archive off      {eps['archive-off']:>9,} events/s  "
+            f"ratio {ratio['archive-off']:.3f}  (aim >= 0.3)",
+            f"  detector, archive on       {eps['archive-on']:>9,} events/s  "
+            f"ratio {ratio['archive-on']:.3f}  (aim >= 0.15)",
+            f"  XADD -> case queued at {lat['rate_per_s']:.0f} events/s for "
+            f"{lat['duration_s']:.0f} s ({lat['cases']} cases): p50 {lat['p50_ms']} ms, "
+            f"p99 {lat['p99_ms']} ms (aim < 5), max {lat['max_ms']:.1f} ms",
+        ]
+    )
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add `negcase bench` and its targets."""
+    parser = sub.add_parser(
+        "bench",
+        help="measure throughput and latency against a raw Redis baseline",
+        description="Benchmarks. Each reports ratios against raw Redis measured in the same run.",
+    )
+    targets = parser.add_subparsers(dest="target", metavar="TARGET", required=True)
+    ingest = targets.add_parser(
+        "ingest",
+        parents=[common_options()],
+        help="detector events/s vs the raw XREADGROUP+XACK loop, and XADD-to-queue latency",
+        description=(
+            "Starts its own redis-server unless NEGCASE_REDIS_URL is set (bench keys use "
+            "their own namespaces and are deleted after)."
+        ),
+    )
+    ingest.add_argument("--events", type=int, default=20_000, help="events per run (20000)")
+    ingest.add_argument("--repeats", type=int, default=3, help="interleaved runs (3)")
+    ingest.add_argument("--rate", type=float, default=1000.0, help="latency load, events/s")
+    ingest.add_argument("--duration", type=float, default=10.0, help="latency run seconds (10)")
+    ingest.add_argument("--json", action="store_true", help="print JSON")
+    ingest.set_defaults(run=run_ingest)
+
+
+def run_ingest(args: argparse.Namespace) -> int:
+    """Run the ingest bench and print its figures."""
+    result = run_ingest_bench(
+        settings_from(args), args.events, args.repeats, args.rate, args.duration
+    )
+    print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() if args.json
+          else render_ingest(result))  # fmt: skip
+    return 0

@@ -1,0 +1,71 @@
+"""Settings from the environment, the reconnect backoff, and the docs that describe them."""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+from store.connection import backoff_s
+from workers.settings import Settings, SettingsError
+
+README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+
+
+def test_every_variable_is_read_with_its_type():
+    settings = Settings.from_env(
+        {
+            "NEGCASE_NAMESPACE": "{negcase}",
+            "NEGCASE_FEATURE_COUNT": "4",
+            "NEGCASE_PRIORITY_THRESHOLDS_PCT": "20, 10, 5, 1",
+            "NEGCASE_HIDDEN_SIZES": "32,16",
+            "NEGCASE_ARCHIVE": "off",
+            "NEGCASE_DATA_DIR": "/tmp/x",
+            "NEGCASE_REDIS_URL": "",
+            "UNRELATED": "1",
+        }
+    )
+    assert settings.namespace == "{negcase}" and settings.keys.queue == "{negcase}:queue"
+    assert settings.feature_count == 4
+    assert settings.priority_thresholds_pct == (20.0, 10.0, 5.0, 1.0)
+    assert settings.hidden_sizes == (32, 16)
+    assert settings.archive is False
+    assert settings.data_dir == Path("/tmp/x")
+    assert settings.redis_url is None
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("NEGCASE_FEATURE_COUNT", "eight", "NEGCASE_FEATURE_COUNT='eight'"),
+        ("NEGCASE_ARCHIVE", "maybe", "expected 1/0"),
+        ("NEGCASE_PRIORITY_THRESHOLDS_PCT", "1,2,5,10", "decreasing"),
+        ("NEGCASE_PRIORITY_THRESHOLDS_PCT", "10,5", "4 thresholds"),
+        ("NEGCASE_DEFAULT_LEVERAGE", "0.5", "default_leverage"),
+    ],
+)
+def test_a_bad_variable_is_an_error_that_names_it(variable, value, message):
+    with pytest.raises(SettingsError, match=re.escape(message)):
+        Settings.from_env({variable: value})
+
+
+def test_overrides_keep_values_that_were_not_given():
+    base = Settings(batch_size=10)
+    assert base.with_overrides(batch_size=None, block_ms=5).batch_size == 10
+    assert base.with_overrides(batch_size=None, block_ms=5).block_ms == 5
+
+
+def test_backoff_grows_to_a_cap_with_jitter():
+    random.seed(1)
+    delays = [backoff_s(attempt, base_s=0.1, cap_s=2.0, jitter=0.5) for attempt in range(10)]
+    assert 0.05 <= delays[0] <= 0.1
+    assert all(1.0 <= d <= 2.0 for d in delays[5:])
+    assert backoff_s(3, base_s=0.1, cap_s=2.0, jitter=0.0) == pytest.approx(0.8)
+
+
+def test_readme_documents_every_setting():
+    missing = [f.name for f in fields(Settings) if f"NEGCASE_{f.name.upper()}" not in README]
+    assert missing == []

@@ -18,9 +18,12 @@ from schemas.trade import TradeDefaults, TradeError, parse_trade
 from store.archive import Archive
 from store.cases import Batch, CaseStore, DeadLetter, version_label
 from store.connection import backoff_s
+from store.health import Heartbeat
 from store.keys import DETECTOR_GROUP
 from workers.losses import negative_case, outcome_of
-from workers.options import common_options, redis_client, settings_from
+from workers.metrics import DetectorMetrics
+from workers.metrics import serve as serve_metrics
+from workers.options import common_options, redis_client, settings_from, worker_options
 from workers.settings import Settings
 from workers.shutdown import StopFlag, install_signal_handlers
 
@@ -66,6 +69,8 @@ class LossDetector:
             max_entry_bytes=settings.max_entry_bytes,
         )
         self.totals = DetectorTotals()
+        self.metrics = DetectorMetrics()
+        self.heartbeat = Heartbeat(client, self.keys, "detector", settings.health_ttl_s)
 
     def run(self, stop: StopFlag, burst: bool = False) -> DetectorTotals:
         """Work until `stop` is set (or, in burst mode, until the stream is drained).
@@ -81,6 +86,7 @@ class LossDetector:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="detector-store") as storer:
             while not stop.is_set():
                 try:
+                    self.heartbeat.beat(consumer=self.consumer, entries=self.totals.entries)
                     if not recovered or time.monotonic() >= next_claim_s:
                         in_flight = _settled(in_flight)
                         if not recovered:
@@ -114,6 +120,8 @@ class LossDetector:
             _settled(in_flight)
         if self.archive is not None:
             self.archive.flush_index()
+        with contextlib.suppress(redis.RedisError):
+            self.heartbeat.clear()
         return self.totals
 
     def _recover(self) -> None:
@@ -139,6 +147,7 @@ class LossDetector:
 
     def store(self, batch: Batch, entry_count: int) -> None:
         """Archive a batch's cases, then record it and acknowledge its entries in one script."""
+        started = time.perf_counter()
         if self.archive is not None:
             self.archive.add_cases(batch.cases, batch.blobs)
         added, duplicates = self.cases.record_batch(
@@ -149,6 +158,12 @@ class LossDetector:
         totals.cases_added += added
         totals.duplicates += duplicates
         totals.dead_lettered += len(batch.dead_letters)
+        metrics = self.metrics
+        metrics.batch_seconds.observe(time.perf_counter() - started)
+        metrics.entries.inc(entry_count)
+        metrics.cases.inc(added)
+        metrics.duplicates.inc(duplicates)
+        metrics.dead.inc(len(batch.dead_letters))
 
     def assess(self, entries: list[Entry]) -> Batch:
         """Pure computation: what each entry becomes. No I/O."""
@@ -262,7 +277,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add `negcase detect`."""
     parser = sub.add_parser(
         "detect",
-        parents=[common_options()],
+        parents=[common_options(), worker_options()],
         help="run a loss detector (consumer group 'detectors' on <ns>:trades)",
         description=(
             "Read trade-close events from <ns>:trades in the consumer group 'detectors', turn "
@@ -304,6 +319,7 @@ def run_detect(args: argparse.Namespace) -> int:
     stop = StopFlag()
     install_signal_handlers(stop, f"detector {consumer}")
     detector = LossDetector(client, settings, consumer, archive)
+    serve_metrics(detector.metrics.registry, args.metrics_port)
     totals = detector.run(stop, burst=args.burst)
     print(
         f"detector {consumer}: {totals.entries} entries, {totals.cases_added} cases added, "

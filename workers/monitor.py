@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import socket
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -13,9 +14,10 @@ import redis
 
 from schemas.event import EVENT_TYPES, Event
 from store.cases import RATE_BUCKET_S, rate_bucket_s
+from store.health import live_workers
 from store.keys import DETECTOR_GROUP, Keys
 from store.queue import score_range
-from workers.options import common_options, redis_client, settings_from
+from workers.options import CommandError, common_options, redis_client, settings_from
 
 RATE_WINDOW_S = 60
 PRIORITIES = (5, 4, 3, 2, 1)
@@ -237,6 +239,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     status.add_argument("--json", action="store_true", help="print JSON")
     status.set_defaults(run=run_status)
 
+    health = sub.add_parser(
+        "health",
+        parents=[common_options()],
+        help="exit 0 if a worker (of --kind, on --this-host) is alive, else 1",
+        description=(
+            "Each worker refreshes <ns>:health:<kind>:<host>:<pid> with a TTL "
+            "(NEGCASE_HEALTH_TTL_S). This lists the live ones and exits 0 if any match: use it "
+            "as a container health check, e.g. `negcase health --kind detector --this-host`."
+        ),
+    )
+    health.add_argument(
+        "--kind",
+        action="append",
+        default=[],
+        choices=("detector", "trainer", "inference", "dashboard"),
+        help="only workers of this kind (repeatable)",
+    )
+    health.add_argument("--this-host", action="store_true", help="only workers on this host")
+    health.set_defaults(run=run_health)
+
     tail = sub.add_parser(
         "tail",
         parents=[common_options()],
@@ -255,6 +277,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     tail.add_argument("--count", type=int, help="exit after printing this many events")
     tail.add_argument("--json", action="store_true", help="print each event as a JSON line")
     tail.set_defaults(run=run_tail)
+
+
+def run_health(args: argparse.Namespace) -> int:
+    """Exit 0 when a matching worker beat recently, 1 otherwise (for container checks)."""
+    settings = settings_from(args)
+    try:
+        client = redis_client(settings)
+    except CommandError as error:
+        print(f"unhealthy: {error}", file=sys.stderr)
+        return 1
+    host = socket.gethostname() if args.this_host else None
+    workers = [
+        w for w in live_workers(client, settings.keys)
+        if (not args.kind or w.get("kind") in args.kind) and (host is None or w.get("host") == host)
+    ]  # fmt: skip
+    for worker in workers:
+        print(orjson.dumps(worker).decode())
+    if not workers:
+        print("unhealthy: no matching worker has beaten recently", file=sys.stderr)
+        return 1
+    return 0
 
 
 def run_status(args: argparse.Namespace) -> int:

@@ -34,6 +34,18 @@ def common_options() -> argparse.ArgumentParser:
     return parent
 
 
+def worker_options() -> argparse.ArgumentParser:
+    """Flags every long-running worker takes."""
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("operations")
+    group.add_argument(
+        "--metrics-port",
+        type=int,
+        help="serve Prometheus metrics on this port at /metrics (default: off)",
+    )
+    return parent
+
+
 def settings_from(args: argparse.Namespace, **overrides: object) -> Settings:
     """Settings from the environment, then the common flags, then `overrides`."""
     try:

@@ -1,0 +1,67 @@
+"""The dashboard in a real headless Chromium, against a running pipeline."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
+
+from tests.conftest import wait_until
+from workers.engine import Market, SyntheticEngine, random_side
+from workers.publish import publish_trades
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def browser():
+    chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
+    assert chromium and driver_path, (
+        "the dashboard test needs Debian's chromium and chromium-driver "
+        "(apt-get install chromium chromium-driver; the README's test command does it)"
+    )
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--no-first-run", "--disable-background-networking", "--disable-sync",
+                 "--disable-component-update"):  # fmt: skip
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    yield driver
+    driver.quit()
+
+
+def number(driver, element_id: str) -> int:
+    text = driver.find_element(By.ID, element_id).text
+    return int(text) if text.isdigit() else -1
+
+
+def test_the_page_shows_live_numbers_that_update(client, settings, spawn, browser):
+    # given a running detector, a dashboard, and some trades already handled
+    engine = SyntheticEngine(Market(seed=2), random_side(np.random.default_rng(2)))
+    trades = engine.trades()
+    spawn("detect", "--block-ms", "100")
+    dashboard = spawn("dashboard", "--port", "0", "--interval", "0.3")
+    url = dashboard.stdout.readline().split(" on ")[1].strip()
+    publish_trades(client, settings.keys, [next(trades) for _ in range(200)])
+    wait_until(lambda: client.xpending(settings.keys.trades, "detectors")["pending"] == 0
+               and client.hget(settings.keys.stats, "trades"), what="the first trades")  # fmt: skip
+    # when the page is open
+    browser.get(url)
+    wait = WebDriverWait(browser, 30)
+    wait.until(lambda d: number(d, "trades") > 0)
+    first = number(browser, "trades")
+    # then the numbers, the cases with their lessons, and the chart are there
+    assert number(browser, "losses") > 0 and number(browser, "dead-letters") >= 0
+    lessons = browser.find_elements(By.CSS_SELECTOR, "#cases-table tr")
+    assert lessons and "Should have" in lessons[0].text
+    assert browser.find_elements(By.CSS_SELECTOR, "#chart rect")
+    # and when more trades arrive, the same page updates without a reload
+    publish_trades(client, settings.keys, [next(trades) for _ in range(200)])
+    wait.until(lambda d: number(d, "trades") > first)
+    assert browser.find_element(By.ID, "state").text == "live"

@@ -1,0 +1,138 @@
+"""`negcase dashboard`: one small live web page (server-sent events, no build step)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import threading
+import time
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import orjson
+import redis
+
+from schemas.event import Event
+from store.health import Heartbeat
+from store.keys import Keys
+from workers.monitor import format_event, gather_status
+from workers.options import common_options, redis_client, settings_from
+from workers.shutdown import StopFlag, install_signal_handlers
+
+PAGE = (Path(__file__).parent / "dashboard.html").read_bytes()
+TRAINING_TYPES = {
+    "training_started",
+    "training_completed",
+    "checkpoint_published",
+    "checkpoint_loaded",
+    "checkpoint_rejected",
+    "rollback",
+    "lease_expired",
+    "case_dead",
+}
+RECENT_EVENTS = 1000
+
+
+def snapshot(client: redis.Redis, keys: Keys) -> dict[str, Any]:
+    """Everything the page shows: the status, the newest cases, and the training log."""
+    recent = [
+        Event.from_fields(fields)
+        for _, fields in client.xrevrange(keys.events, count=RECENT_EVENTS)
+    ]
+    cases = [e.details for e in recent if e.type == "case_added"][:10]
+    training = [
+        {"time": time.strftime("%H:%M:%S", time.localtime(e.at_ms / 1000)), "line": format_event(e)}
+        for e in recent
+        if e.type in TRAINING_TYPES
+    ][:15]
+    return {"status": gather_status(client, keys), "recent_cases": cases, "training_log": training}
+
+
+def make_handler(client: redis.Redis, keys: Keys, interval_s: float, stop: threading.Event) -> type:
+    """A request handler bound to one Redis client and namespace."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path in ("/", "/index.html"):
+                self._send(HTTPStatus.OK, "text/html; charset=utf-8", PAGE)
+            elif self.path == "/snapshot.json":
+                self._send(HTTPStatus.OK, "application/json", orjson.dumps(snapshot(client, keys)))
+            elif self.path == "/events":
+                self._stream()
+            else:
+                self._send(HTTPStatus.NOT_FOUND, "text/plain", b"not found\n")
+
+        def _send(self, status: HTTPStatus, content_type: str, body: bytes) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def _stream(self) -> None:
+            self.send_response(HTTPStatus.OK)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-cache")
+            self.end_headers()
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                while not stop.is_set():
+                    try:
+                        data = orjson.dumps(snapshot(client, keys))
+                    except redis.RedisError as error:
+                        # A comment line keeps the stream open while Redis is away.
+                        data = None
+                        self.wfile.write(f": redis unavailable: {error}\n\n".encode())
+                    if data is not None:
+                        self.wfile.write(b"data: " + data + b"\n\n")
+                    self.wfile.flush()
+                    stop.wait(interval_s)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    return Handler
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add `negcase dashboard`."""
+    parser = sub.add_parser(
+        "dashboard",
+        parents=[common_options()],
+        help="serve a live web page of the pipeline on localhost",
+        description=(
+            "Serve one page with the live numbers (trades, wins, losses, cases by priority, "
+            "queue and leases, dead letters, checkpoints), a chart of the loss rate by model "
+            "version, the newest cases with their lessons, and the training log. Updates "
+            "arrive by server-sent events; /snapshot.json has the same data."
+        ),
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8765, help="port (8765; 0 picks one)")
+    parser.add_argument("--interval", type=float, default=1.0, help="seconds between updates")
+    parser.set_defaults(run=run_dashboard)
+
+
+def run_dashboard(args: argparse.Namespace) -> int:
+    """Serve until SIGINT/SIGTERM."""
+    settings = settings_from(args)
+    client = redis_client(settings)
+    stop = threading.Event()
+    handler = make_handler(client, settings.keys, args.interval, stop)
+    server = ThreadingHTTPServer((args.host, args.port), handler)
+    server.daemon_threads = True
+    heartbeat = Heartbeat(client, settings.keys, "dashboard", settings.health_ttl_s)
+    print(f"dashboard on http://{args.host}:{server.server_address[1]}/", flush=True)
+    serving = threading.Thread(target=server.serve_forever, daemon=True)
+    serving.start()
+    flag = StopFlag()
+    install_signal_handlers(flag, "dashboard")
+    while not flag.wait(1.0):
+        with contextlib.suppress(redis.RedisError):
+            heartbeat.beat(port=server.server_address[1])
+    stop.set()
+    server.shutdown()
+    with contextlib.suppress(redis.RedisError):
+        heartbeat.clear()
+    return 0

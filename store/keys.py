@@ -72,6 +72,11 @@ class Keys:
         return self._key("dead")
 
     @property
+    def rejected(self) -> str:
+        """Hash case_id -> why the validation gate refused its update (a subset of done)."""
+        return self._key("rejected")
+
+    @property
     def attempts(self) -> str:
         """Hash case_id -> failed or expired attempts so far."""
         return self._key("attempts")
@@ -105,6 +110,16 @@ class Keys:
         return self._key("ckpt", "latest")
 
     @property
+    def version_counter(self) -> str:
+        """The highest checkpoint version ever handed out: versions come from INCR."""
+        return self._key("ckpt", "counter")
+
+    @property
+    def publish_lock(self) -> str:
+        """Short lock that lets one trainer at a time rebase, archive and publish."""
+        return self._key("ckpt", "lock")
+
+    @property
     def checkpoints(self) -> str:
         """Stream of checkpoint announcements (published, rolled back)."""
         return self._key("checkpoints")
@@ -118,6 +133,11 @@ class Keys:
     def requests(self) -> str:
         """Stream of signal requests for inference workers."""
         return self._key("signals", "requests")
+
+    @property
+    def requests_dead(self) -> str:
+        """Stream of signal requests that could not be answered (no usable request_id)."""
+        return self._key("signals", "dead")
 
     def reply(self, request_id: str) -> str:
         """List a requester waits on with BLPOP for its reply."""

@@ -1,6 +1,16 @@
-"""The case queue: a sorted set where the best case to train next has the highest score."""
+"""The case queue: a sorted set where the best case to train next has the highest score, and
+the leases that let any number of trainers share it safely (DESIGN.md, "The case queue")."""
 
 from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import redis
+
+from schemas.case import NegativeCase
+from store.keys import Keys
+from store.scripts import script
 
 # Score layout (higher is claimed first), exact in a double's 53-bit mantissa:
 #   priority * 100_000  +  loss in tenths of a percent (capped)  +  an age fraction in [0, 1)
@@ -26,3 +36,193 @@ def priority_of_score(score: float) -> int:
 def score_range(priority: int) -> tuple[float, str]:
     """ZCOUNT/ZRANGEBYSCORE bounds (min, exclusive max) of one priority's scores."""
     return priority * _PRIORITY_UNIT, f"({(priority + 1) * _PRIORITY_UNIT}"
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A claimed case: the fencing token that proves it is ours, and when the lease ends."""
+
+    case_id: str
+    token: int
+    attempts: int
+    score: float
+    deadline_ms: int
+
+    @property
+    def priority(self) -> int:
+        """The case's training priority (1-5), read from its queue score."""
+        return priority_of_score(self.score)
+
+
+class LeaseLost(Exception):
+    """A lease expired or was taken over: its holder may not ack, publish or give it back."""
+
+    def __init__(self, case_id: str) -> None:
+        super().__init__(f"lease on {case_id} is no longer held")
+        self.case_id = case_id
+
+
+class CaseQueue:
+    """The training queue with leases: claim, heartbeat, ack, fail, release, reap."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        keys: Keys,
+        lease_s: float = 30.0,
+        max_attempts: int = 3,
+        events_maxlen: int = 100_000,
+    ) -> None:
+        self.client = client
+        self.keys = keys
+        self.lease_ms = max(1, int(lease_s * 1000))
+        self.max_attempts = max_attempts
+        self.events_maxlen = events_maxlen
+        self._claim = script(client, "claim")
+        self._heartbeat = script(client, "heartbeat")
+        self._ack = script(client, "ack")
+        self._give_back = script(client, "give_back")
+        self._reap = script(client, "reap")
+        self._requeue = script(client, "requeue")
+
+    def claim(self, worker: str, count: int = 1) -> list[Lease]:
+        """Lease the best `count` queued cases (fewer when the queue holds fewer)."""
+        keys = self.keys
+        flat = self._claim(
+            keys=[keys.queue, keys.leased, keys.leases, keys.fencing, keys.attempts],
+            args=[worker, self.lease_ms, count],
+        )
+        return [
+            Lease(
+                case_id=flat[i].decode(),
+                token=int(flat[i + 1]),
+                attempts=int(flat[i + 2]),
+                score=float(flat[i + 3]),
+                deadline_ms=int(flat[i + 4]),
+            )
+            for i in range(0, len(flat), 5)
+        ]
+
+    def heartbeat(self, leases: Sequence[Lease]) -> list[str]:
+        """Extend the leases by lease_s; returns the ids of those no longer held."""
+        if not leases:
+            return []
+        lost = self._heartbeat(
+            keys=[self.keys.leased, self.keys.leases],
+            args=[self.lease_ms, *_fences(leases)],
+        )
+        return [case_id.decode() for case_id in lost]
+
+    def ack(
+        self,
+        leases: Sequence[Lease],
+        blobs: Mapping[str, bytes] | None = None,
+        rejected_reason: str | None = None,
+    ) -> None:
+        """Mark the leased cases done, all or none, storing their updated `blobs` and the
+        gate's `rejected_reason` if it refused the update. Raises LeaseLost."""
+        blobs = blobs or {}
+        keys = self.keys
+        args: list[str | int | bytes] = [rejected_reason or ""]
+        for lease in leases:
+            args += [lease.case_id, lease.token, blobs.get(lease.case_id, b"")]
+        status, detail = self._ack(
+            keys=[
+                keys.leased,
+                keys.leases,
+                keys.done,
+                keys.attempts,
+                keys.rejected,
+                *(keys.case(lease.case_id) for lease in leases),
+            ],
+            args=args,
+        )
+        if status == b"fenced":
+            raise LeaseLost(detail.decode())
+
+    def fail(self, leases: Sequence[Lease], error: str, worker: str) -> dict[str, str]:
+        """Count a failed attempt: back on the queue, or dead past max_attempts with `error`.
+        Returns case_id -> 'queued' | 'dead' | 'fenced' (no longer ours)."""
+        return self._give_back_leases(leases, counted=True, error=error, worker=worker)
+
+    def release(self, leases: Sequence[Lease], worker: str) -> dict[str, str]:
+        """Hand leases back untouched (a worker shutting down): no attempt is counted."""
+        return self._give_back_leases(leases, counted=False, error="", worker=worker)
+
+    def reap(self, limit: int = 100) -> int:
+        """Return up to `limit` expired leases to the queue (or the dead set)."""
+        keys = self.keys
+        return int(
+            self._reap(
+                keys=[keys.queue, keys.leased, keys.leases, keys.attempts, keys.dead, keys.events],
+                args=[self.max_attempts, self.events_maxlen, limit],
+            )
+        )
+
+    def requeue(self, cases: Sequence[NegativeCase], restore: bool = False) -> int:
+        """Put cases back on the queue at their priority, unless leased right now; with
+        `restore`, store each case (if Redis lacks it) first. Returns how many were queued."""
+        keys = self.keys
+        args: list[str | bytes] = []
+        for case in cases:
+            score = queue_score(case.training_priority, case.loss_percentage, case.created_at_ms)
+            args += [case.case_id, repr(score), case.to_msgpack() if restore else b""]
+        return int(
+            self._requeue(
+                keys=[
+                    keys.queue,
+                    keys.leased,
+                    keys.done,
+                    keys.dead,
+                    keys.rejected,
+                    keys.attempts,
+                    keys.cases,
+                    *(keys.case(case.case_id) for case in cases),
+                ],
+                args=args,
+            )
+        )
+
+    def _give_back_leases(
+        self, leases: Sequence[Lease], counted: bool, error: str, worker: str
+    ) -> dict[str, str]:
+        if not leases:
+            return {}
+        keys = self.keys
+        flat = self._give_back(
+            keys=[keys.queue, keys.leased, keys.leases, keys.attempts, keys.dead, keys.events],
+            args=[
+                self.max_attempts,
+                self.events_maxlen,
+                "1" if counted else "0",
+                error[:2000],
+                worker,
+                *_fences(leases),
+            ],
+        )
+        return {flat[i].decode(): flat[i + 1].decode() for i in range(0, len(flat), 2)}
+
+
+def _fences(leases: Sequence[Lease]) -> list[str | int]:
+    return [part for lease in leases for part in (lease.case_id, lease.token)]
+
+
+def queue_counts(client: redis.Redis, keys: Keys) -> dict[str, int]:
+    """One consistent snapshot: queued + leased + done + dead == total (rejected is part of
+    done: trained, but the gate refused to publish the result)."""
+    pipe = client.pipeline(transaction=True)
+    pipe.zcard(keys.queue)
+    pipe.zcard(keys.leased)
+    pipe.scard(keys.done)
+    pipe.hlen(keys.dead)
+    pipe.hlen(keys.rejected)
+    pipe.scard(keys.cases)
+    queued, leased, done, dead, rejected, total = pipe.execute()
+    return {
+        "queued": queued,
+        "leased": leased,
+        "done": done,
+        "dead": dead,
+        "rejected": rejected,
+        "total": total,
+    }

@@ -86,6 +86,9 @@ class Settings:
     replay_size: int = 64
     heldout_size: int = 64
     gate_tolerance: float = 0.02
+    # Checks (every 10 epochs) without replay-loss progress before a learned case stops
+    # early; 0 trains every planned epoch.
+    early_stop_patience: int = 5
     keep_checkpoints: int = 10
     model_factory: str | None = None
     seed: int = 0

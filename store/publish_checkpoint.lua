@@ -1,0 +1,56 @@
+-- Publish a checkpoint: compare-and-set `latest` from the version the trainer built on to the
+-- new one, in the same step as storing the blob, announcing it and trimming old versions.
+-- Refused when latest moved (the trainer rebases and tries again) or when the trainer no
+-- longer holds a live lease on every case it trained (fencing: it was paused or too slow).
+--
+-- KEYS: 1 latest, 2 the new checkpoint hash, 3 versions, 4 checkpoints stream, 5 events,
+--       6 leased, 7 leases, 8.. checkpoint hashes to drop (older than the last K)
+-- ARGV: 1 expected latest ('' for none), 2 version, 3 parent ('' for none), 4 weights,
+--       5 sha256, 6 meta JSON, 7 stream maxlen, 8 events maxlen, 9 trainer,
+--       10 lease count, then per lease (2): case_id, fencing token,
+--       then one version per dropped checkpoint hash, in KEYS order
+-- Returns {'published', version} | {'conflict', current latest or ''} | {'fenced', case_id}
+local latest, checkpoint, versions, stream, events, leased, leases =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
+local version, parent, sha256 = ARGV[2], ARGV[3], ARGV[5]
+
+local current = redis.call('GET', latest) or ''
+if current ~= ARGV[1] then return {'conflict', current} end
+
+local time = redis.call('TIME')
+local now_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+
+-- A lease holds when its token is the current one and its deadline has not passed.
+local function holds(case_id, token)
+  local record = redis.call('HGET', leases, case_id)
+  local deadline = redis.call('ZSCORE', leased, case_id)
+  if not record or not deadline or tonumber(deadline) <= now_ms then return false end
+  return cmsgpack.unpack(record).token == tonumber(token)
+end
+
+local n_leases = tonumber(ARGV[10])
+local i = 11
+for _ = 1, n_leases do
+  if not holds(ARGV[i], ARGV[i + 1]) then return {'fenced', ARGV[i]} end
+  i = i + 2
+end
+
+redis.call('HSET', checkpoint, 'weights', ARGV[4], 'sha256', sha256, 'meta', ARGV[6])
+redis.call('ZADD', versions, version, version)
+redis.call('SET', latest, version)
+local announcement = {'kind', 'published', 'version', version, 'sha256', sha256, 'at_ms', now_ms}
+if parent ~= '' then
+  table.insert(announcement, 'parent_version')
+  table.insert(announcement, parent)
+end
+redis.call('XADD', stream, 'MAXLEN', '~', ARGV[7], '*', unpack(announcement))
+redis.call('XADD', events, 'MAXLEN', '~', ARGV[8], '*', 'type', 'checkpoint_published',
+  'at_ms', now_ms, 'version', version, 'parent_version', parent, 'sha256', sha256,
+  'trainer', ARGV[9])
+
+for k = 8, #KEYS do
+  redis.call('DEL', KEYS[k])
+  redis.call('ZREM', versions, ARGV[i])
+  i = i + 1
+end
+return {'published', version}

@@ -1,0 +1,31 @@
+-- Point `latest` back at a stored version and announce it. When the version is no longer in
+-- Redis (trimmed) the caller passes it from the archive and it is stored again first.
+--
+-- KEYS: 1 latest, 2 the checkpoint hash, 3 versions, 4 checkpoints stream, 5 events
+-- ARGV: 1 version, 2 its parent ('' for none), 3 stream maxlen, 4 events maxlen,
+--       5 weights ('' when it is expected in Redis), 6 sha256, 7 meta JSON
+-- Returns {'rolled_back', previous latest or ''} | {'missing', ''}
+local latest, checkpoint, versions, stream, events = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local version, parent = ARGV[1], ARGV[2]
+
+if redis.call('EXISTS', checkpoint) == 0 then
+  if ARGV[5] == '' then return {'missing', ''} end
+  redis.call('HSET', checkpoint, 'weights', ARGV[5], 'sha256', ARGV[6], 'meta', ARGV[7])
+  redis.call('ZADD', versions, version, version)
+end
+
+local time = redis.call('TIME')
+local now_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+local previous = redis.call('GET', latest) or ''
+local sha256 = redis.call('HGET', checkpoint, 'sha256')
+redis.call('SET', latest, version)
+local announcement = {'kind', 'rollback', 'version', version, 'sha256', sha256, 'at_ms', now_ms,
+  'previous_version', previous}
+if parent ~= '' then
+  table.insert(announcement, 'parent_version')
+  table.insert(announcement, parent)
+end
+redis.call('XADD', stream, 'MAXLEN', '~', ARGV[3], '*', unpack(announcement))
+redis.call('XADD', events, 'MAXLEN', '~', ARGV[4], '*', 'type', 'rollback', 'at_ms', now_ms,
+  'version', version, 'previous_version', previous, 'sha256', sha256)
+return {'rolled_back', previous}

@@ -1,0 +1,150 @@
+"""The case queue on a real Redis: claim order, leases with fencing tokens, heartbeats, ack,
+failure and the dead set, the reaper, requeueing, and conservation after each story."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import redis
+
+from store.queue import CaseQueue, LeaseLost
+from tests.conftest import wait_until
+from tests.training_cases import add_cases, assert_conserved, make_case
+from workers.settings import Settings
+
+
+def queue_for(client: redis.Redis, settings: Settings, lease_s: float = 30.0) -> CaseQueue:
+    return CaseQueue(client, settings.keys, lease_s=lease_s, max_attempts=3)
+
+
+def test_claims_by_priority_then_loss_then_age(client, settings) -> None:
+    hour_ms = 3_600_000
+    add_cases(client, settings, [
+        make_case(1, [0.0] * 8, priority=2, loss_pct=1.5),
+        make_case(2, [0.0] * 8, priority=5, loss_pct=11.0, created_at_ms=2 * hour_ms),
+        make_case(3, [0.0] * 8, priority=5, loss_pct=30.0, created_at_ms=2 * hour_ms),
+        make_case(4, [0.0] * 8, priority=5, loss_pct=11.0, created_at_ms=hour_ms),  # older
+        make_case(5, [0.0] * 8, priority=3, loss_pct=4.0),
+    ])  # fmt: skip
+    queue = queue_for(client, settings)
+
+    order = [lease.case_id[-1] for lease in queue.claim("t1", count=5)]
+
+    assert order == ["3", "4", "2", "5", "1"]
+    assert assert_conserved(client, settings)["leased"] == 5
+
+
+def test_each_claim_gets_a_new_fencing_token_and_a_redis_time_deadline(client, settings) -> None:
+    add_cases(client, settings, [make_case(n, [0.0] * 8) for n in range(2)])
+    queue = queue_for(client, settings, lease_s=30)
+    redis_now_ms = client.time()[0] * 1000
+
+    first, second = queue.claim("t1"), queue.claim("t2")
+
+    assert second[0].token > first[0].token
+    assert 25_000 < first[0].deadline_ms - redis_now_ms < 35_000
+    assert queue.claim("t3") == []
+
+
+def test_ack_moves_cases_to_done_and_stores_their_new_blob(client, settings) -> None:
+    case = make_case(1, [0.0] * 8)
+    add_cases(client, settings, [case])
+    queue = queue_for(client, settings)
+    [lease] = queue.claim("t1")
+
+    queue.ack([lease], {case.case_id: b"new blob"}, rejected_reason="held-out loss rose")
+
+    assert client.get(settings.keys.case(case.case_id)) == b"new blob"
+    assert client.hget(settings.keys.rejected, case.case_id) == b"held-out loss rose"
+    counts = assert_conserved(client, settings)
+    assert (counts["done"], counts["leased"], counts["rejected"]) == (1, 0, 1)
+
+
+def test_an_expired_lease_cannot_heartbeat_or_ack_even_before_the_reaper(client, settings) -> None:
+    add_cases(client, settings, [make_case(1, [0.0] * 8)])
+    queue = queue_for(client, settings, lease_s=0.2)
+    [lease] = queue.claim("t1")
+    time.sleep(0.4)
+
+    assert queue.heartbeat([lease]) == [lease.case_id]
+    with pytest.raises(LeaseLost):
+        queue.ack([lease])
+    assert assert_conserved(client, settings)["leased"] == 1
+
+
+def test_heartbeats_keep_a_lease_alive_past_its_first_deadline(client, settings) -> None:
+    add_cases(client, settings, [make_case(1, [0.0] * 8)])
+    queue = queue_for(client, settings, lease_s=1.0)
+    [lease] = queue.claim("t1")
+    for _ in range(4):
+        time.sleep(0.3)
+        assert queue.heartbeat([lease]) == []
+
+    assert queue.reap() == 0
+    queue.ack([lease])
+    assert assert_conserved(client, settings)["done"] == 1
+
+
+def test_reaper_returns_expired_leases_and_the_old_token_is_fenced(client, settings) -> None:
+    add_cases(client, settings, [make_case(1, [0.0] * 8)])
+    queue = queue_for(client, settings, lease_s=0.2)
+    [stale] = queue.claim("t1")
+    wait_until(lambda: queue.reap() == 1, 20, "the lease to expire and be reaped")
+    [fresh] = queue.claim("t2")
+
+    assert fresh.case_id == stale.case_id and fresh.attempts == 1
+    assert queue.fail([stale], "late", "t1") == {stale.case_id: "fenced"}
+    with pytest.raises(LeaseLost):
+        queue.ack([stale])
+    events = [fields[b"type"] for _, fields in client.xrange(settings.keys.events)]
+    assert b"lease_expired" in events
+    assert assert_conserved(client, settings)["leased"] == 1
+
+
+def test_a_case_that_keeps_failing_goes_dead_with_its_last_error(client, settings) -> None:
+    add_cases(client, settings, [make_case(1, [0.0] * 8), make_case(2, [0.0] * 8, priority=1)])
+    queue = queue_for(client, settings)
+    outcomes = []
+    for attempt in range(3):
+        [lease] = queue.claim("t1")
+        assert lease.case_id == "nc-test-00001"
+        outcomes.append(queue.fail([lease], f"boom {attempt}", "t1")[lease.case_id])
+
+    assert outcomes == ["queued", "queued", "dead"]
+    assert client.hget(settings.keys.dead, "nc-test-00001") == b"boom 2"
+    assert [lease.case_id for lease in queue.claim("t1")] == ["nc-test-00002"]  # others flow
+    assert assert_conserved(client, settings)["dead"] == 1
+
+
+def test_release_hands_a_case_back_without_counting_an_attempt(client, settings) -> None:
+    add_cases(client, settings, [make_case(1, [0.0] * 8)])
+    queue = queue_for(client, settings)
+    [lease] = queue.claim("t1")
+
+    assert queue.release([lease], "t1") == {lease.case_id: "queued"}
+    assert queue.claim("t2")[0].attempts == 0
+
+
+def test_requeue_brings_back_done_and_dead_cases_but_not_leased_ones(client, settings) -> None:
+    cases = [make_case(n, [0.0] * 8, priority=5 - n) for n in range(3)]
+    add_cases(client, settings, cases)
+    queue = queue_for(client, settings)
+    done, dead, held = queue.claim("t1", count=3)
+    queue.ack([done])
+    client.hset(settings.keys.attempts, dead.case_id, 2)
+    queue.fail([dead], "boom", "t1")
+
+    assert queue.requeue(cases) == 2
+    counts = assert_conserved(client, settings)
+    assert (counts["queued"], counts["leased"], counts["done"], counts["dead"]) == (2, 1, 0, 0)
+    assert held.case_id in {m.decode() for m in client.zrange(settings.keys.leased, 0, -1)}
+
+
+def test_requeue_restores_cases_into_an_empty_redis(client, settings) -> None:
+    cases = [make_case(n, [0.0] * 8) for n in range(3)]
+    queue = queue_for(client, settings)
+
+    assert queue.requeue(cases, restore=True) == 3
+    assert assert_conserved(client, settings)["queued"] == 3
+    assert client.exists(*(settings.keys.case(case.case_id) for case in cases)) == 3

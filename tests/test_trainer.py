@@ -1,0 +1,181 @@
+"""Training workers as real processes on a real Redis: trainers draining one queue together,
+a trainer killed or paused mid-training, a case that always fails, a graceful stop, and the
+lineage commands. Conservation is checked after each story."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+
+import pytest
+import redis
+
+from store.archive import Archive
+from store.checkpoints import CheckpointRegistry
+from tests.conftest import wait_until, worker_env
+from tests.training_cases import add_cases, assert_conserved, make_case, rule_cases
+from workers.settings import Settings
+from workers.shutdown import StopFlag
+from workers.trainer import Trainer
+
+pytestmark = pytest.mark.slow
+
+# A case that takes minutes when early stopping is off: the trainer is surely mid-training.
+ENDLESS_EPOCHS = 10_000_000
+
+
+def trainer_env(settings: Settings, lease_s: float, **extra: str) -> dict[str, str]:
+    return worker_env(
+        settings,
+        NEGCASE_LEASE_S=str(lease_s),
+        NEGCASE_REPLAY_SIZE="16",
+        NEGCASE_HELDOUT_SIZE="8",
+        **extra,
+    )
+
+
+def events(client: redis.Redis, settings: Settings, kind: str) -> list[dict[str, str]]:
+    return [
+        {k.decode(): v.decode() for k, v in fields.items()}
+        for _, fields in client.xrange(settings.keys.events)
+        if fields[b"type"] == kind.encode()
+    ]
+
+
+def finish(process: subprocess.Popen[str], timeout_s: float = 90) -> str:
+    """Wait for a process to exit 0; its stderr."""
+    _, err = process.communicate(timeout=timeout_s)
+    assert process.returncode == 0, err
+    return err
+
+
+def wait_training_started(client: redis.Redis, settings: Settings) -> None:
+    wait_until(lambda: events(client, settings, "training_started"), 60, "training_started")
+
+
+@pytest.mark.parametrize("trainers", [2, 4])
+def test_trainers_drain_the_queue_each_case_claimed_once(client, settings, spawn, trainers) -> None:
+    cases = rule_cases(12, epochs=30)
+    add_cases(client, settings, cases)
+    env = trainer_env(settings, lease_s=20)
+
+    processes = [spawn("train", "--burst", "--name", f"t{i}", env=env) for i in range(trainers)]
+    for process in processes:
+        finish(process)
+
+    counts = assert_conserved(client, settings)
+    assert counts["done"] == 12
+    # One fencing token per case: no case was ever claimed twice, so never held twice.
+    assert int(client.get(settings.keys.fencing)) == 12
+    completed = events(client, settings, "training_completed")
+    assert sorted(e["cases"] for e in completed) == sorted(c.case_id for c in cases)
+    assert {e["outcome"] for e in completed} <= {"published", "rejected"}
+    lineage = CheckpointRegistry(client, settings.keys).list()
+    assert [info.version for info in lineage] == list(range(1, len(lineage) + 1))
+    assert [info.meta["parent_version"] for info in lineage] == [None, *range(1, len(lineage))]
+
+
+def test_a_killed_trainers_case_is_reclaimed_after_its_lease(client, settings, spawn) -> None:
+    add_cases(client, settings, [make_case(1, [1.0] * 8, epochs=ENDLESS_EPOCHS)])
+    victim = spawn("train", "--name", "victim",
+                   env=trainer_env(settings, 1.0, NEGCASE_EARLY_STOP_PATIENCE="0"))  # fmt: skip
+    wait_training_started(client, settings)
+    victim.send_signal(signal.SIGKILL)
+    victim.communicate()
+
+    finish(spawn("train", "--burst", "--name", "rescuer", env=trainer_env(settings, 1.0)))
+
+    assert assert_conserved(client, settings)["done"] == 1
+    assert [e["worker"] for e in events(client, settings, "lease_expired")] == ["victim"]
+    [completed] = events(client, settings, "training_completed")
+    assert completed["trainer"] == "rescuer" and completed["outcome"] in ("published", "rejected")
+
+
+def test_a_trainer_paused_past_its_lease_can_neither_publish_nor_ack(
+    client, settings, spawn
+) -> None:
+    add_cases(client, settings, [make_case(1, [1.0] * 8, epochs=ENDLESS_EPOCHS)])
+    paused = spawn("train", "--name", "paused",
+                   env=trainer_env(settings, 1.0, NEGCASE_EARLY_STOP_PATIENCE="0"))  # fmt: skip
+    wait_training_started(client, settings)
+    paused.send_signal(signal.SIGSTOP)
+    time.sleep(2.5)  # well past the 1 s lease
+
+    finish(spawn("train", "--burst", "--name", "other", env=trainer_env(settings, 1.0)))
+    paused.send_signal(signal.SIGCONT)
+    wait_until(
+        lambda: any(
+            e["trainer"] == "paused" for e in events(client, settings, "training_completed")
+        ),
+        60,
+        "the resumed trainer to notice it lost its lease",
+    )
+    paused.send_signal(signal.SIGTERM)
+    finish(paused)
+
+    outcomes = {e["trainer"]: e["outcome"] for e in events(client, settings, "training_completed")}
+    assert outcomes["paused"] == "lease_lost"
+    assert outcomes["other"] in ("published", "rejected")
+    trainers = {e["trainer"] for e in events(client, settings, "checkpoint_published")}
+    assert trainers <= {"other"}
+    assert assert_conserved(client, settings)["done"] == 1
+
+
+def test_a_case_that_always_fails_ends_dead_while_others_flow(client, settings, spawn) -> None:
+    bad = make_case(0, [1.0, 2.0, 3.0], priority=5)  # three features where the model takes 8
+    good = rule_cases(3, start=1, epochs=20)
+    add_cases(client, settings, [bad, *good])
+
+    finish(spawn("train", "--burst", env=trainer_env(settings, 5.0, NEGCASE_MAX_ATTEMPTS="3")))
+
+    counts = assert_conserved(client, settings)
+    assert (counts["dead"], counts["done"]) == (1, 3)
+    assert b"expected 8 numbers, got 3" in client.hget(settings.keys.dead, bad.case_id)
+    assert [e["case_id"] for e in events(client, settings, "case_dead")] == [bad.case_id]
+
+
+def test_sigterm_hands_the_case_back_without_counting_an_attempt(client, settings, spawn) -> None:
+    case = make_case(1, [1.0] * 8, epochs=ENDLESS_EPOCHS)
+    add_cases(client, settings, [case])
+    trainer = spawn("train", env=trainer_env(settings, 5.0, NEGCASE_EARLY_STOP_PATIENCE="0"))
+    wait_training_started(client, settings)
+
+    trainer.send_signal(signal.SIGTERM)
+    finish(trainer)
+
+    assert assert_conserved(client, settings)["queued"] == 1
+    assert client.hget(settings.keys.attempts, case.case_id) is None
+    [completed] = events(client, settings, "training_completed")
+    assert completed["outcome"] == "interrupted"
+
+
+def test_retrain_all_from_archive_restores_and_queues_every_case(client, settings, spawn) -> None:
+    cases = rule_cases(5)
+    folder = settings.data_dir.parent / "old-archive"
+    archive = Archive(folder)
+    archive.add_cases(cases, [case.to_msgpack() for case in cases])
+
+    finish(spawn("retrain-all", "--from-archive", str(folder)))
+
+    counts = assert_conserved(client, settings)
+    assert (counts["queued"], counts["total"]) == (5, 5)
+
+
+def test_rollback_and_checkpoints_commands(client, settings, spawn) -> None:
+    add_cases(client, settings, rule_cases(2, epochs=20))
+    lenient = settings.with_overrides(gate_tolerance=1000.0)  # publish both
+    Trainer(client, lenient, "t1", Archive(settings.data_dir)).run(StopFlag(), burst=True)
+    registry = CheckpointRegistry(client, settings.keys)
+    assert registry.latest_version() == 2
+
+    finish(spawn("rollback", "1"))
+    listing = spawn("checkpoints")
+    out, _ = listing.communicate(timeout=60)
+
+    assert registry.latest_version() == 1
+    lines = out.splitlines()
+    assert lines[1].split()[:3] == ["*", "1", "-"]
+    assert lines[2].split()[:2] == ["2", "1"]
+    kinds = [fields[b"kind"] for _, fields in client.xrange(settings.keys.checkpoints)]
+    assert kinds == [b"published", b"published", b"rollback"]

@@ -1,0 +1,85 @@
+"""Negative cases for training tests: built directly, stored through the detector's own
+batch write, with labels from a hidden rule a model can learn."""
+
+from __future__ import annotations
+
+import random
+
+import redis
+
+from schemas.case import ACTIONS, NegativeCase
+from store.cases import Batch, CaseStore
+from store.queue import queue_counts
+from workers.settings import Settings
+
+
+def hidden_rule(features: list[float]) -> str:
+    """The rule behind the synthetic labels: the sign of x0 + x1, HOLD near zero."""
+    signal = features[0] + features[1]
+    if signal > 0.5:
+        return "BUY"
+    if signal < -0.5:
+        return "SELL"
+    return "HOLD"
+
+
+def random_features(rng: random.Random, count: int = 8) -> list[float]:
+    """Features drawn from a standard normal."""
+    return [rng.gauss(0.0, 1.0) for _ in range(count)]
+
+
+def make_case(
+    n: int,
+    features: list[float] | None,
+    action: str | None = None,
+    priority: int = 3,
+    loss_pct: float = 3.0,
+    epochs: int = 40,
+    created_at_ms: int = 1_700_000_000_000,
+) -> NegativeCase:
+    """A case numbered `n`, labelled `action` (the hidden rule's when not given)."""
+    action = action or (hidden_rule(features) if features else "HOLD")
+    assert action in ACTIONS
+    return NegativeCase(
+        case_id=f"nc-test-{n:05d}",
+        trade_id=f"t{n}",
+        symbol="ETH/USDT",
+        side="BUY",
+        entry_price=100.0,
+        exit_price=100.0 - loss_pct,
+        quantity=1.0,
+        leverage=1.0,
+        fee_rate=0.0,
+        move_pct=-loss_pct,
+        pnl_pct=-loss_pct,
+        loss_percentage=loss_pct,
+        loss_amount=loss_pct,
+        what_should_have_been_done=action,
+        lesson_learned="test case",
+        training_priority=priority,
+        training_epochs=epochs,
+        created_at_ms=created_at_ms + n,
+        features=features,
+    )
+
+
+def rule_cases(count: int, seed: int = 1, start: int = 0, **kwargs: object) -> list[NegativeCase]:
+    """`count` cases labelled by the hidden rule."""
+    rng = random.Random(seed)
+    return [make_case(start + n, random_features(rng), **kwargs) for n in range(count)]
+
+
+def add_cases(client: redis.Redis, settings: Settings, cases: list[NegativeCase]) -> None:
+    """Store and queue cases the way the loss detector does."""
+    batch = Batch()
+    for case in cases:
+        batch.add_case(case)
+    CaseStore(client, settings.keys).record_batch(batch, "test", 10_000, 10_000)
+
+
+def assert_conserved(client: redis.Redis, settings: Settings) -> dict[str, int]:
+    """queued + leased + done + dead == every case; returns the counts."""
+    counts = queue_counts(client, settings.keys)
+    parts = counts["queued"] + counts["leased"] + counts["done"] + counts["dead"]
+    assert parts == counts["total"], counts
+    return counts

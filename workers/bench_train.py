@@ -1,0 +1,188 @@
+"""`negcase bench train`: wall time of one intensive session per priority (default model, one
+CPU thread), and cases/s drained by 1 and by 2 trainer processes sharing one queue.
+
+Runnable alone as `python -m workers.bench_train`."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import redis
+import torch
+
+from schemas.case import ACTIONS, NegativeCase
+from store.archive import Archive
+from store.cases import Batch, CaseStore
+from store.connection import connect
+from store.queue import CaseQueue
+from workers.bench import bench_redis, drop_namespace
+from workers.options import common_options, settings_from
+from workers.settings import Settings
+from workers.shutdown import StopFlag
+from workers.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parent.parent
+PRIORITY_LOSS_PCT = {1: 0.5, 2: 1.5, 3: 3.0, 4: 7.0, 5: 15.0}
+
+
+def bench_case(n: int, priority: int, epochs: int, feature_count: int) -> NegativeCase:
+    """A synthetic case whose label follows a simple rule of its features."""
+    features = [((n * 7919 + i * 104729) % 2000) / 1000 - 1 for i in range(feature_count)]
+    label = ACTIONS[0] if features[0] + features[1] > 0.3 else ACTIONS[1]
+    loss = PRIORITY_LOSS_PCT[priority]
+    return NegativeCase(
+        case_id=f"nc-bench-{n:06d}", trade_id=f"bench-{n}", symbol="ETH/USDT", side="BUY",
+        entry_price=100.0, exit_price=100.0 - loss, quantity=1.0, leverage=1.0, fee_rate=0.0,
+        move_pct=-loss, pnl_pct=-loss, loss_percentage=loss, loss_amount=loss,
+        what_should_have_been_done=label, lesson_learned="bench", training_priority=priority,
+        training_epochs=epochs, created_at_ms=1_700_000_000_000 + n, features=features,
+    )  # fmt: skip
+
+
+def add_cases(client: redis.Redis, settings: Settings, cases: list[NegativeCase]) -> None:
+    """Store and queue cases through the detector's batch write."""
+    batch = Batch()
+    for case in cases:
+        batch.add_case(case)
+    CaseStore(client, settings.keys).record_batch(batch, "bench", 10_000, 10_000)
+
+
+def session_times(settings: Settings, history: int) -> dict[int, dict[str, float]]:
+    """Seconds for one session per priority, early stop off (every planned epoch runs), on a
+    store that already holds `history` trained cases to replay and hold out."""
+    torch.set_num_threads(1)
+    client = connect(settings.redis_url or "")
+    fc = settings.feature_count
+    add_cases(client, settings, [bench_case(n, 1, 1, fc) for n in range(history)])
+    queue = CaseQueue(client, settings.keys)
+    queue.ack(queue.claim("bench", history))
+    full = settings.with_overrides(early_stop_patience=0)
+    trainer = Trainer(client, full, "bench", Archive(settings.data_dir))
+    results = {}
+    for n, priority in enumerate([1, 1, 2, 3, 4, 5]):  # the first run warms torch up
+        add_cases(client, settings, [bench_case(history + n, priority,
+                                                settings.epochs_for(priority), fc)])  # fmt: skip
+        leases = trainer.queue.claim("bench")
+        started = time.perf_counter()
+        with contextlib.redirect_stderr(io.StringIO()):
+            session = trainer.train_claimed(leases, StopFlag())
+        elapsed = time.perf_counter() - started
+        if n:
+            results[priority] = {"seconds": round(elapsed, 3),
+                                 "epochs": session.epochs_completed,
+                                 "outcome": session.outcome}  # fmt: skip
+    return results
+
+
+def drain_rate(settings: Settings, trainers: int, cases: int, epochs: int) -> dict[str, float]:
+    """Cases/s drained by `trainers` processes: from the first training_started to the last
+    training_completed, so that process start-up (importing torch) is not counted."""
+    client = connect(settings.redis_url or "")
+    add_cases(client, settings, [bench_case(n, 3, epochs, settings.feature_count)
+                                 for n in range(cases)])  # fmt: skip
+    env = dict(os.environ, NEGCASE_REDIS_URL=settings.redis_url or "",
+               NEGCASE_NAMESPACE=settings.namespace, NEGCASE_DATA_DIR=str(settings.data_dir),
+               NEGCASE_EARLY_STOP_PATIENCE="0")  # fmt: skip
+    processes = [
+        subprocess.Popen([sys.executable, "-m", "workers.cli", "train", "--burst"],
+                         cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
+        for _ in range(trainers)
+    ]  # fmt: skip
+    for process in processes:
+        process.wait()
+    stamps = {b"training_started": [], b"training_completed": []}
+    for _, fields in client.xrange(settings.keys.events):
+        stamps.get(fields[b"type"], []).append(int(fields[b"at_ms"]))
+    span_s = (max(stamps[b"training_completed"]) - min(stamps[b"training_started"])) / 1000
+    done = len(stamps[b"training_completed"])
+    return {"cases": done, "seconds": round(span_s, 3), "cases_per_s": round(done / span_s, 3)}
+
+
+def run_train_bench(settings: Settings, cases: int, epochs: int) -> dict[str, Any]:
+    """Every figure of the bench, each run in its own namespace and archive folder."""
+    folder = Path(tempfile.mkdtemp(prefix="negcase-bench-train-"))
+    result: dict[str, Any] = {"drain_epochs_per_case": epochs}
+    try:
+        with bench_redis(settings) as url:
+            client = connect(url)
+            runs = [("sessions", None), ("drain_1", 1), ("drain_2", 2)]
+            for name, trainers in runs:
+                namespace = f"negcase-bench-{name}"
+                run = settings.with_overrides(redis_url=url, namespace=namespace,
+                                              data_dir=folder / name)  # fmt: skip
+                try:
+                    if trainers is None:
+                        result[name] = session_times(run, history=200)
+                    else:
+                        result[name] = drain_rate(run, trainers, cases, epochs)
+                finally:
+                    drop_namespace(client, namespace)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    result["drain_ratio"] = round(
+        result["drain_2"]["cases_per_s"] / result["drain_1"]["cases_per_s"], 3
+    )
+    return result
+
+
+def render(result: dict[str, Any]) -> str:
+    """The figures as text."""
+    lines = ["train bench: one session per priority, default model, 1 CPU thread, replay on"]
+    for priority, figures in result["sessions"].items():
+        lines.append(f"  priority {priority}: {figures['epochs']:>5} epochs in "
+                     f"{figures['seconds']:.3f} s ({figures['outcome']})")  # fmt: skip
+    for name in ("drain_1", "drain_2"):
+        figures = result[name]
+        lines.append(
+            f"  {name[-1]} trainer(s): {figures['cases']} cases "
+            f"({result['drain_epochs_per_case']} epochs each) in "
+            f"{figures['seconds']:.2f} s = {figures['cases_per_s']:.2f} cases/s"
+        )
+    lines.append(f"  2 vs 1 trainers: {result['drain_ratio']:.2f}x (aim >= 1.6 on 2 cores)")
+    return "\n".join(lines)
+
+
+def register(bench_sub: argparse._SubParsersAction) -> None:
+    """Add `train` under `negcase bench`."""
+    parser = bench_sub.add_parser(
+        "train",
+        parents=[common_options()],
+        help="intensive session time per priority, and cases/s for 1 vs 2 trainers",
+        description="Starts its own redis-server unless NEGCASE_REDIS_URL is set (bench keys "
+        "use their own namespaces and are deleted after).",
+    )
+    parser.add_argument("--cases", type=int, default=40, help="cases per drain run (40)")
+    parser.add_argument("--epochs", type=int, default=300, help="epochs per drained case (300)")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    parser.set_defaults(run=run_bench_train)
+
+
+def run_bench_train(args: argparse.Namespace) -> int:
+    """Run the train bench and print its figures."""
+    result = run_train_bench(settings_from(args), args.cases, args.epochs)
+    print(orjson.dumps(result, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS).decode()
+          if args.json else render(result))  # fmt: skip
+    return 0
+
+
+def main() -> int:
+    """`python -m workers.bench_train [flags]`, until `negcase bench train` is wired."""
+    parser = argparse.ArgumentParser(prog="python -m workers.bench_train")
+    register(parser.add_subparsers(dest="target", required=True))
+    args = parser.parse_args(["train", *sys.argv[1:]])
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""Commands on the model lineage and the queue: `negcase checkpoints`, `negcase rollback
+VERSION`, `negcase retrain-all [--from-archive DIR]`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from schemas.case import NegativeCase
+from store.archive import Archive
+from store.cases import CaseStore
+from store.checkpoints import CheckpointInfo, CheckpointMissing, CheckpointRegistry
+from store.keys import Keys
+from store.queue import CaseQueue, queue_counts
+from workers.options import CommandError, common_options, redis_client, settings_from
+
+REQUEUE_CHUNK = 500
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add `negcase checkpoints`, `negcase rollback` and `negcase retrain-all`."""
+    listing = sub.add_parser(
+        "checkpoints",
+        parents=[common_options()],
+        help="list checkpoint versions with lineage and metrics",
+        description="List every checkpoint (in Redis, or only in the archive's models/ folder) "
+        "with its parent, trainer, cases and held-out metrics; * marks latest.",
+    )
+    listing.set_defaults(run=run_checkpoints)
+
+    rollback = sub.add_parser(
+        "rollback",
+        parents=[common_options()],
+        help="point <ns>:ckpt:latest back at VERSION",
+        description="Point latest at an earlier version (restored from the archive if Redis "
+        "no longer holds it) and announce it on <ns>:checkpoints, so inference loads it. "
+        "Trainers then build on it; versions keep increasing.",
+    )
+    rollback.add_argument("version", type=int)
+    rollback.set_defaults(run=run_rollback)
+
+    retrain = sub.add_parser(
+        "retrain-all",
+        parents=[common_options()],
+        help="put every stored case back on the training queue",
+        description="Queue every trainable case again at its priority (done, rejected and dead "
+        "ones too; leased ones stay with their trainer). With --from-archive, cases are read "
+        "from that archive folder and restored into Redis when it lacks them.",
+    )
+    retrain.add_argument(
+        "--from-archive", type=Path, metavar="DIR", help="archive folder (testcases/negative)"
+    )
+    retrain.set_defaults(run=run_retrain_all)
+
+
+def run_checkpoints(args: argparse.Namespace) -> int:
+    """Print the lineage table."""
+    settings = settings_from(args)
+    registry = CheckpointRegistry(redis_client(settings), settings.keys, Archive(settings.data_dir))
+    latest = registry.latest_version()
+    infos = registry.list()
+    if not infos:
+        print("no checkpoints yet")
+        return 0
+    print(f"{'':1} {'version':>7} {'parent':>6} {'created':19} {'cases':>5} "
+          f"{'held-out loss':>17} {'held-out acc':>15} {'where':6} trainer")  # fmt: skip
+    for info in infos:
+        print(_row(info, latest))
+    return 0
+
+
+def _row(info: CheckpointInfo, latest: int | None) -> str:
+    meta = info.meta
+    metrics = meta.get("metrics") or {}
+    before, after = metrics.get("heldout_before"), metrics.get("heldout_after")
+    created = time.strftime(
+        "%Y-%m-%d %H:%M:%S", time.localtime(meta.get("created_at_ms", 0) / 1000)
+    )
+    parent = meta.get("parent_version")
+    return (
+        f"{'*' if info.version == latest else ' '} {info.version:>7} "
+        f"{'-' if parent is None else parent:>6} {created:19} {len(meta.get('case_ids', [])):>5} "
+        f"{_change(before, after, 'loss', '{:.4f}'):>17} "
+        f"{_change(before, after, 'accuracy', '{:.1%}'):>15} "
+        f"{'redis' if info.in_redis else 'disk':6} {meta.get('trainer', '')}"
+    )
+
+
+def _change(
+    before: dict[str, Any] | None, after: dict[str, Any] | None, name: str, fmt: str
+) -> str:
+    if not before or not after:
+        return "n/a"
+    return f"{fmt.format(before[name])}->{fmt.format(after[name])}"
+
+
+def run_rollback(args: argparse.Namespace) -> int:
+    """Move latest back to a version."""
+    settings = settings_from(args)
+    registry = CheckpointRegistry(
+        redis_client(settings), settings.keys, Archive(settings.data_dir),
+        settings.keep_checkpoints, settings.events_maxlen,
+    )  # fmt: skip
+    try:
+        previous = registry.rollback(args.version)
+    except CheckpointMissing as error:
+        raise CommandError(str(error)) from None
+    print(f"latest: v{previous} -> v{args.version} (announced on {settings.keys.checkpoints})")
+    return 0
+
+
+def run_retrain_all(args: argparse.Namespace) -> int:
+    """Requeue every stored (or archived) trainable case."""
+    settings = settings_from(args)
+    client = redis_client(settings)
+    keys = settings.keys
+    queue = CaseQueue(client, keys, settings.lease_s, settings.max_attempts)
+    if args.from_archive:
+        if not args.from_archive.is_dir():
+            raise CommandError(f"{args.from_archive}: no such archive folder")
+        cases: Iterable[NegativeCase] = Archive(args.from_archive).iter_cases()
+    else:
+        cases = _stored_cases(client, keys)
+    queued = skipped = 0
+    for chunk in _chunks(cases, REQUEUE_CHUNK):
+        trainable = [case for case in chunk if case.trainable]
+        skipped += len(chunk) - len(trainable)
+        queued += queue.requeue(trainable, restore=bool(args.from_archive))
+    counts = queue_counts(client, keys)
+    print(
+        f"queued {queued} cases ({skipped} without features skipped); now "
+        + ", ".join(f"{name} {count}" for name, count in counts.items()),
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _stored_cases(client: redis.Redis, keys: Keys) -> Iterator[NegativeCase]:
+    store = CaseStore(client, keys)
+    ids = (case_id.decode() for case_id in client.sscan_iter(keys.cases, count=REQUEUE_CHUNK))
+    for chunk in _chunks(ids, REQUEUE_CHUNK):
+        yield from store.get_many(chunk)
+
+
+def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    iterator = iter(items)
+    while chunk := list(islice(iterator, size)):
+        yield chunk

@@ -1,0 +1,339 @@
+"""The training worker: claim the worst cases, train intensively, gate, publish, acknowledge.
+Any number of trainers share one queue and one model lineage (`negcase train`)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import random
+import socket
+import sys
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Sequence
+
+import redis
+import torch
+
+from schemas.case import NegativeCase
+from schemas.session import TrainingSession
+from store.archive import Archive
+from store.cases import CaseStore
+from store.checkpoints import CheckpointRegistry
+from store.connection import backoff_s
+from store.queue import CaseQueue, Lease, LeaseLost, queue_counts
+from store.sessions import SessionStore
+from workers.model import CheckpointError, build_model, spec_from_settings, state_of, verified_state
+from workers.options import common_options, redis_client, settings_from
+from workers.settings import Settings
+from workers.shutdown import StopFlag, install_signal_handlers
+from workers.training import (
+    Examples,
+    HeldOutSet,
+    TrainingInterrupted,
+    Update,
+    case_problem,
+    improvements,
+    measure,
+    measurement_dict,
+    publish_update,
+    sample_replay,
+    train_intensively,
+)
+
+State = dict[str, torch.Tensor]
+
+
+def default_trainer_name() -> str:
+    """host:pid, unique among live trainers."""
+    return f"trainer-{socket.gethostname()}:{os.getpid()}"
+
+
+class Heartbeat:
+    """Extends the leases from a thread while training runs, so that a long step cannot let
+    them lapse; sets `lost` when Redis says one is no longer ours."""
+
+    def __init__(self, queue: CaseQueue, leases: Sequence[Lease], interval_s: float) -> None:
+        self.queue = queue
+        self.leases = list(leases)
+        self.interval_s = interval_s
+        self.lost = threading.Event()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def _beat(self) -> None:
+        while not self._done.wait(self.interval_s):
+            try:
+                if self.queue.heartbeat(self.leases):
+                    self.lost.set()
+                    return
+            except redis.RedisError:
+                continue  # Redis is away: try again; if the lease lapses, fencing refuses us
+
+
+class Trainer:
+    """One training worker."""
+
+    def __init__(
+        self, client: redis.Redis, settings: Settings, name: str, archive: Archive | None
+    ) -> None:
+        self.client = client
+        self.settings = settings
+        self.keys = settings.keys
+        self.name = name
+        self.archive = archive
+        self.queue = CaseQueue(
+            client, self.keys, settings.lease_s, settings.max_attempts, settings.events_maxlen
+        )
+        self.registry = CheckpointRegistry(
+            client, self.keys, archive, settings.keep_checkpoints, settings.events_maxlen
+        )
+        self.sessions = SessionStore(client, self.keys, archive, settings.events_maxlen)
+        self.heldout = HeldOutSet(client, self.keys, settings.heldout_size, settings.feature_count)
+        self.spec = spec_from_settings(settings)
+        self.scratch = build_model(self.spec)  # verifies and measures checkpoints
+        self.rng = random.Random(f"{settings.seed}:{name}")
+        self.outcomes: Counter[str] = Counter()
+        self._base: tuple[int | None, State] | None = None
+
+    def run(self, stop: StopFlag, burst: bool = False) -> Counter[str]:
+        """Work until `stop` is set (in burst mode, until nothing is queued or leased)."""
+        failures = 0
+        while not stop.is_set():
+            try:
+                self.queue.reap()
+                leases = self.queue.claim(self.name, self.settings.cases_per_claim)
+                if leases:
+                    self.train_claimed(leases, stop)
+                elif burst and self._drained():
+                    break
+                else:
+                    # In burst mode, wait for other trainers' leases to be acked or to expire.
+                    stop.wait(min(0.25, self.settings.lease_s / 4))
+                failures = 0
+            except redis.ConnectionError as error:
+                delay = backoff_s(failures)
+                failures += 1
+                print(f"{self.name}: Redis unreachable ({error}); retry in {delay:.2f}s",
+                      file=sys.stderr)  # fmt: skip
+                stop.wait(delay)
+        return self.outcomes
+
+    def train_claimed(self, leases: list[Lease], stop: StopFlag) -> TrainingSession | None:
+        """One intensive session on claimed cases; every lease ends acked, given back or
+        failed (or lost to another worker). Returns the session, or None if no case was
+        usable."""
+        leases, cases = self._usable(leases)
+        if not leases:
+            return None
+        with Heartbeat(self.queue, leases, self.settings.lease_s / 3) as heartbeat:
+            session = self._start_session(leases, cases)
+            try:
+                self._train(
+                    session, leases, cases, lambda: stop.is_set() or heartbeat.lost.is_set()
+                )
+            except TrainingInterrupted:
+                if heartbeat.lost.is_set():
+                    session.outcome = "lease_lost"
+                else:
+                    self.queue.release(leases, self.name)
+                    session.outcome = "interrupted"
+            except LeaseLost as error:
+                session.outcome, session.error = "lease_lost", str(error)
+            except CheckpointError as error:
+                # Not the cases' fault: hand them back and let an operator roll back.
+                self.queue.release(leases, self.name)
+                session.outcome, session.error = "failed", f"latest checkpoint: {error.reason}"
+                stop.wait(self.settings.lease_s)
+            except redis.ConnectionError:
+                raise
+            except Exception as error:
+                self.queue.fail(leases, f"{type(error).__name__}: {error}", self.name)
+                session.outcome, session.error = "failed", f"{type(error).__name__}: {error}"
+        self._complete_session(session)
+        return session
+
+    def _usable(self, leases: list[Lease]) -> tuple[list[Lease], list[NegativeCase]]:
+        """The leases whose cases can be trained; the others fail with the reason."""
+        found = {case.case_id: case for case in CaseStore(self.client, self.keys).get_many(
+            lease.case_id for lease in leases
+        )}  # fmt: skip
+        good: list[tuple[Lease, NegativeCase]] = []
+        for lease in leases:
+            case = found.get(lease.case_id)
+            problem = "case not found" if case is None else case_problem(
+                case, self.settings.feature_count
+            )  # fmt: skip
+            if problem:
+                self.queue.fail([lease], problem, self.name)
+            else:
+                good.append((lease, case))
+        return [lease for lease, _ in good], [case for _, case in good]
+
+    def _train(
+        self,
+        session: TrainingSession,
+        leases: list[Lease],
+        cases: list[NegativeCase],
+        should_stop: Callable[[], bool],
+    ) -> None:
+        settings = self.settings
+        fc = settings.feature_count
+        case_ids = set(session.case_ids)
+        base_version, base_state = self._base_state()
+        session.base_version = base_version
+        heldout_cases = [case for case in self.heldout.cases() if case.case_id not in case_ids]
+        replay_cases = sample_replay(
+            self.client, self.keys, settings.replay_size, case_ids | self.heldout.ids(), fc,
+            self.rng,
+        )  # fmt: skip
+        new, heldout = Examples.of(cases, fc), Examples.of(heldout_cases, fc)
+        model = build_model(self.spec)
+        model.load_state_dict(base_state)
+        case_before = measure(model, new)
+        epochs, early = train_intensively(
+            model, new, Examples.of(replay_cases, fc), session.epochs_planned,
+            settings.learning_rate, settings.early_stop_patience, should_stop,
+        )  # fmt: skip
+        case_after = measure(model, new)
+        session.epochs_completed, session.stopped_early = epochs, early
+        meta = {
+            "feature_count": fc,
+            "model_spec": self.spec.to_dict(),
+            "case_ids": session.case_ids,
+            "metrics": {
+                "case_before": case_before.to_dict() if case_before else None,
+                "case_after": case_after.to_dict() if case_after else None,
+                "epochs": epochs,
+                "stopped_early": early,
+                "replay_count": len(replay_cases),
+                "heldout_count": len(heldout),
+            },
+        }
+        update = Update(base_version, base_state, state_of(model))
+        result = publish_update(
+            self.registry, update, self.scratch, fc, heldout, settings.gate_tolerance, meta,
+            leases, self.name,
+        )  # fmt: skip
+        self._ack(leases, cases, result.rejected_reason)
+        session.outcome = "rejected" if result.rejected_reason else "published"
+        session.published_version = result.version
+        session.rejected_reason = result.rejected_reason
+        session.rebases = result.rebases
+        session.cases_trained = len(cases)
+        session.metrics = {**meta["metrics"], "parent_version": result.parent_version,
+                           "heldout_before": measurement_dict(result.heldout_before),
+                           "heldout_after": measurement_dict(result.heldout_after)}  # fmt: skip
+        session.loss_improvement, session.accuracy_improvement = improvements(
+            result.heldout_before, result.heldout_after
+        )
+
+    def _base_state(self) -> tuple[int | None, State]:
+        """The latest checkpoint's weights (verified, cached by version), or the seeded
+        initial weights before the first publish."""
+        version = self.registry.latest_version()
+        if self._base is not None and self._base[0] == version:
+            return self._base
+        stored = self.registry.fetch_latest()
+        if stored is None:
+            torch.manual_seed(self.settings.seed)  # every trainer starts from the same weights
+            self._base = (None, state_of(build_model(self.spec)))
+        else:
+            self._base = (
+                stored.version,
+                verified_state(stored, self.scratch, self.settings.feature_count),
+            )
+        return self._base
+
+    def _ack(
+        self, leases: list[Lease], cases: list[NegativeCase], rejected_reason: str | None
+    ) -> None:
+        now_ms = int(time.time() * 1000)
+        updated = [
+            dataclasses.replace(
+                case, retraining_count=case.retraining_count + 1, last_retrained_ms=now_ms
+            )
+            for case in cases
+        ]
+        blobs = {case.case_id: case.to_msgpack() for case in updated}
+        self.queue.ack(leases, blobs, rejected_reason)
+        if self.archive is not None:
+            for case in updated:
+                self.archive.replace_case(case)
+
+    def _start_session(self, leases: list[Lease], cases: list[NegativeCase]) -> TrainingSession:
+        now_ms = int(time.time() * 1000)
+        session = TrainingSession(
+            session_id=f"s-{now_ms}-{uuid.uuid4().hex[:8]}",
+            trainer=self.name,
+            start_time_ms=now_ms,
+            case_ids=[lease.case_id for lease in leases],
+            base_version=self.registry.latest_version(),
+            epochs_planned=max(case.training_epochs for case in cases),
+        )
+        self.sessions.started(session, now_ms)
+        return session
+
+    def _complete_session(self, session: TrainingSession) -> None:
+        now_ms = int(time.time() * 1000)
+        session.training_active = False
+        session.duration_s = round((now_ms - session.start_time_ms) / 1000, 3)
+        self.sessions.completed(session, now_ms)
+        self.outcomes[session.outcome or "unknown"] += 1
+        print(f"{self.name}: {session.outcome} {','.join(session.case_ids)}: "
+              f"{session.summary()}", file=sys.stderr)  # fmt: skip
+
+    def _drained(self) -> bool:
+        counts = queue_counts(self.client, self.keys)
+        return counts["queued"] == 0 and counts["leased"] == 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add `negcase train`."""
+    parser = sub.add_parser(
+        "train",
+        parents=[common_options()],
+        help="run a training worker (claims cases from <ns>:queue, publishes checkpoints)",
+        description=(
+            "Claim the worst negative cases from <ns>:queue under a lease, train the model "
+            "intensively on them mixed with a replay of earlier cases, and publish the result "
+            "as a new checkpoint if it is not worse on the held-out cases (rebasing onto any "
+            "checkpoint another trainer published meanwhile). Any number of trainers can run. "
+            "The first SIGTERM/SIGINT hands the cases in hand back to the queue and exits."
+        ),
+    )
+    parser.add_argument("--burst", action="store_true", help="drain the queue, then exit")
+    parser.add_argument("--batch", type=int, help="cases per claim and session (default 1)")
+    parser.add_argument("--model", help="package.module:factory building your own nn.Module")
+    parser.add_argument("--name", help="trainer name in leases and events (default host:pid)")
+    parser.add_argument("--lease-s", type=float, help="lease length in seconds (default 30)")
+    parser.set_defaults(run=run_train)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Run one trainer until stopped (or drained, with --burst)."""
+    settings = settings_from(
+        args, cases_per_claim=args.batch, model_factory=args.model, lease_s=args.lease_s
+    )
+    # One thread per trainer: N trainers on N cores scale instead of fighting over cores.
+    torch.set_num_threads(1)
+    client = redis_client(settings)
+    archive = Archive(settings.data_dir) if settings.archive else None
+    name = args.name or default_trainer_name()
+    stop = StopFlag()
+    install_signal_handlers(stop, name)
+    outcomes = Trainer(client, settings, name, archive).run(stop, burst=args.burst)
+    summary = ", ".join(f"{count} {outcome}" for outcome, count in sorted(outcomes.items()))
+    print(f"{name}: stopped after {summary or 'no sessions'}", file=sys.stderr)
+    return 0

@@ -1,0 +1,148 @@
+"""Helpers for the inference tests: publish real checkpoints, write bad ones, read events."""
+
+from __future__ import annotations
+
+import io
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+import orjson
+import redis
+import torch
+from torch import nn
+
+from schemas.event import Event
+from schemas.signal import Signal, SignalRequestError
+from store.checkpoints import CheckpointRegistry
+from workers.model import (
+    ModelSpec,
+    build_model,
+    load_verified,
+    sha256_hex,
+    spec_from_settings,
+    state_of,
+    weights_bytes,
+)
+from workers.settings import Settings
+from workers.signal_client import SignalClient, SignalTimeout
+
+FEATURES = [0.1, -0.2, 0.3, -0.4, 0.5, -0.6, 0.7, -0.8]
+BAD_KINDS = ("corrupted", "wrong_sha256", "wrong_shape", "nan_weights", "not_safetensors")
+
+
+def seeded_model(settings: Settings, seed: int) -> nn.Module:
+    """A model with weights drawn from `seed`: each seed is a different model."""
+    torch.manual_seed(seed)
+    return build_model(spec_from_settings(settings))
+
+
+def checkpoint_meta(settings: Settings, spec: ModelSpec | None = None) -> dict:
+    """The meta a trainer publishes with, as far as inference reads it."""
+    spec = spec or spec_from_settings(settings)
+    return {"feature_count": settings.feature_count, "model_spec": spec.to_dict(), "trainer": "t"}
+
+
+def publish(client: redis.Redis, settings: Settings, seed: int) -> int:
+    """Publish a seeded model through the training engineer's registry; its version."""
+    registry = CheckpointRegistry(client, settings.keys)
+    weights = weights_bytes(state_of(seeded_model(settings, seed)))
+    return registry.publish(
+        weights, sha256_hex(weights), checkpoint_meta(settings), registry.latest_version()
+    )
+
+
+def stored_model(client: redis.Redis, settings: Settings, version: int) -> nn.Module:
+    """The model of a stored version, loaded locally: what a worker should answer with."""
+    stored = CheckpointRegistry(client, settings.keys).fetch(version)
+    assert stored is not None
+    model = build_model(spec_from_settings(settings))
+    load_verified(stored, model, settings.feature_count)
+    return model.eval()
+
+
+def local_probabilities(model: nn.Module, features: list[float]) -> list[float]:
+    """Softmax of one local forward pass, in ACTIONS order."""
+    with torch.inference_mode():
+        logits = model(torch.tensor([features], dtype=torch.float32))
+        return torch.softmax(logits, dim=1)[0].tolist()
+
+
+def write_bad_checkpoint(client: redis.Redis, settings: Settings, kind: str) -> int:
+    """Store a checkpoint that must be refused, move latest to it and announce it, as a
+    broken trainer (or a person with redis-cli) would; its version."""
+    keys = settings.keys
+    weights, meta = weights_bytes(state_of(seeded_model(settings, 99))), checkpoint_meta(settings)
+    sha256 = sha256_hex(weights)
+    if kind == "corrupted":
+        # Garble the safetensors header but store the matching sha256: only parsing can tell.
+        weights = b"\xff" * 16 + weights[16:]
+        sha256 = sha256_hex(weights)
+    elif kind == "wrong_sha256":
+        sha256 = sha256_hex(b"something else")
+    elif kind == "wrong_shape":
+        weights = weights_bytes(state_of(build_model(ModelSpec(settings.feature_count, (32,)))))
+        sha256 = sha256_hex(weights)
+    elif kind == "nan_weights":
+        state = state_of(seeded_model(settings, 99))
+        next(iter(state.values()))[0, 0] = float("nan")
+        weights = weights_bytes(state)
+        sha256 = sha256_hex(weights)
+    elif kind == "not_safetensors":
+        buffer = io.BytesIO()
+        torch.save(state_of(seeded_model(settings, 99)), buffer)  # pickle: never loaded
+        weights = buffer.getvalue()
+        sha256 = sha256_hex(weights)
+    else:
+        raise ValueError(kind)
+    version = int(client.incr(keys.version_counter))
+    client.hset(
+        keys.checkpoint(version),
+        mapping={"weights": weights, "sha256": sha256, "meta": orjson.dumps(meta)},
+    )
+    client.set(keys.latest, version)
+    client.xadd(keys.checkpoints, {"kind": "published", "version": version, "sha256": sha256})
+    return version
+
+
+def events_of(client: redis.Redis, settings: Settings, kind: str) -> list[Event]:
+    """Every event of one type on `<ns>:events`, oldest first."""
+    events = (Event.from_fields(f) for _, f in client.xrange(settings.keys.events))
+    return [event for event in events if event.type == kind]
+
+
+@dataclass
+class Load:
+    """Requests sent in a loop from threads of their own, with every reply and failure."""
+
+    settings: Settings
+    threads: int = 2
+    signals: list[Signal] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _running: list[threading.Thread] = field(default_factory=list)
+
+    def __enter__(self) -> Load:
+        for n in range(self.threads):
+            thread = threading.Thread(target=self._send, args=(n,), daemon=True)
+            thread.start()
+            self._running.append(thread)
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        for thread in self._running:
+            thread.join(30)
+
+    def _send(self, n: int) -> None:
+        # A socket timeout well above redis-py's 5 s default: a Redis stalled for seconds by
+        # other work on a shared test machine is not a request the workers failed.
+        client = redis.Redis.from_url(self.settings.redis_url, socket_timeout=30)
+        signals = SignalClient(client, self.settings.namespace)
+        rng = np.random.default_rng(n)
+        while not self._stop.is_set():
+            try:
+                self.signals.append(signals.request(rng.normal(size=8).tolist(), timeout_s=20))
+            except (SignalTimeout, SignalRequestError, redis.RedisError) as error:
+                self.failures.append(repr(error))
+        client.close()

@@ -1,0 +1,161 @@
+"""Signal requests and replies: validation, the JSON Schemas, and one batch answered in
+process (the worker's pure step and its single write)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jsonschema
+import numpy as np
+import orjson
+import pytest
+
+from schemas.signal import (
+    SignalRequestError,
+    error_reply,
+    features_into,
+    parse_reply,
+    request_fields,
+    request_id_of,
+    signal_from_probabilities,
+)
+from store.keys import INFERENCE_GROUP
+from tests.serving import FEATURES, local_probabilities, seeded_model
+from workers.inference import NO_MODEL_REASON, InferenceWorker
+from workers.reloader import LoadedModel, Reloader
+
+SCHEMAS = Path(__file__).resolve().parent.parent / "schemas"
+
+
+def schema(name: str) -> dict:
+    return json.loads((SCHEMAS / f"signal_{name}.schema.json").read_text())
+
+
+@pytest.mark.parametrize(
+    ("raw", "field", "reason"),
+    [
+        (None, "features", "required"),
+        (b"[1, 2", "features", "not a JSON array"),
+        (b'{"a": 1}', "features", "expected a JSON array"),
+        (b"[1, 2, 3]", "features", "expected 8 numbers, got 3"),
+        (b"[1, 2, 3, true, 5, 6, 7, 8]", "features[3]", "expected a number"),
+        (b'[1, 2, 3, 4, "5", 6, 7, 8]', "features[4]", "expected a number"),
+        (b"[1, 2, 3, 4, 5, 6, 7, 1e300]", "features[7]", "finite float32"),
+        (b"[1, null, 3, 4, 5, 6, 7, 8]", "features[1]", "expected a number"),
+    ],
+)
+def test_bad_features_name_the_field_and_reason(raw, field, reason):
+    # given a request's features field that cannot be used
+    row = np.zeros(8, np.float32)
+    # when it is decoded, then the error names the field and why
+    with pytest.raises(SignalRequestError) as caught:
+        features_into(raw, row)
+    assert caught.value.field == field
+    assert reason in caught.value.reason
+
+
+def test_good_features_land_in_the_row_as_float32():
+    row = np.zeros(8, np.float32)
+    features_into(orjson.dumps(FEATURES), row)
+    assert row.tolist() == pytest.approx(FEATURES)
+
+
+@pytest.mark.parametrize("request_id", [None, b"", b"has space", b"x" * 129, b"a/b"])
+def test_a_request_id_that_cannot_name_a_reply_key_is_refused(request_id):
+    fields = {} if request_id is None else {b"request_id": request_id}
+    with pytest.raises(SignalRequestError) as caught:
+        request_id_of(fields)
+    assert caught.value.field == "request_id"
+
+
+def test_requests_match_the_request_schema_and_its_features():
+    # given the fields SignalClient sends
+    fields = {k.decode(): v.decode() for k, v in request_fields("r-1", FEATURES).items()}
+    request_schema = schema("request")
+    # then they validate, and so does the array inside the features text
+    jsonschema.validate(fields, request_schema)
+    features_schema = {**request_schema["$defs"]["features"], "$schema": request_schema["$schema"]}
+    jsonschema.validate(json.loads(fields["features"]), features_schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({**fields, "request_id": "no spaces allowed"}, request_schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate([1, 2, 3], features_schema)
+
+
+def test_signal_and_error_replies_match_the_reply_schema_and_read_back():
+    reply_schema = schema("reply")
+    # given a signal reply and an error reply as a worker writes them
+    signal = signal_from_probabilities([0.2, 0.7, 0.1], 4, "r-1", "w", 3)
+    error = error_reply("r-2", "features", "expected 8 numbers, got 3", 4, "w", 3)
+    # then both validate; a signal without probabilities does not
+    jsonschema.validate(orjson.loads(signal.to_json()), reply_schema)
+    jsonschema.validate(orjson.loads(error), reply_schema)
+    broken = {k: v for k, v in orjson.loads(signal.to_json()).items() if k != "probabilities"}
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, reply_schema)
+    # and they read back as a Signal and as the error naming the field
+    assert parse_reply(signal.to_json()) == signal
+    assert signal.action == "SELL" and signal.confidence == 0.7
+    with pytest.raises(SignalRequestError, match="features: expected 8"):
+        parse_reply(error)
+
+
+def worker_for(client, settings) -> InferenceWorker:
+    return InferenceWorker(client, settings, "w1", Reloader(client, settings, "w1"))
+
+
+def test_one_batch_is_answered_by_one_forward_pass_of_the_given_model(client, settings):
+    # given a loaded model and a batch of good, bad and unanswerable requests
+    model = seeded_model(settings, 1).eval()
+    loaded = LoadedModel(7, model)
+    other = [0.5] * 8
+    entries = [
+        (b"1-0", request_fields("good-1", FEATURES)),
+        (b"2-0", {b"request_id": b"bad-1", b"features": b"[1, 2]"}),
+        (b"3-0", {b"features": orjson.dumps(FEATURES)}),
+        (b"4-0", request_fields("good-2", other)),
+    ]
+    # when the worker answers it
+    batch = worker_for(client, settings).answer(entries, loaded)
+    replies = {request_id: orjson.loads(raw) for request_id, raw in batch.replies}
+    # then the good ones carry the local forward pass of that model, all from version 7
+    for request_id, features in (("good-1", FEATURES), ("good-2", other)):
+        probabilities = replies[request_id]["probabilities"]
+        expected = local_probabilities(model, features)
+        assert [probabilities[a] for a in ("BUY", "SELL", "HOLD")] == pytest.approx(expected)
+        assert replies[request_id]["model_version"] == 7
+    # the bad one gets an error naming the field; the one without an id is dead-lettered
+    assert replies["bad-1"]["error"] == {"field": "features", "reason": "expected 8 numbers, got 2"}
+    assert [dead.field for dead in batch.dead] == ["request_id"]
+    assert batch.handled_ids == [b"1-0", b"2-0", b"3-0", b"4-0"]
+    assert batch.counters == {"signals": 2, "signal_errors": 1, "signals_dead": 1,
+                              "model:7:signals": 2}  # fmt: skip
+
+
+def test_without_a_model_every_request_gets_the_no_model_error(client, settings):
+    batch = worker_for(client, settings).answer([(b"1-0", request_fields("r", FEATURES))], None)
+    ((_, raw),) = batch.replies
+    assert orjson.loads(raw)["error"] == {"field": "model", "reason": NO_MODEL_REASON}
+
+
+def test_a_batch_is_written_acknowledged_and_deleted_in_one_go(client, settings):
+    # given two requests read by a worker
+    keys = settings.keys
+    worker = worker_for(client, settings)
+    worker.store.ensure_group()
+    client.xadd(keys.requests, request_fields("r-1", FEATURES))
+    client.xadd(keys.requests, {"features": "[]"})
+    entries = worker.store.read_new("w1", 10, None)
+    # when the batch is answered and written
+    worker.handle(entries)
+    # then the reply waits on its list with a TTL, the dead one is kept with its reason,
+    # and the stream holds nothing pending or left over
+    reply_key = keys.reply("r-1")
+    assert 0 < client.ttl(reply_key) <= settings.reply_ttl_s
+    assert orjson.loads(client.lpop(reply_key))["error"]["field"] == "model"
+    ((_, dead),) = client.xrange(keys.requests_dead)
+    assert dead[b"dead:reason"] == b"request_id: required"
+    assert client.xpending(keys.requests, INFERENCE_GROUP)["pending"] == 0
+    assert client.xlen(keys.requests) == 0
+    assert client.hget(keys.stats, "signal_errors") == b"1"

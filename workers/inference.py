@@ -1,0 +1,199 @@
+"""The inference worker: answers signal requests from `<ns>:signals:requests` with the live
+model, in batches, while the reloader swaps in every new checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import redis
+
+from schemas.signal import (
+    SignalRequestError,
+    error_reply,
+    features_into,
+    request_id_of,
+    signal_from_probabilities,
+)
+from store.connection import backoff_s
+from store.signals import DeadRequest, Entry, ReplyBatch, SignalStore
+from workers.detector import default_consumer_name
+from workers.options import common_options, redis_client, settings_from
+from workers.reloader import LoadedModel, Reloader, configure_torch_for_serving
+from workers.settings import Settings
+from workers.shutdown import StopFlag, install_signal_handlers
+
+NO_MODEL_REASON = "no checkpoint published yet"
+
+
+@dataclass(slots=True)
+class ServeTotals:
+    """What a worker did since it started."""
+
+    batches: int = 0
+    signals: int = 0
+    errors: int = 0
+    dead: int = 0
+
+
+class InferenceWorker:
+    """One member of the `inference` consumer group on `<ns>:signals:requests`."""
+
+    def __init__(
+        self, client: redis.Redis, settings: Settings, consumer: str, reloader: Reloader
+    ) -> None:
+        self.settings = settings
+        self.consumer = consumer
+        self.reloader = reloader
+        self.store = SignalStore(
+            client, settings.keys, settings.reply_ttl_s, settings.dead_letters_maxlen
+        )
+        # One buffer for every batch: requests are decoded straight into its rows.
+        self.features = np.empty((settings.serve_batch_size, settings.feature_count), np.float32)
+        self.totals = ServeTotals()
+
+    def run(self, stop: StopFlag, burst: bool = False) -> ServeTotals:
+        """Answer requests until `stop` is set (or, in burst mode, until none are left)."""
+        failures = 0
+        ready = False
+        next_claim_s = 0.0
+        while not stop.is_set():
+            try:
+                if not ready:
+                    self.store.ensure_group()
+                    ready = True
+                if time.monotonic() >= next_claim_s:
+                    self._answer_abandoned()
+                    next_claim_s = time.monotonic() + self.settings.claim_idle_ms / 2000
+                entries = self.store.read_new(
+                    self.consumer,
+                    self.settings.serve_batch_size,
+                    None if burst else self.settings.block_ms,
+                )
+                if entries:
+                    self.handle(entries)
+                elif burst and self.store.pending() == 0:
+                    break
+                elif burst:
+                    stop.wait(0.05)  # another worker holds requests: wait for it, or claim
+                failures = 0
+            except (redis.ConnectionError, redis.TimeoutError) as error:
+                delay = backoff_s(failures)
+                failures += 1
+                print(f"serve: Redis unreachable ({error}); retry in {delay:.2f}s", file=sys.stderr)
+                ready = False
+                stop.wait(delay)
+        return self.totals
+
+    def handle(self, entries: list[Entry]) -> None:
+        """Answer a batch with one model version and write every reply in one round trip."""
+        batch = self.answer(entries, self.reloader.live)
+        self.store.write(batch)
+
+    def answer(self, entries: list[Entry], loaded: LoadedModel | None) -> ReplyBatch:
+        """Pure computation: the reply to every entry, from `loaded` alone. No I/O."""
+        totals = self.totals
+        number = totals.batches
+        totals.batches += 1
+        version = None if loaded is None else loaded.version
+        batch = ReplyBatch(handled_ids=[entry_id for entry_id, _ in entries])
+        request_ids: list[str] = []
+        for entry_id, fields in entries:
+            try:
+                request_id = request_id_of(fields)
+            except SignalRequestError as error:
+                batch.dead.append(DeadRequest(entry_id, fields, error.field, error.reason))
+                continue
+            try:
+                if loaded is None:
+                    raise SignalRequestError("model", NO_MODEL_REASON)
+                features_into(fields.get(b"features"), self.features[len(request_ids)])
+            except SignalRequestError as error:
+                reply = error_reply(
+                    request_id, error.field, error.reason, version, self.consumer, number
+                )
+                batch.replies.append((request_id, reply))
+                continue
+            request_ids.append(request_id)
+        if request_ids:
+            rows = loaded.probabilities(self.features[: len(request_ids)]).tolist()
+            for request_id, probabilities in zip(request_ids, rows, strict=True):
+                signal = signal_from_probabilities(
+                    probabilities, version, request_id, self.consumer, number
+                )
+                batch.replies.append((request_id, signal.to_json()))
+        self._count(batch, len(request_ids), len(entries), version)
+        return batch
+
+    def _count(self, batch: ReplyBatch, signals: int, entries: int, version: int | None) -> None:
+        errors = entries - signals - len(batch.dead)
+        batch.count("signals", signals)
+        batch.count("signal_errors", errors)
+        batch.count("signals_dead", len(batch.dead))
+        if version is not None:
+            batch.count(f"model:{version}:signals", signals)
+        totals = self.totals
+        totals.signals += signals
+        totals.errors += errors
+        totals.dead += len(batch.dead)
+
+    def _answer_abandoned(self) -> None:
+        """Answer requests a worker that died mid-batch left unanswered; their engines may
+        have given up, but the replies expire and the stream is left clean."""
+        while entries := self.store.claim_abandoned(
+            self.consumer, self.settings.claim_idle_ms, self.settings.serve_batch_size
+        ):
+            self.handle(entries)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add `negcase serve`."""
+    parser = sub.add_parser(
+        "serve",
+        parents=[common_options()],
+        help="run an inference worker (consumer group 'inference' on <ns>:signals:requests)",
+        description=(
+            "Answer signal requests from <ns>:signals:requests in the consumer group "
+            "'inference': read a batch, run one forward pass of the live model, push every "
+            "reply to <ns>:signals:reply:<request_id> in one round trip. A thread follows "
+            "<ns>:checkpoints and swaps in each new checkpoint after verifying it; a batch "
+            "is always answered by one model version. Several workers can run side by side. "
+            "The first SIGTERM/SIGINT finishes the batch in hand."
+        ),
+    )
+    parser.add_argument(
+        "--consumer", help="consumer name, also shown in replies and events (default host:pid)"
+    )
+    parser.add_argument("--batch-size", type=int, help="requests per read (default 256)")
+    parser.add_argument("--block-ms", type=int, help="how long one read blocks (default 1000)")
+    parser.add_argument("--burst", action="store_true", help="answer what is queued, then exit")
+    parser.set_defaults(run=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Run one inference worker until stopped (or drained, with --burst)."""
+    settings = settings_from(args, serve_batch_size=args.batch_size, block_ms=args.block_ms)
+    configure_torch_for_serving()
+    client = redis_client(settings)
+    consumer = args.consumer or default_consumer_name()
+    stop = StopFlag()
+    install_signal_handlers(stop, f"serve {consumer}")
+    reloader = Reloader(client, settings, consumer).start()
+    # Serve only after the first look at `latest`: a worker started after several
+    # publishes answers with the newest version from its first reply on.
+    while not reloader.synced.wait(0.1):
+        if stop.is_set():
+            return 0
+    totals = InferenceWorker(client, settings, consumer, reloader).run(stop, burst=args.burst)
+    reloader.stop()
+    live = reloader.live
+    print(
+        f"serve {consumer}: {totals.signals} signals, {totals.errors} error replies, "
+        f"{totals.dead} unanswerable, {totals.batches} batches, last version "
+        f"{None if live is None else live.version}",
+        file=sys.stderr,
+    )
+    return 0

@@ -1,0 +1,91 @@
+"""Predictor: the inference worker's model, embedded in a Python trading engine.
+
+It follows `<ns>:checkpoints` in a background thread exactly as `negcase serve` does (same
+verification, same swap), and `predict` runs the live model in the caller's thread with no
+Redis round trip.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import redis
+
+from schemas.signal import Signal, SignalRequestError, check_features, signal_from_probabilities
+from workers.detector import default_consumer_name
+from workers.reloader import Reloader
+from workers.settings import Settings
+
+
+class NoModelYet(RuntimeError):
+    """No checkpoint has been published (or every one so far was refused)."""
+
+
+class Predictor:
+    """`predict(features) -> Signal` from the newest verified checkpoint.
+
+    Use as a context manager, or call `start()` and `close()`.
+    """
+
+    def __init__(
+        self, client: redis.Redis, settings: Settings | None = None, name: str | None = None
+    ) -> None:
+        self.settings = settings or Settings.from_env()
+        self.name = name or f"predictor:{default_consumer_name()}"
+        self.reloader = Reloader(client, self.settings, self.name)
+        self._row = np.empty((1, self.settings.feature_count), np.float32)
+
+    def start(self, timeout_s: float = 10.0) -> Predictor:
+        """Start following checkpoints and wait up to `timeout_s` for the first look at
+        `latest` (a model is loaded then if one was published)."""
+        self.reloader.start()
+        self.reloader.synced.wait(timeout_s)
+        return self
+
+    def close(self) -> None:
+        """Stop following checkpoints."""
+        self.reloader.stop()
+
+    def __enter__(self) -> Predictor:
+        return self.start()
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    @property
+    def version(self) -> int | None:
+        """The version `predict` uses now, or None before the first load."""
+        live = self.reloader.live
+        return None if live is None else live.version
+
+    def predict(self, features: Sequence[float] | np.ndarray) -> Signal:
+        """The signal for one set of features; SignalRequestError names a bad value,
+        NoModelYet means nothing can answer yet. Not safe to call from several threads at
+        once (it reuses one input buffer); use one Predictor per thread."""
+        live = self.reloader.live
+        if live is None:
+            raise NoModelYet("no checkpoint published yet")
+        row = self._row
+        if isinstance(features, np.ndarray):
+            _check_array(features, row.shape[1])
+        else:
+            check_features(features, row.shape[1])
+        row[0] = features
+        return signal_from_probabilities(live.probabilities(row)[0].tolist(), live.version)
+
+
+def _check_array(features: np.ndarray, feature_count: int) -> None:
+    if features.shape != (feature_count,):
+        raise SignalRequestError(
+            "features", f"expected shape ({feature_count},), got {features.shape}"
+        )
+    if not np.issubdtype(features.dtype, np.number):
+        raise SignalRequestError("features", f"expected numbers, got dtype {features.dtype}")
+    with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf: refused
+        finite = np.isfinite(features.astype(np.float32))
+    if not finite.all():
+        index = int(np.flatnonzero(~finite)[0])
+        raise SignalRequestError(
+            f"features[{index}]", f"must be a finite float32 number, got {features[index]!r}"
+        )

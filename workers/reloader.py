@@ -1,0 +1,200 @@
+"""Hot reload: follow `<ns>:checkpoints` in a thread of its own, load each new checkpoint
+beside the live model, verify it, and swap the reference that serving reads.
+
+Serving never waits for a load: it reads `Reloader.live` once per batch (one attribute
+read, atomic under the GIL) and uses that model for the whole batch. A load builds a fresh
+model, so the model a batch is using is never written to.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import redis
+import torch
+from torch import nn
+
+from schemas.event import Event
+from store.checkpoints import CheckpointRegistry
+from store.connection import backoff_s
+from store.signals import entries_of
+from workers.model import CheckpointError, ModelSpec, build_model, load_verified
+from workers.settings import Settings
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedModel:
+    """A verified model in eval mode and the checkpoint version it was loaded from."""
+
+    version: int
+    model: nn.Module
+
+    def probabilities(self, features: np.ndarray) -> np.ndarray:
+        """Softmax over (BUY, SELL, HOLD) for each row of a float32 (rows, features) array:
+        one forward pass."""
+        with torch.inference_mode():
+            return torch.softmax(self.model(torch.from_numpy(features)), dim=1).numpy()
+
+
+class Reloader:
+    """Keeps `live` at the version `<ns>:ckpt:latest` names, for one worker or Predictor.
+
+    Versions only move forward, except when a rollback is announced, or on start and
+    reconnect, where `latest` is the only truth left (a rollback may have been missed).
+    """
+
+    def __init__(self, client: redis.Redis, settings: Settings, worker: str) -> None:
+        self.client = client
+        self.settings = settings
+        self.keys = settings.keys
+        self.worker = worker
+        self.registry = CheckpointRegistry(client, settings.keys)
+        self.live: LoadedModel | None = None
+        # Versions that failed verification: refused once, not refetched on every wake-up.
+        self.rejected: set[int] = set()
+        self.synced = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> Reloader:
+        """Follow the announcements in a daemon thread; `synced` is set after the first
+        look at `latest`."""
+        self._thread = threading.Thread(target=self._follow, name="negcase-reloader", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Stop following (the thread notices within one block_ms)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    def sync(self, allow_back: bool) -> None:
+        """Load the version `latest` names, unless it is live, refused before, or older than
+        the live one while going back is not allowed."""
+        latest = self.registry.latest_version()
+        live = self.live
+        if latest is None or latest in self.rejected:
+            return
+        if live is not None and (
+            latest == live.version or (latest < live.version and not allow_back)
+        ):
+            return
+        self.load(latest)
+
+    def load(self, version: int) -> LoadedModel | None:
+        """Fetch, verify and load `version` beside the live model, then swap; on failure,
+        announce checkpoint_rejected and keep serving the live one."""
+        started_s = time.perf_counter()
+        previous = self.live
+        try:
+            loaded = self._verified(version)
+        except CheckpointError as error:
+            self.rejected.add(version)
+            self._announce("checkpoint_rejected", version, previous, reason=error.reason)
+            return None
+        self.live = loaded
+        reload_ms = (time.perf_counter() - started_s) * 1000
+        self._announce("checkpoint_loaded", version, previous, reload_ms=round(reload_ms, 3))
+        return loaded
+
+    def _verified(self, version: int) -> LoadedModel:
+        try:
+            stored = self.registry.fetch(version)
+        except ValueError as error:  # meta that is not JSON
+            raise CheckpointError(f"v{version}: meta unreadable ({error})") from None
+        if stored is None:
+            raise CheckpointError(f"v{version}: not stored in Redis")
+        spec = _spec_of(stored.meta, self.settings)
+        model = build_model(spec)
+        load_verified(stored, model, self.settings.feature_count)
+        model.eval()
+        model.requires_grad_(False)
+        return LoadedModel(version, model)
+
+    def _follow(self) -> None:
+        failures = 0
+        while not self._stop.is_set():
+            try:
+                last_id = self._last_announcement_id()
+                # Read `latest` after noting the stream position: an announcement that
+                # lands in between is read below, so nothing is missed.
+                self.sync(allow_back=True)
+                self.synced.set()
+                failures = 0
+                self._follow_from(last_id)
+            except (redis.ConnectionError, redis.TimeoutError) as error:
+                self._pause(failures, f"Redis unreachable ({error})")
+                failures += 1
+            except Exception as error:
+                # Anything else (a `latest` that is not a number, say) must not end the
+                # thread: a dead reloader would serve one model forever without a word.
+                self._pause(failures, f"unexpected {error!r}")
+                failures += 1
+
+    def _pause(self, failures: int, why: str) -> None:
+        delay = backoff_s(failures)
+        print(f"reloader {self.worker}: {why}; retry in {delay:.2f}s", file=sys.stderr)
+        self._stop.wait(delay)
+
+    def _follow_from(self, last_id: bytes) -> None:
+        while not self._stop.is_set():
+            reply = self.client.xread(
+                {self.keys.checkpoints: last_id}, block=self.settings.block_ms, count=100
+            )
+            entries = entries_of(reply)
+            if not entries:
+                continue
+            last_id = entries[-1][0]
+            # A burst of announcements needs one load: of whatever `latest` is now.
+            rollback = any(fields.get(b"kind") == b"rollback" for _, fields in entries)
+            self.sync(allow_back=rollback)
+
+    def _last_announcement_id(self) -> bytes:
+        newest = self.client.xrevrange(self.keys.checkpoints, count=1)
+        return newest[0][0] if newest else b"0-0"
+
+    def _announce(self, kind: str, version: int, previous: LoadedModel | None, **details) -> None:
+        event = Event(
+            kind,
+            int(time.time() * 1000),
+            {
+                "worker": self.worker,
+                "version": version,
+                "serving_version": None if previous is None else previous.version,
+                **details,
+            },
+        )
+        self.client.xadd(
+            self.keys.events,
+            event.to_fields(),
+            maxlen=self.settings.events_maxlen,
+            approximate=True,
+        )
+
+
+def _spec_of(meta: dict, settings: Settings) -> ModelSpec:
+    """The checkpoint's model spec. A factory is code this process would import and call,
+    so only the one this worker was configured with is accepted from Redis."""
+    try:
+        spec = ModelSpec.from_dict(meta["model_spec"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(f"meta.model_spec unusable: {error!r}") from None
+    if spec.feature_count != settings.feature_count:
+        raise CheckpointError(
+            f"model_spec takes {spec.feature_count} features, this worker {settings.feature_count}"
+        )
+    if spec.factory != settings.model_factory:
+        raise CheckpointError(
+            f"model factory {spec.factory!r} is not this worker's {settings.model_factory!r}"
+        )
+    return spec
+
+
+def configure_torch_for_serving() -> None:
+    """One intra-op thread: batches are small, and workers scale by process, not thread."""
+    torch.set_num_threads(1)

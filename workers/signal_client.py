@@ -1,0 +1,112 @@
+"""SignalClient: ask the inference workers for a signal over Redis, for trading engines."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import orjson
+import redis
+
+from schemas.signal import Signal, SignalRequestError, check_features, parse_reply, request_fields
+from store.keys import Keys
+from workers.options import CommandError, common_options, redis_client, settings_from
+
+# Requests are deleted once answered; this cap only matters while no worker is running.
+REQUESTS_MAXLEN = 100_000
+
+
+class SignalTimeout(TimeoutError):
+    """No reply within the timeout: no worker running, or all of them far behind."""
+
+
+class SignalClient:
+    """Sends one request to `<ns>:signals:requests` and waits for its reply with BLPOP."""
+
+    def __init__(
+        self, client: redis.Redis, namespace: str = "negcase", feature_count: int | None = None
+    ) -> None:
+        self.client = client
+        self.keys = Keys(namespace)
+        self.feature_count = feature_count
+        # The prefix is random per client, so ids never collide across engines or restarts.
+        self._prefix = os.urandom(6).hex()
+        self._sequence = 0
+        # A BLOCKing command longer than the client's socket timeout (redis-py: 5 s by
+        # default) fails with TimeoutError, so long waits are cut into shorter BLPOPs.
+        socket_timeout_s = client.connection_pool.connection_kwargs.get("socket_timeout")
+        self._wait_slice_s = max(0.1, socket_timeout_s - 1.0) if socket_timeout_s else 3600.0
+
+    def request(self, features: Sequence[float] | np.ndarray, timeout_s: float = 1.0) -> Signal:
+        """The signal for `features`, or SignalRequestError (the worker's error reply naming
+        the field and reason), or SignalTimeout."""
+        if self.feature_count is not None:
+            values = features.tolist() if isinstance(features, np.ndarray) else features
+            check_features(values, self.feature_count)
+        request_id = self.next_request_id()
+        reply_key = self.keys.reply(request_id)
+        # XADD and BLPOP in one pipeline: one network round trip per request. BLPOP
+        # blocks only this connection, after the XADD has run.
+        pipe = self.client.pipeline(transaction=False)
+        pipe.xadd(
+            self.keys.requests,
+            request_fields(request_id, features),
+            maxlen=REQUESTS_MAXLEN,
+            approximate=True,
+        )
+        deadline_s = time.monotonic() + timeout_s
+        pipe.blpop([reply_key], timeout=min(timeout_s, self._wait_slice_s))
+        _, popped = pipe.execute()
+        while popped is None and (left_s := deadline_s - time.monotonic()) > 0:
+            popped = self.client.blpop([reply_key], timeout=min(left_s, self._wait_slice_s))
+        if popped is None:
+            raise SignalTimeout(f"no reply to request {request_id} within {timeout_s}s")
+        return parse_reply(popped[1])
+
+    def next_request_id(self) -> str:
+        """A request id unique to this client: `<random prefix>-<sequence>`."""
+        self._sequence += 1
+        return f"{self._prefix}-{self._sequence}"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add `negcase predict`."""
+    parser = sub.add_parser(
+        "predict",
+        parents=[common_options()],
+        help="ask the inference workers for one signal and print the reply",
+        description=(
+            "Send one request to <ns>:signals:requests, wait for the reply on "
+            "<ns>:signals:reply:<request_id> and print it as JSON. Exit status 1 when the "
+            "reply is an error (it names the field and the reason), 2 when none came in time."
+        ),
+    )
+    parser.add_argument(
+        "--features", required=True, help="JSON array of the feature values, e.g. '[0.1, 0.2]'"
+    )
+    parser.add_argument(
+        "--timeout-s", type=float, default=2.0, help="how long to wait for the reply (default 2)"
+    )
+    parser.set_defaults(run=run_predict)
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    """Send one request through the remote path and print the reply."""
+    settings = settings_from(args)
+    try:
+        features = orjson.loads(args.features)
+    except orjson.JSONDecodeError as error:
+        raise CommandError(f"--features: not JSON ({error})") from None
+    client = SignalClient(redis_client(settings), settings.namespace)
+    try:
+        signal = client.request(features, args.timeout_s)
+    except SignalTimeout as error:
+        raise CommandError(f"{error}: is `negcase serve` running?") from None
+    except SignalRequestError as error:
+        print(orjson.dumps({"error": {"field": error.field, "reason": error.reason}}).decode())
+        return 1
+    print(signal.to_json().decode())
+    return 0

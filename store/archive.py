@@ -121,7 +121,8 @@ class Archive:
         """Store a newer state of a case (its retraining count, say) over the old file."""
         write_atomic(self.case_path(case.case_id), case.to_msgpack())
         self._unindexed[case.case_id] = _index_entry(case)
-        self.flush_index()
+        if time.monotonic() - self._index_written_s >= self.index_interval_s:
+            self.flush_index()
 
     def read_case(self, case_id: str) -> NegativeCase:
         """One archived case."""

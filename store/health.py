@@ -19,8 +19,8 @@ def worker_id(kind: str) -> str:
     return f"{kind}:{socket.gethostname()}:{os.getpid()}"
 
 
-class Heartbeat:
-    """Refreshes one worker's health key, at most once per `every_s`."""
+class HealthKey:
+    """One worker's health key, refreshed at most once per `every_s`."""
 
     def __init__(self, client: redis.Redis, keys: Keys, kind: str, ttl_s: int) -> None:
         self.client = client
@@ -30,7 +30,7 @@ class Heartbeat:
         self.every_s = max(1.0, ttl_s / 3)
         self._last_s = 0.0
 
-    def beat(self, **info: Any) -> None:
+    def refresh(self, **info: Any) -> None:
         """Write the health record (kind, host, pid, time, and `info`) if one is due."""
         now = time.monotonic()
         if now - self._last_s < self.every_s:

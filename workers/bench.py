@@ -4,13 +4,11 @@ in the same run (these machines are shared and noisy; absolute figures drift).""
 from __future__ import annotations
 
 import argparse
-import contextlib
 import shutil
 import statistics
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,29 +18,14 @@ import redis
 from store.archive import Archive
 from store.connection import connect
 from store.keys import DETECTOR_GROUP, Keys
-from store.local_redis import LocalRedis
+from workers import bench_serve, bench_train
+from workers.bench_support import FEATURES, bench_redis, drop_namespace
 from workers.detector import LossDetector
 from workers.options import common_options, settings_from
 from workers.publish import encode_trade
 from workers.settings import Settings
 from workers.shutdown import StopFlag
 from workers.supervisor import Supervisor
-
-FEATURES = [0.1234, -0.5678, 0.9012, -0.3456, 0.7891, -0.2345, 0.6789, -0.0123]
-
-
-@contextlib.contextmanager
-def bench_redis(settings: Settings) -> Iterator[str]:
-    """The configured Redis URL, or a local redis-server for the duration of the bench."""
-    if settings.redis_url:
-        yield settings.redis_url
-        return
-    folder = Path(tempfile.mkdtemp(prefix="negcase-bench-"))
-    try:
-        with LocalRedis(folder) as server:
-            yield server.url
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def bench_trade(i: int, prefix: str) -> dict[bytes, bytes]:
@@ -86,23 +69,6 @@ def raw_loop(client: redis.Redis, keys: Keys, batch_size: int) -> int:
         ids = [entry_id for entry_id, _ in reply[0][1]]
         client.xack(keys.trades, DETECTOR_GROUP, *ids)
         handled += len(ids)
-
-
-def drop_namespace(client: redis.Redis, namespace: str) -> None:
-    """Delete every key of a bench namespace."""
-    for chunk in _chunks(client.scan_iter(match=f"{namespace}:*", count=1000), 500):
-        client.unlink(*chunk)
-
-
-def _chunks(items: Iterator[bytes], size: int) -> Iterator[list[bytes]]:
-    chunk: list[bytes] = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
 
 
 def timed_throughput(
@@ -295,6 +261,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     ingest.add_argument("--duration", type=float, default=10.0, help="latency run seconds (10)")
     ingest.add_argument("--json", action="store_true", help="print JSON")
     ingest.set_defaults(run=run_ingest)
+    bench_train.register(targets)
+    bench_serve.register(targets)
 
 
 def run_ingest(args: argparse.Namespace) -> int:

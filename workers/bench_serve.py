@@ -23,7 +23,7 @@ from store.checkpoints import CheckpointRegistry
 from store.connection import connect
 from store.keys import Keys
 from store.signals import ReplyBatch, SignalStore
-from workers.bench import FEATURES, bench_redis, drop_namespace
+from workers.bench_support import FEATURES, bench_redis, drop_namespace
 from workers.model import build_model, sha256_hex, spec_from_settings, state_of, weights_bytes
 from workers.options import common_options, settings_from
 from workers.predictor import Predictor

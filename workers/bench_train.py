@@ -26,7 +26,7 @@ from store.archive import Archive
 from store.cases import Batch, CaseStore
 from store.connection import connect
 from store.queue import CaseQueue
-from workers.bench import bench_redis, drop_namespace
+from workers.bench_support import bench_redis, drop_namespace
 from workers.options import common_options, settings_from
 from workers.settings import Settings
 from workers.shutdown import StopFlag

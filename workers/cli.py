@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from workers import (
     bench,
     checkpoint_cli,
+    dashboard,
     demo,
     detector,
     inference,
@@ -23,6 +24,7 @@ from workers.options import CommandError
 REGISTRARS = [
     bench.register,
     demo.register,
+    dashboard.register,
     detector.register,
     trainer.register,
     checkpoint_cli.register,

@@ -15,7 +15,7 @@ import orjson
 import redis
 
 from schemas.event import Event
-from store.health import Heartbeat
+from store.health import HealthKey
 from store.keys import Keys
 from workers.monitor import format_event, gather_status
 from workers.options import common_options, redis_client, settings_from
@@ -122,7 +122,7 @@ def run_dashboard(args: argparse.Namespace) -> int:
     handler = make_handler(client, settings.keys, args.interval, stop)
     server = ThreadingHTTPServer((args.host, args.port), handler)
     server.daemon_threads = True
-    heartbeat = Heartbeat(client, settings.keys, "dashboard", settings.health_ttl_s)
+    health = HealthKey(client, settings.keys, "dashboard", settings.health_ttl_s)
     print(f"dashboard on http://{args.host}:{server.server_address[1]}/", flush=True)
     serving = threading.Thread(target=server.serve_forever, daemon=True)
     serving.start()
@@ -130,9 +130,9 @@ def run_dashboard(args: argparse.Namespace) -> int:
     install_signal_handlers(flag, "dashboard")
     while not flag.wait(1.0):
         with contextlib.suppress(redis.RedisError):
-            heartbeat.beat(port=server.server_address[1])
+            health.refresh(port=server.server_address[1])
     stop.set()
     server.shutdown()
     with contextlib.suppress(redis.RedisError):
-        heartbeat.clear()
+        health.clear()
     return 0

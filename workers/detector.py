@@ -18,7 +18,7 @@ from schemas.trade import TradeDefaults, TradeError, parse_trade
 from store.archive import Archive
 from store.cases import Batch, CaseStore, DeadLetter, version_label
 from store.connection import backoff_s
-from store.health import Heartbeat
+from store.health import HealthKey
 from store.keys import DETECTOR_GROUP
 from workers.losses import negative_case, outcome_of
 from workers.metrics import DetectorMetrics
@@ -70,7 +70,7 @@ class LossDetector:
         )
         self.totals = DetectorTotals()
         self.metrics = DetectorMetrics()
-        self.heartbeat = Heartbeat(client, self.keys, "detector", settings.health_ttl_s)
+        self.health = HealthKey(client, self.keys, "detector", settings.health_ttl_s)
 
     def run(self, stop: StopFlag, burst: bool = False) -> DetectorTotals:
         """Work until `stop` is set (or, in burst mode, until the stream is drained).
@@ -86,7 +86,7 @@ class LossDetector:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="detector-store") as storer:
             while not stop.is_set():
                 try:
-                    self.heartbeat.beat(consumer=self.consumer, entries=self.totals.entries)
+                    self.health.refresh(consumer=self.consumer, entries=self.totals.entries)
                     if not recovered or time.monotonic() >= next_claim_s:
                         in_flight = _settled(in_flight)
                         if not recovered:
@@ -121,7 +121,7 @@ class LossDetector:
         if self.archive is not None:
             self.archive.flush_index()
         with contextlib.suppress(redis.RedisError):
-            self.heartbeat.clear()
+            self.health.clear()
         return self.totals
 
     def _recover(self) -> None:

@@ -4,6 +4,7 @@ model, in batches, while the reloader swaps in every new checkpoint."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from dataclasses import dataclass
@@ -19,9 +20,12 @@ from schemas.signal import (
     signal_from_probabilities,
 )
 from store.connection import backoff_s
+from store.health import HealthKey
 from store.signals import DeadRequest, Entry, ReplyBatch, SignalStore
 from workers.detector import default_consumer_name
-from workers.options import common_options, redis_client, settings_from
+from workers.metrics import InferenceMetrics
+from workers.metrics import serve as serve_metrics
+from workers.options import common_options, redis_client, settings_from, worker_options
 from workers.reloader import LoadedModel, Reloader, configure_torch_for_serving
 from workers.settings import Settings
 from workers.shutdown import StopFlag, install_signal_handlers
@@ -54,6 +58,8 @@ class InferenceWorker:
         # One buffer for every batch: requests are decoded straight into its rows.
         self.features = np.empty((settings.serve_batch_size, settings.feature_count), np.float32)
         self.totals = ServeTotals()
+        self.metrics = InferenceMetrics()
+        self.health = HealthKey(client, settings.keys, "inference", settings.health_ttl_s)
 
     def run(self, stop: StopFlag, burst: bool = False) -> ServeTotals:
         """Answer requests until `stop` is set (or, in burst mode, until none are left)."""
@@ -62,6 +68,7 @@ class InferenceWorker:
         next_claim_s = 0.0
         while not stop.is_set():
             try:
+                self._refresh_health()
                 if not ready:
                     self.store.ensure_group()
                     ready = True
@@ -86,12 +93,23 @@ class InferenceWorker:
                 print(f"serve: Redis unreachable ({error}); retry in {delay:.2f}s", file=sys.stderr)
                 ready = False
                 stop.wait(delay)
+        with contextlib.suppress(redis.RedisError):
+            self.health.clear()
         return self.totals
+
+    def _refresh_health(self) -> None:
+        live = self.reloader.live
+        version = None if live is None else live.version
+        self.health.refresh(consumer=self.consumer, version=version, signals=self.totals.signals)
+        if version is not None:
+            self.metrics.model_version.set(version)
 
     def handle(self, entries: list[Entry]) -> None:
         """Answer a batch with one model version and write every reply in one round trip."""
+        started = time.perf_counter()
         batch = self.answer(entries, self.reloader.live)
         self.store.write(batch)
+        self.metrics.batch_seconds.observe(time.perf_counter() - started)
 
     def answer(self, entries: list[Entry], loaded: LoadedModel | None) -> ReplyBatch:
         """Pure computation: the reply to every entry, from `loaded` alone. No I/O."""
@@ -139,6 +157,10 @@ class InferenceWorker:
         totals.signals += signals
         totals.errors += errors
         totals.dead += len(batch.dead)
+        requests = self.metrics.requests
+        requests.labels("signal").inc(signals)
+        requests.labels("error").inc(errors)
+        requests.labels("unanswerable").inc(len(batch.dead))
 
     def _answer_abandoned(self) -> None:
         """Answer requests a worker that died mid-batch left unanswered; their engines may
@@ -153,7 +175,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add `negcase serve`."""
     parser = sub.add_parser(
         "serve",
-        parents=[common_options()],
+        parents=[common_options(), worker_options()],
         help="run an inference worker (consumer group 'inference' on <ns>:signals:requests)",
         description=(
             "Answer signal requests from <ns>:signals:requests in the consumer group "
@@ -187,7 +209,9 @@ def run_serve(args: argparse.Namespace) -> int:
     while not reloader.synced.wait(0.1):
         if stop.is_set():
             return 0
-    totals = InferenceWorker(client, settings, consumer, reloader).run(stop, burst=args.burst)
+    worker = InferenceWorker(client, settings, consumer, reloader)
+    serve_metrics(worker.metrics.registry, args.metrics_port)
+    totals = worker.run(stop, burst=args.burst)
     reloader.stop()
     live = reloader.live
     print(

@@ -61,5 +61,3 @@ class InferenceMetrics:
         )
         self.model_version = Gauge("negcase_inference_model_version", "Version served",
                                    registry=r)  # fmt: skip
-        self.reloads = Counter("negcase_inference_reloads", "Checkpoint loads", ["result"],
-                               registry=r)  # fmt: skip

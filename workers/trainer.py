@@ -4,6 +4,7 @@ Any number of trainers share one queue and one model lineage (`negcase train`)."
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import random
@@ -24,10 +25,13 @@ from store.archive import Archive
 from store.cases import CaseStore
 from store.checkpoints import CheckpointRegistry
 from store.connection import backoff_s
+from store.health import HealthKey
 from store.queue import CaseQueue, Lease, LeaseLost, queue_counts
 from store.sessions import SessionStore
+from workers.metrics import TrainerMetrics
+from workers.metrics import serve as serve_metrics
 from workers.model import CheckpointError, build_model, spec_from_settings, state_of, verified_state
-from workers.options import common_options, redis_client, settings_from
+from workers.options import common_options, redis_client, settings_from, worker_options
 from workers.settings import Settings
 from workers.shutdown import StopFlag, install_signal_handlers
 from workers.training import (
@@ -105,6 +109,8 @@ class Trainer:
         self.scratch = build_model(self.spec)  # verifies and measures checkpoints
         self.rng = random.Random(f"{settings.seed}:{name}")
         self.outcomes: Counter[str] = Counter()
+        self.metrics = TrainerMetrics()
+        self.health = HealthKey(client, self.keys, "trainer", settings.health_ttl_s)
         self._base: tuple[int | None, State] | None = None
 
     def run(self, stop: StopFlag, burst: bool = False) -> Counter[str]:
@@ -112,6 +118,7 @@ class Trainer:
         failures = 0
         while not stop.is_set():
             try:
+                self.health.refresh(name=self.name, sessions=sum(self.outcomes.values()))
                 self.queue.reap()
                 leases = self.queue.claim(self.name, self.settings.cases_per_claim)
                 if leases:
@@ -128,6 +135,10 @@ class Trainer:
                 print(f"{self.name}: Redis unreachable ({error}); retry in {delay:.2f}s",
                       file=sys.stderr)  # fmt: skip
                 stop.wait(delay)
+        if self.archive is not None:
+            self.archive.flush_index()
+        with contextlib.suppress(redis.RedisError):
+            self.health.clear()
         return self.outcomes
 
     def train_claimed(self, leases: list[Lease], stop: StopFlag) -> TrainingSession | None:
@@ -291,6 +302,9 @@ class Trainer:
         session.duration_s = round((now_ms - session.start_time_ms) / 1000, 3)
         self.sessions.completed(session, now_ms)
         self.outcomes[session.outcome or "unknown"] += 1
+        self.metrics.sessions.labels(session.outcome or "unknown").inc()
+        self.metrics.session_seconds.observe(session.duration_s)
+        self.metrics.epochs.inc(session.epochs_completed)
         print(f"{self.name}: {session.outcome} {','.join(session.case_ids)}: "
               f"{session.summary()}", file=sys.stderr)  # fmt: skip
 
@@ -303,7 +317,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add `negcase train`."""
     parser = sub.add_parser(
         "train",
-        parents=[common_options()],
+        parents=[common_options(), worker_options()],
         help="run a training worker (claims cases from <ns>:queue, publishes checkpoints)",
         description=(
             "Claim the worst negative cases from <ns>:queue under a lease, train the model "
@@ -333,7 +347,9 @@ def run_train(args: argparse.Namespace) -> int:
     name = args.name or default_trainer_name()
     stop = StopFlag()
     install_signal_handlers(stop, name)
-    outcomes = Trainer(client, settings, name, archive).run(stop, burst=args.burst)
+    trainer = Trainer(client, settings, name, archive)
+    serve_metrics(trainer.metrics.registry, args.metrics_port)
+    outcomes = trainer.run(stop, burst=args.burst)
     summary = ", ".join(f"{count} {outcome}" for outcome, count in sorted(outcomes.items()))
     print(f"{name}: stopped after {summary or 'no sessions'}", file=sys.stderr)
     return 0

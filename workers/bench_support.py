@@ -1,0 +1,47 @@
+"""What every benchmark shares: a Redis to run on, and cleaning up after itself."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import redis
+
+from store.local_redis import LocalRedis
+from workers.settings import Settings
+
+FEATURES = [0.1234, -0.5678, 0.9012, -0.3456, 0.7891, -0.2345, 0.6789, -0.0123]
+
+
+@contextlib.contextmanager
+def bench_redis(settings: Settings) -> Iterator[str]:
+    """The configured Redis URL, or a local redis-server for the duration of the bench."""
+    if settings.redis_url:
+        yield settings.redis_url
+        return
+    folder = Path(tempfile.mkdtemp(prefix="negcase-bench-"))
+    try:
+        with LocalRedis(folder) as server:
+            yield server.url
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def drop_namespace(client: redis.Redis, namespace: str) -> None:
+    """Delete every key of a bench namespace."""
+    for chunk in _chunks(client.scan_iter(match=f"{namespace}:*", count=1000), 500):
+        client.unlink(*chunk)
+
+
+def _chunks(items: Iterator[bytes], size: int) -> Iterator[list[bytes]]:
+    chunk: list[bytes] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk

@@ -214,6 +214,10 @@ class CheckpointRegistry:
             raise CheckpointMissing(f"v{version} was trimmed from Redis while rolling back")
         return _int_or_none(previous)
 
+    def fetch_anywhere(self, version: int) -> StoredCheckpoint:
+        """A version from Redis, else from the archive; CheckpointMissing if neither has it."""
+        return self.fetch(version) or self._read_archived(version)
+
     def list(self) -> list[CheckpointInfo]:
         """Every checkpoint known, oldest first: those in Redis, then those only archived."""
         versions = [int(v) for v in self.client.zrange(self.keys.versions, 0, -1)]

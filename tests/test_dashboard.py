@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shutil
 
-import numpy as np
 import pytest
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
@@ -12,7 +11,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
 from tests.conftest import wait_until
-from workers.engine import Market, SyntheticEngine, random_side
+from workers.engine import random_trades
 from workers.publish import publish_trades
 
 pytestmark = pytest.mark.slow
@@ -43,8 +42,7 @@ def number(driver, element_id: str) -> int:
 
 def test_the_page_shows_live_numbers_that_update(client, settings, spawn, browser):
     # given a running detector, a dashboard, and some trades already handled
-    engine = SyntheticEngine(Market(seed=2), random_side(np.random.default_rng(2)))
-    trades = engine.trades()
+    trades = random_trades(seed=2)
     spawn("detect", "--block-ms", "100")
     dashboard = spawn("dashboard", "--port", "0", "--interval", "0.3")
     url = dashboard.stdout.readline().split(" on ")[1].strip()

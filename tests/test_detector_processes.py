@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import signal
 
-import numpy as np
 import pytest
 
 from schemas.case import case_id_for
@@ -12,7 +11,7 @@ from schemas.trade import TradeDefaults, TradeError, validate_trade
 from store.archive import Archive
 from store.keys import DETECTOR_GROUP
 from tests.conftest import wait_until
-from workers.engine import Market, SyntheticEngine, random_side
+from workers.engine import random_trades
 from workers.losses import outcome_of
 from workers.publish import publish_trades
 
@@ -21,8 +20,7 @@ pytestmark = pytest.mark.slow
 
 def publish_market(client, settings, count: int, seed: int = 3) -> set[str]:
     """Publish `count` synthetic trades (some malformed); return the case ids of the losses."""
-    engine = SyntheticEngine(Market(seed=seed), random_side(np.random.default_rng(seed)))
-    trades = engine.trades(prefix=f"s{seed}")
+    trades = random_trades(seed, prefix=f"s{seed}")
     batch = [next(trades) for _ in range(count)]
     publish_trades(client, settings.keys, batch)
     losses = set()

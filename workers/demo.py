@@ -1,30 +1,56 @@
-"""`negcase demo`: the whole loop on one machine, from a local Redis to a summary."""
+"""`negcase demo`: the whole loop on one machine, from a local Redis to a summary.
+
+One detector, two trainers and one inference worker run as real processes. A synthetic
+trading engine asks the inference worker for a signal before each trade, trades on a
+simulated market whose hidden rule can be learnt, and puts the model_version on every
+trade-close event, so the loss rate of each model is measured on the trades it made.
+"""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import shutil
+import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import orjson
 import redis
+import torch
 
+from schemas.case import ACTIONS
+from schemas.signal import SignalRequestError
+from store.archive import Archive
+from store.checkpoints import CheckpointRegistry
 from store.connection import connect
+from store.keys import Keys
 from store.local_redis import LocalRedis
-from workers.engine import Market, SyntheticEngine, random_side
+from workers.engine import Market, Situation, SyntheticEngine, held_out_situations, pnl_pct
+from workers.model import (
+    build_model,
+    load_verified,
+    sha256_hex,
+    spec_from_settings,
+    state_of,
+    weights_bytes,
+)
 from workers.monitor import gather_status
 from workers.options import CommandError, common_options, settings_from
 from workers.publish import publish_trades
 from workers.settings import Settings
+from workers.signal_client import SignalClient, SignalTimeout
 from workers.supervisor import Supervisor
 
-REFRESH_S = 1.0
+TICK_S = 0.25
+HELD_OUT_PER_REGIME = 400
+# A model's live loss rate is shown once it has made this many trades.
+MIN_TRADES_FOR_RATE = 20
 
 
 @contextlib.contextmanager
@@ -42,71 +68,260 @@ def demo_redis(settings: Settings) -> Iterator[Settings]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def publish_paced(
-    client: redis.Redis, settings: Settings, engine: SyntheticEngine, rate: float, tick_s: float
-) -> int:
-    """Publish about `rate * tick_s` trades, one pipeline, and return how many."""
-    count = max(1, round(rate * tick_s))
-    trades = engine.trades()
-    return publish_trades(client, settings.keys, (next(trades) for _ in range(count)))
-
-
-def live_line(status: dict[str, Any], published: int, elapsed_s: float) -> str:
-    """One line of what is happening now."""
-    cases, trades = status["cases"], status["trades"]
-    counters = status["counters"]
-    by_priority = " ".join(f"P{p}:{n}" for p, n in cases["queued_by_priority"].items())
-    return (
-        f"[{elapsed_s:5.1f}s] published {published} | wins {counters.get('wins', 0)} "
-        f"losses {counters.get('losses', 0)} | cases {by_priority} | "
-        f"dead letters {trades['dead_letters']} | pending {trades['pending']}"
+def publish_first_model(client: redis.Redis, settings: Settings) -> int:
+    """Publish the seeded initial weights as the first checkpoint unless one exists, so the
+    engine gets signals from its first trade; trainers start from the same weights."""
+    registry = CheckpointRegistry(
+        client, settings.keys, Archive(settings.data_dir), settings.keep_checkpoints
     )
+    with registry.publish_lock():
+        latest = registry.latest_version()
+        if latest is not None:
+            return latest
+        spec = spec_from_settings(settings)
+        torch.manual_seed(settings.seed)
+        weights = weights_bytes(state_of(build_model(spec)))
+        meta = {
+            "feature_count": settings.feature_count,
+            "model_spec": spec.to_dict(),
+            "case_ids": [],
+            "metrics": {"note": "seeded initial weights, before any training"},
+        }
+        return registry.publish(weights, sha256_hex(weights), meta, None, trainer="demo")
 
 
-def summarize(status: dict[str, Any], published: int, duration_s: float) -> dict[str, Any]:
+@dataclass
+class EventTally:
+    """Counts of what happened, read incrementally from `<ns>:events`."""
+
+    keys: Keys
+    cursor: bytes | str = "0-0"
+    types: Counter[str] = field(default_factory=Counter)
+    cases_by_priority: Counter[str] = field(default_factory=Counter)
+    sessions: Counter[str] = field(default_factory=Counter)
+    loaded_versions: list[int] = field(default_factory=list)
+
+    def update(self, client: redis.Redis) -> None:
+        """Read every event since the last update."""
+        while reply := client.xread({self.keys.events: self.cursor}, count=5000):
+            for entry_id, fields in reply[0][1]:
+                self.cursor = entry_id
+                self._count(fields)
+
+    def _count(self, fields: dict[bytes, bytes]) -> None:
+        kind = fields.get(b"type", b"").decode()
+        self.types[kind] += 1
+        if kind == "case_added":
+            self.cases_by_priority[fields.get(b"priority", b"?").decode()] += 1
+        elif kind == "training_completed":
+            self.sessions[fields.get(b"outcome", b"?").decode()] += 1
+        elif kind == "checkpoint_loaded":
+            self.loaded_versions.append(int(fields[b"version"]))
+
+
+@dataclass
+class TradingEngine:
+    """The demo's trading engine: a signal before each trade, then the trade-close event."""
+
+    client: redis.Redis
+    settings: Settings
+    engine: SyntheticEngine
+    signals: SignalClient
+    trades: int = 0
+    holds: int = 0
+    failed_signals: int = 0
+
+    def trade(self, count: int) -> None:
+        """Open and close `count` positions (or hold), publishing the events in one pipeline."""
+        closed = []
+        for _ in range(count):
+            situation = self.engine.market.situation()
+            decision = self._decide(situation)
+            if decision is None:
+                continue
+            side, version = decision
+            closed.append(self.engine.closed_trade(situation, side, version))
+        self.trades += publish_trades(self.client, self.settings.keys, closed)
+
+    def _decide(self, situation: Situation) -> tuple[str, int | None] | None:
+        try:
+            signal = self.signals.request(situation.features, timeout_s=5.0)
+        except (SignalTimeout, SignalRequestError) as error:
+            # A real engine falls back to its own rule; this one stays out of the market.
+            self.failed_signals += 1
+            print(f"demo: signal request failed: {error}", file=sys.stderr)
+            return None
+        if signal.action == "HOLD":
+            self.holds += 1
+            return None
+        return signal.action, signal.model_version
+
+
+def held_out_loss_rate(
+    registry: CheckpointRegistry, version: int, situations: list[Situation], settings: Settings
+) -> dict[str, Any]:
+    """Replay the fixed held-out situations against one model version: how often it trades,
+    and how often those trades lose."""
+    model = build_model(spec_from_settings(settings))
+    load_verified(registry.fetch_anywhere(version), model, settings.feature_count)
+    model.eval()
+    features = torch.tensor([s.features for s in situations], dtype=torch.float32)
+    with torch.inference_mode():
+        actions = model(features).argmax(dim=1).tolist()
+    trades = losses = 0
+    for situation, action in zip(situations, actions, strict=True):
+        side = ACTIONS[action]
+        if side == "HOLD":
+            continue
+        trades += 1
+        losses += pnl_pct(side, situation.move_pct) < 0
+    return {
+        "version": version,
+        "situations": len(situations),
+        "trades": trades,
+        "losses": losses,
+        "loss_rate": round(losses / trades, 4) if trades else None,
+    }
+
+
+def live_loss_rates(models: dict[str, dict[str, float]], first: int) -> dict[str, Any]:
+    """Loss rate on the engine's own trades: the first model against the latest one that
+    made enough trades to say."""
+    versions = sorted(int(v) for v, row in models.items()
+                      if v != "none" and row.get("trades", 0) >= MIN_TRADES_FOR_RATE)  # fmt: skip
+    latest = versions[-1] if versions else None
+
+    def row(version: int | None) -> dict[str, Any] | None:
+        if version is None or str(version) not in models:
+            return None
+        r = models[str(version)]
+        return {"version": version, "trades": r.get("trades", 0), "losses": r.get("losses", 0),
+                "loss_rate": r["loss_rate"]}  # fmt: skip
+
+    return {"first": row(first), "latest": row(latest)}
+
+
+@dataclass
+class Screen:
+    """Live output: redrawn in place on a terminal, plain lines otherwise, none for --json."""
+
+    quiet: bool
+    redraw: bool = field(default_factory=lambda: sys.stdout.isatty())
+
+    def show(self, lines: list[str]) -> None:
+        """Print the current state."""
+        if self.quiet:
+            return
+        if self.redraw:
+            sys.stdout.write("\x1b[H\x1b[J" + "\n".join(lines) + "\n")
+        else:
+            sys.stdout.write(" | ".join(lines[1:4]) + "\n")
+        sys.stdout.flush()
+
+    def say(self, line: str) -> None:
+        """A message outside the live view."""
+        if not self.quiet:
+            print(line, flush=True)
+
+
+def live_view(
+    elapsed_s: float,
+    duration_s: float,
+    trading: TradingEngine,
+    tally: EventTally,
+    status: dict[str, Any],
+    first_version: int,
+) -> list[str]:
+    """The lines of the live view."""
+    counters, cases = status["counters"], status["cases"]
+    priorities = "  ".join(f"P{p} {tally.cases_by_priority.get(p, 0)}" for p in "54321")
+    sessions = tally.sessions
+    rates = live_loss_rates(status["models"], first_version)
+    first, latest = rates["first"], rates["latest"]
+    return [
+        f"negcase demo  {elapsed_s:5.1f} s / {duration_s:.0f} s",
+        f"trades {trading.trades:>6}  wins {counters.get('wins', 0):>5}  losses "
+        f"{counters.get('losses', 0):>5}  holds {trading.holds:>4}  signals failed "
+        f"{trading.failed_signals}",
+        f"cases  {priorities}   queue {cases['queued']} | leased {cases['leased']} | done "
+        f"{cases['done']} | dead {cases['dead']}",
+        f"training {sum(sessions.values())} sessions ({sessions.get('published', 0)} published, "
+        f"{sessions.get('rejected', 0)} rejected)  checkpoint v{status['latest_checkpoint']}  "
+        f"reloads {len(tally.loaded_versions)}  dead letters {status['trades']['dead_letters']}",
+        "loss rate  " + _rate_text("first", first) + "   " + _rate_text("latest", latest),
+    ]
+
+
+def _rate_text(label: str, row: dict[str, Any] | None) -> str:
+    if row is None:
+        return f"{label}: (too few trades yet)"
+    return f"{label} v{row['version']}: {row['loss_rate']:.1%} of {row['trades']} trades"
+
+
+def summarize(
+    status: dict[str, Any],
+    trading: TradingEngine,
+    tally: EventTally,
+    held_out: dict[str, Any],
+    first_version: int,
+    duration_s: float,
+    exit_codes: dict[str, int],
+) -> dict[str, Any]:
     """The end-of-demo summary (also the --json output)."""
     counters = status["counters"]
     return {
         "duration_s": round(duration_s, 1),
-        "trades_published": published,
+        "trades_published": trading.trades,
+        "holds": trading.holds,
+        "signal_requests_failed": trading.failed_signals,
         "trades_valid": counters.get("trades", 0),
         "wins": counters.get("wins", 0),
         "losses": counters.get("losses", 0),
-        "cases_by_priority": status["cases"]["queued_by_priority"],
-        "cases_total": status["cases"]["total"],
-        "cases_without_features": status["cases"]["without_features"],
+        "cases_by_priority": {p: tally.cases_by_priority.get(p, 0) for p in "54321"},
+        "cases": {k: status["cases"][k] for k in ("total", "queued", "leased", "done", "dead")},
         "dead_letters": status["trades"]["dead_letters"],
-        "pending_after_stop": status["trades"]["pending"],
+        "training_sessions": dict(tally.sessions),
+        "checkpoint_versions": status["latest_checkpoint"],
+        "checkpoints_published": tally.types.get("checkpoint_published", 0),
+        "reloads": len(tally.loaded_versions),
+        "checkpoints_rejected_by_inference": tally.types.get("checkpoint_rejected", 0),
+        "loss_rate_live": live_loss_rates(status["models"], first_version),
+        "loss_rate_held_out": held_out,
         "per_model_version": status["models"],
+        "worker_exit_codes": exit_codes,
     }
 
 
 def render_summary(summary: dict[str, Any]) -> str:
     """The summary for people."""
+    held, live = summary["loss_rate_held_out"], summary["loss_rate_live"]
     by_priority = ", ".join(f"P{p} {n}" for p, n in summary["cases_by_priority"].items())
+
+    def held_text(row: dict[str, Any]) -> str:
+        rate = "n/a" if row["loss_rate"] is None else f"{row['loss_rate']:.1%}"
+        return f"v{row['version']} {rate} ({row['trades']} of {row['situations']} traded)"
+
     return "\n".join(
         [
             f"summary after {summary['duration_s']} s",
-            f"  trades published  {summary['trades_published']} "
-            f"({summary['trades_valid']} valid: {summary['wins']} wins, "
-            f"{summary['losses']} losses)",
-            f"  negative cases    {summary['cases_total']} queued for training ({by_priority}), "
-            f"{summary['cases_without_features']} without features",
+            f"  trades            {summary['trades_published']} published "
+            f"({summary['wins']} wins, {summary['losses']} losses), {summary['holds']} holds, "
+            f"{summary['signal_requests_failed']} failed signal requests",
+            f"  negative cases    {by_priority}",
+            f"  case queue        {summary['cases']}",
+            f"  training          {summary['training_sessions']}",
+            f"  checkpoints       latest v{summary['checkpoint_versions']}, "
+            f"{summary['reloads']} reloads by the inference worker",
             f"  dead letters      {summary['dead_letters']} malformed events, each with a reason",
-            f"  left pending      {summary['pending_after_stop']}",
+            f"  loss rate, held-out situations: first {held_text(held['first'])} -> latest "
+            f"{held_text(held['latest'])}",
+            "  loss rate, the engine's own trades: "
+            + _rate_text("first", live["first"])
+            + " -> "
+            + _rate_text("latest", live["latest"]),
             f"  workers stopped   {summary['worker_exit_codes']}",
         ]
     )
-
-
-def wait_for_drain(client: redis.Redis, settings: Settings, timeout_s: float) -> None:
-    """Give the detector time to handle what was published before it is stopped."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        trades = gather_status(client, settings.keys)["trades"]
-        if trades["pending"] == 0 and not trades["lag"]:
-            return
-        time.sleep(0.1)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -116,17 +331,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         parents=[common_options()],
         help="run the whole loop on a local Redis with a synthetic trading engine",
         description=(
-            "Start a local redis-server (unless NEGCASE_REDIS_URL is set), a loss detector "
-            "process, and a synthetic trading engine that publishes realistic trades "
-            "(several symbols, both sides, leverage, fees, a share of malformed events). "
-            "Shows cases arriving by priority, then prints a summary and stops everything "
-            "it started. The archive is left in --data-dir (default testcases/negative)."
+            "Start a local redis-server (unless NEGCASE_REDIS_URL is set), one loss detector, "
+            "two trainers and one inference worker as real processes, and a synthetic trading "
+            "engine that asks for a signal before each trade on a simulated market whose "
+            "hidden rule can be learnt (several symbols, drifting regimes, leverage and fees, "
+            "a share of malformed events). Shows the loop live, then prints a summary with the "
+            "loss rate of the first model against the latest, and stops everything it started. "
+            "The archive is left in --data-dir (default testcases/negative)."
         ),
     )
-    parser.add_argument("--duration", type=float, default=60.0, help="seconds to run (60)")
-    parser.add_argument("--rate", type=float, default=50.0, help="trades per second (50)")
+    parser.add_argument("--duration", type=float, default=60.0, help="seconds to trade (60)")
+    parser.add_argument("--rate", type=float, default=40.0, help="trades tried per second (40)")
     parser.add_argument("--seed", type=int, default=7, help="market seed (7)")
-    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.add_argument("--json", action="store_true", help="print only the summary, as JSON")
     parser.set_defaults(run=run_demo)
 
 
@@ -134,35 +351,89 @@ def run_demo(args: argparse.Namespace) -> int:
     """Run the demo to the end of --duration or Ctrl-C."""
     if args.duration <= 0 or args.rate <= 0:
         raise CommandError("--duration and --rate must be positive")
+    screen = Screen(quiet=args.json)
     with demo_redis(settings_from(args)) as settings:
         client = connect(settings.redis_url or "")
-        supervisor = Supervisor(settings, settings.data_dir.parent / ".demo-logs")
+        screen.say(f"negcase demo: Redis {settings.redis_url}, archive {settings.data_dir}")
+        first_version = publish_first_model(client, settings)
+        supervisor = Supervisor(settings, settings.data_dir / "logs")
+        run_id = time.strftime("%Y%m%d%H%M%S")
         market = Market(feature_count=settings.feature_count, seed=args.seed)
-        engine = SyntheticEngine(market, random_side(np.random.default_rng(args.seed)))
-        say = (lambda _line: None) if args.json else print
-        say(f"negcase demo: Redis {settings.redis_url}, archive {settings.data_dir}")
-        published = 0
+        trading = TradingEngine(
+            client, settings, SyntheticEngine(market, prefix=f"demo-{run_id}"),
+            SignalClient(client, settings.namespace, settings.feature_count),
+        )  # fmt: skip
+        tally = EventTally(settings.keys)
         started = time.monotonic()
         try:
-            supervisor.start("detector", "detect", "--consumer", "demo-detector")
+            start_workers(supervisor)
+            screen.say("waiting for the workers to start ...")
+            wait_for_signals(trading.signals, settings.feature_count, supervisor, timeout_s=120)
+            started = time.monotonic()
+            next_view_s = started
             while (elapsed := time.monotonic() - started) < args.duration:
-                published += publish_paced(client, settings, engine, args.rate, REFRESH_S)
+                trading.trade(max(1, round(args.rate * TICK_S)))
                 if crashed := supervisor.exited():
-                    raise CommandError(f"a worker exited early: {crashed} (see its log)")
-                time.sleep(REFRESH_S)
-                say(live_line(gather_status(client, settings.keys), published, elapsed))
-            wait_for_drain(client, settings, timeout_s=15.0)
+                    raise CommandError(
+                        f"a worker exited early: {crashed} (logs in {supervisor.log_dir})"
+                    )
+                time.sleep(max(0.0, TICK_S - (time.monotonic() - started - elapsed)))
+                if time.monotonic() >= next_view_s:
+                    tally.update(client)
+                    status = gather_status(client, settings.keys)
+                    screen.show(
+                        live_view(elapsed, args.duration, trading, tally, status, first_version)
+                    )
+                    next_view_s += 1.0
+            wait_for_detector(client, settings, timeout_s=15.0)
         except KeyboardInterrupt:
-            say("interrupted: stopping")
+            screen.say("interrupted: stopping")
         finally:
-            codes = supervisor.stop_all()
-        summary = summarize(
-            gather_status(client, settings.keys), published, time.monotonic() - started
-        )
-        summary["worker_exit_codes"] = codes
-        print(
-            orjson.dumps(summary, option=orjson.OPT_INDENT_2).decode()
-            if args.json
-            else render_summary(summary)
-        )
-        return 0 if all(code == 0 for code in codes.values()) else 1
+            exit_codes = supervisor.stop_all()
+        duration_s = time.monotonic() - started
+        tally.update(client)
+        status = gather_status(client, settings.keys)
+        registry = CheckpointRegistry(client, settings.keys, Archive(settings.data_dir))
+        situations = held_out_situations(args.seed, settings.feature_count, HELD_OUT_PER_REGIME)
+        held_out = {
+            "first": held_out_loss_rate(registry, first_version, situations, settings),
+            "latest": held_out_loss_rate(
+                registry, status["latest_checkpoint"], situations, settings
+            ),
+        }
+        summary = summarize(status, trading, tally, held_out, first_version, duration_s, exit_codes)
+        print(orjson.dumps(summary, option=orjson.OPT_INDENT_2).decode() if args.json
+              else render_summary(summary))  # fmt: skip
+        return 0 if all(code == 0 for code in exit_codes.values()) else 1
+
+
+def start_workers(supervisor: Supervisor) -> None:
+    """One detector, two trainers (claiming four cases at a time), one inference worker."""
+    supervisor.start("detector", "detect", "--consumer", "demo-detector", "--block-ms", "200")
+    for n in (1, 2):
+        supervisor.start(f"trainer-{n}", "train", "--name", f"demo-trainer-{n}", "--batch", "4")
+    supervisor.start("inference", "serve", "--consumer", "demo-inference", "--block-ms", "200")
+
+
+def wait_for_signals(
+    signals: SignalClient, feature_count: int, supervisor: Supervisor, timeout_s: float
+) -> None:
+    """Block until the inference worker answers, so no trade waits on a worker's start-up."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if crashed := supervisor.exited():
+            raise CommandError(f"a worker exited early: {crashed} (logs in {supervisor.log_dir})")
+        with contextlib.suppress(SignalTimeout, SignalRequestError):
+            signals.request([0.0] * feature_count, timeout_s=1.0)
+            return
+    raise CommandError(f"the inference worker did not answer within {timeout_s:.0f} s")
+
+
+def wait_for_detector(client: redis.Redis, settings: Settings, timeout_s: float) -> None:
+    """Give the detector time to handle the last trades before it is stopped."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        trades = gather_status(client, settings.keys)["trades"]
+        if trades["pending"] == 0 and not trades["lag"]:
+            return
+        time.sleep(0.1)

@@ -42,6 +42,9 @@ class Supervisor:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
+                # Its own session: a Ctrl-C at the terminal reaches the supervisor only, which
+                # then stops each child once, gracefully.
+                start_new_session=True,
             )
         self.processes[name] = process
         return process

@@ -5,101 +5,292 @@ from __future__ import annotations
 import argparse
 import socket
 import sys
+import textwrap
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import msgpack
 import orjson
 import redis
+from redis.client import Pipeline
 
 from schemas.event import EVENT_TYPES, Event
-from store.cases import RATE_BUCKET_S, rate_bucket_s
+from store.cases import RATE_BUCKET_S, rate_bucket_s, version_label
 from store.health import live_workers
-from store.keys import DETECTOR_GROUP, Keys
-from store.queue import score_range
+from store.keys import DETECTOR_GROUP, INFERENCE_GROUP, Keys
+from store.queue import priority_of_score, queue_counts, score_range
 from workers.options import CommandError, common_options, redis_client, settings_from
 
 RATE_WINDOW_S = 60
 PRIORITIES = (5, 4, 3, 2, 1)
 RATE_FIELDS = ("trades", "losses", "cases_added", "dead_lettered")
+LEASES_SHOWN = 10
+REASONS_SHOWN = 3
+CHECKPOINTS_SHOWN = 5
+# XINFO GROUPS has no `lag` before Redis 7, and from 7 on it is nil once entries were deleted
+# (inference XDELs what it answered): the undelivered entries are then counted with an
+# exclusive XRANGE, which reads them, so it stops at this many.
+LAG_COUNT_CAP = 10_000
+
+Reads = dict[str, Callable[[Pipeline], object]]
+
+
+@dataclass(frozen=True, slots=True)
+class GroupStream:
+    """A stream read by a consumer group, and the stream its unusable entries go to."""
+
+    section: str
+    stream: str
+    group: str
+    dead: str
+
+
+def group_streams(keys: Keys) -> tuple[GroupStream, ...]:
+    """The trade stream (detectors) and the signal request stream (inference)."""
+    return (
+        GroupStream("trades", keys.trades, DETECTOR_GROUP, keys.trades_dead),
+        GroupStream("signals", keys.requests, INFERENCE_GROUP, keys.requests_dead),
+    )
 
 
 def gather_status(client: redis.Redis, keys: Keys) -> dict[str, Any]:
-    """Everything `negcase status` shows, read in two round trips."""
-    now_s = time.time()
-    buckets = [
-        keys.rate_bucket(rate_bucket_s(now_s) - RATE_BUCKET_S * back)
-        for back in range(1, RATE_WINDOW_S // RATE_BUCKET_S + 1)
-    ]
-    pipe = client.pipeline(transaction=False)
-    pipe.xlen(keys.trades)
-    pipe.xlen(keys.trades_dead)
-    pipe.xrevrange(keys.trades_dead, count=3)
-    pipe.hgetall(keys.stats)
-    pipe.scard(keys.cases)
-    pipe.scard(keys.featureless)
-    pipe.zcard(keys.queue)
-    for priority in PRIORITIES:
-        pipe.zcount(keys.queue, *score_range(priority))
-    pipe.zcard(keys.leased)
-    pipe.scard(keys.done)
-    pipe.hlen(keys.dead)
-    pipe.get(keys.latest)
-    for bucket in buckets:
-        pipe.hmget(bucket, RATE_FIELDS)
-    (
-        stream_length, dead_letters, latest_dead, stats, total, featureless, queued,
-        p5, p4, p3, p2, p1, leased, done, dead, latest, *rate_rows,
-    ) = pipe.execute()  # fmt: skip
-    counters = {k.decode(): _number(v) for k, v in stats.items()}
+    """Everything `negcase status` shows: one MULTI for the case counts, one pipeline of
+    independent reads, one of the reads that depend on those, and the health-key SCAN."""
+    counts = queue_counts(client, keys)  # one MULTI: the conservation check is exact
+    streams = group_streams(keys)
+    first = _pipelined(client, _first_reads(keys, streams), may_fail=_group_reads(streams))
+    second = _pipelined(client, _second_reads(keys, streams, first))
+    now_ms = first["time"][0] * 1000 + first["time"][1] // 1000
+    counters = {k.decode(): _number(v) for k, v in first["stats"].items()}
+    workers = live_workers(client, keys)
     return {
         "namespace": keys.namespace,
-        "trades": {
-            "stream_length": stream_length,
-            **_detector_group(client, keys),
-            "dead_letters": dead_letters,
-            "latest_dead_reasons": [
-                (fields.get(b"dead:reason") or b"").decode("utf-8", "replace")
-                for _, fields in latest_dead
-            ],
-        },
-        "cases": {
-            "total": total,
-            "queued": queued,
-            "leased": leased,
-            "done": done,
-            "dead": dead,
-            "without_features": featureless,
-            "queued_by_priority": {"5": p5, "4": p4, "3": p3, "2": p2, "1": p1},
-        },
-        "rates_per_s": _rates(rate_rows),
+        "redis_time_ms": now_ms,
+        **{s.section: _stream_status(s, first, second) for s in streams},
+        "cases": _case_status(counts, first),
+        "leases": _lease_rows(first["leased"], second.get("lease_records", []), now_ms),
+        "rates_per_s": _rates([first[f"rate:{i}"] for i in range(_rate_buckets())]),
         "counters": {k: v for k, v in sorted(counters.items()) if not k.startswith("model:")},
         "models": per_model_version(counters),
-        "latest_checkpoint": int(latest) if latest else None,
+        "latest_checkpoint": _int_or_none(first["latest"]),
+        "checkpoints": _checkpoint_rows(first["versions"], second),
+        "workers": _worker_rows(workers, now_ms),
+        "workers_alive": _alive_by_kind(workers),
+        "serving": serving_versions(workers),
     }
 
 
-def _detector_group(client: redis.Redis, keys: Keys) -> dict[str, Any]:
-    try:
-        groups = client.xinfo_groups(keys.trades)
-    except redis.ResponseError:  # no stream yet
-        groups = []
-    group = next(
-        (g for g in groups if g["name"] in (DETECTOR_GROUP, DETECTOR_GROUP.encode())), None
-    )
-    if group is None:
-        return {"pending": 0, "consumers": 0, "lag": None, "oldest_pending_idle_ms": None}
-    oldest = client.xpending_range(keys.trades, DETECTOR_GROUP, "-", "+", 1)
-    lag = group.get("lag")
-    if lag is None:  # Redis 6.2 has no lag field: count what was not delivered yet, capped.
-        last = group["last-delivered-id"].decode()
-        lag = len(client.xrange(keys.trades, min=f"({last}", count=10_000))
+def _pipelined(
+    client: redis.Redis, reads: Reads, may_fail: frozenset[str] = frozenset()
+) -> dict[str, Any]:
+    """Run `reads` in one round trip; their replies by name. A read named in `may_fail`
+    gets its error as its reply (XINFO on a stream nobody created yet)."""
+    if not reads:
+        return {}
+    pipe = client.pipeline(transaction=False)
+    for queue in reads.values():
+        queue(pipe)
+    replies = dict(zip(reads, pipe.execute(raise_on_error=False), strict=True))
+    for name, reply in replies.items():
+        if isinstance(reply, Exception) and name not in may_fail:
+            raise reply
+    return replies
+
+
+def _rate_buckets() -> int:
+    return RATE_WINDOW_S // RATE_BUCKET_S
+
+
+def _group_reads(streams: Sequence[GroupStream]) -> frozenset[str]:
+    return frozenset(f"{s.section}:{read}" for s in streams for read in ("groups", "oldest"))
+
+
+def _first_reads(keys: Keys, streams: Sequence[GroupStream]) -> Reads:
+    """Every read that needs nothing read before it."""
+    newest_bucket_s = rate_bucket_s(time.time())
+    reads: Reads = {
+        "time": lambda p: p.time(),
+        "stats": lambda p: p.hgetall(keys.stats),
+        "featureless": lambda p: p.scard(keys.featureless),
+        # HSCAN's first page: a sample of reasons, since a hash keeps no order.
+        "dead_reasons": lambda p: p.hscan(keys.dead, 0, count=REASONS_SHOWN),
+        "rejected_reasons": lambda p: p.hscan(keys.rejected, 0, count=REASONS_SHOWN),
+        # Soonest deadline first: expired leases the reaper has not returned yet lead.
+        "leased": lambda p: p.zrange(keys.leased, 0, LEASES_SHOWN - 1, withscores=True),
+        "latest": lambda p: p.get(keys.latest),
+        "versions": lambda p: p.zrevrange(keys.versions, 0, CHECKPOINTS_SHOWN - 1),
+    }
+    for priority in PRIORITIES:
+        reads[f"priority:{priority}"] = lambda p, n=priority: p.zcount(keys.queue, *score_range(n))
+    for back in range(_rate_buckets()):
+        bucket = keys.rate_bucket(newest_bucket_s - RATE_BUCKET_S * (back + 1))
+        reads[f"rate:{back}"] = lambda p, key=bucket: p.hmget(key, RATE_FIELDS)
+    for s in streams:
+        reads |= {
+            f"{s.section}:length": lambda p, s=s: p.xlen(s.stream),
+            f"{s.section}:groups": lambda p, s=s: p.xinfo_groups(s.stream),
+            f"{s.section}:oldest": lambda p, s=s: p.xpending_range(s.stream, s.group, "-", "+", 1),
+            f"{s.section}:dead_length": lambda p, s=s: p.xlen(s.dead),
+            f"{s.section}:dead_latest": lambda p, s=s: p.xrevrange(s.dead, count=REASONS_SHOWN),
+        }
+    return reads
+
+
+def _second_reads(keys: Keys, streams: Sequence[GroupStream], first: dict[str, Any]) -> Reads:
+    """The reads that need the first round's replies: lease records, checkpoint metadata,
+    and the lag that Redis 6.2 does not report."""
+    reads: Reads = {}
+    case_ids = [case_id for case_id, _ in first["leased"]]
+    if case_ids:
+        reads["lease_records"] = lambda p: p.hmget(keys.leases, case_ids)
+    for raw in first["versions"]:
+        key = keys.checkpoint(int(raw))
+        reads[f"meta:{int(raw)}"] = lambda p, key=key: p.hget(key, "meta")
+    for s in streams:
+        group = _group_info(first[f"{s.section}:groups"], s.group)
+        if group is not None and group.get("lag") is None:
+            since = f"({_text(group['last-delivered-id'])}"
+            reads[f"{s.section}:undelivered"] = lambda p, s=s, since=since: p.xrange(
+                s.stream, min=since, count=LAG_COUNT_CAP
+            )
+    return reads
+
+
+def _group_info(groups: list[dict[str, Any]] | Exception, name: str) -> dict[str, Any] | None:
+    if isinstance(groups, Exception):  # no stream yet
+        return None
+    return next((g for g in groups if _text(g["name"]) == name), None)
+
+
+def _stream_status(s: GroupStream, first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
+    """A stream, its consumer group's backlog, and its latest dead letters."""
+    group = _group_info(first[f"{s.section}:groups"], s.group)
+    lag = None if group is None else group.get("lag")
+    if group is not None and lag is None:
+        lag = len(second[f"{s.section}:undelivered"])
     return {
-        "pending": group["pending"],
-        "consumers": group["consumers"],
+        "stream_length": first[f"{s.section}:length"],
+        "group": s.group,
+        "pending": 0 if group is None else group["pending"],
         "lag": lag,
-        "oldest_pending_idle_ms": oldest[0]["time_since_delivered"] if oldest else None,
+        "lag_capped": lag == LAG_COUNT_CAP,
+        "consumers": 0 if group is None else group["consumers"],
+        "oldest_pending_idle_ms": _idle_ms(first[f"{s.section}:oldest"]),
+        "dead_letters": first[f"{s.section}:dead_length"],
+        "latest_dead_reasons": [
+            _text(fields.get(b"dead:reason", b""))
+            for _, fields in first[f"{s.section}:dead_latest"]
+        ],
     }
+
+
+def _idle_ms(oldest: list[dict[str, Any]] | Exception) -> int | None:
+    """How long the oldest pending entry has waited since delivery; None when none is
+    pending (or there is no group yet)."""
+    if isinstance(oldest, Exception) or not oldest:
+        return None
+    return oldest[0]["time_since_delivered"]
+
+
+def _case_status(counts: dict[str, int], first: dict[str, Any]) -> dict[str, Any]:
+    """Queue counts with the conservation check, queued by priority, dead and rejected
+    reasons."""
+    accounted = counts["queued"] + counts["leased"] + counts["done"] + counts["dead"]
+    return {
+        **counts,
+        "conserved": accounted == counts["total"],
+        "without_features": first["featureless"],
+        "queued_by_priority": {str(p): first[f"priority:{p}"] for p in PRIORITIES},
+        "dead_reasons": _reasons(first["dead_reasons"]),
+        "rejected_reasons": _reasons(first["rejected_reasons"]),
+    }
+
+
+def _reasons(page: tuple[int, dict[bytes, bytes]]) -> dict[str, str]:
+    _, reasons = page
+    return {_text(k): _text(v) for k, v in list(reasons.items())[:REASONS_SHOWN]}
+
+
+def _lease_rows(
+    leased: list[tuple[bytes, float]], records: list[bytes | None], now_ms: int
+) -> list[dict[str, Any]]:
+    """Leases, soonest deadline first: who holds which case, and for how much longer."""
+    rows = []
+    for (case_id, deadline_ms), record in zip(leased, records, strict=True):
+        if record is None:  # acked or reaped between the two round trips
+            continue
+        # The claim script packs it with Redis's cmsgpack: strings come as msgpack str.
+        lease = msgpack.unpackb(record, raw=False)
+        rows.append({
+            "case_id": _text(case_id),
+            "worker": lease["worker"],
+            "attempts": lease["attempts"],
+            "priority": priority_of_score(float(lease["score"])),
+            "token": lease["token"],
+            "deadline_ms": int(deadline_ms),
+            "deadline_in_s": round((deadline_ms - now_ms) / 1000, 3),
+            # As the scripts judge it: a lease holds while its deadline is ahead of TIME.
+            "expired": deadline_ms <= now_ms,
+        })  # fmt: skip
+    return rows
+
+
+def _checkpoint_rows(versions: list[bytes], second: dict[str, Any]) -> list[dict[str, Any]]:
+    """The newest checkpoints in Redis with their lineage and metrics."""
+    rows = []
+    for raw in versions:
+        version = int(raw)
+        # None when it was trimmed between the two round trips.
+        meta = orjson.loads(second[f"meta:{version}"] or b"{}")
+        rows.append({
+            "version": version,
+            "parent_version": meta.get("parent_version"),
+            "created_at_ms": meta.get("created_at_ms"),
+            "trainer": meta.get("trainer"),
+            "cases": len(meta.get("case_ids") or ()),
+            "metrics": meta.get("metrics") or {},
+        })  # fmt: skip
+    return rows
+
+
+def worker_name(record: dict[str, Any]) -> str:
+    """How a health record names its worker: consumer or trainer name, else host:pid."""
+    return (
+        record.get("consumer") or record.get("name") or f"{record.get('host')}:{record.get('pid')}"
+    )
+
+
+def serving_versions(workers: Iterable[dict[str, Any]]) -> dict[str, list[str]]:
+    """Which inference workers serve which model version ('none': no model loaded yet)."""
+    serving: dict[str, list[str]] = {}
+    for record in workers:
+        if record.get("kind") == "inference":
+            label = version_label(record.get("version"))
+            serving.setdefault(label, []).append(worker_name(record))
+    return dict(sorted(serving.items(), key=lambda item: _version_order(item[0]), reverse=True))
+
+
+def _worker_rows(workers: list[dict[str, Any]], now_ms: int) -> list[dict[str, Any]]:
+    return [
+        {
+            "kind": record.get("kind"),
+            "name": worker_name(record),
+            "host": record.get("host"),
+            "pid": record.get("pid"),
+            "version": record.get("version"),
+            "beat_age_s": round((now_ms - record.get("at_ms", now_ms)) / 1000, 1),
+        }
+        for record in workers
+    ]
+
+
+def _alive_by_kind(workers: list[dict[str, Any]]) -> dict[str, int]:
+    alive: dict[str, int] = {}
+    for record in workers:
+        alive[record.get("kind", "?")] = alive.get(record.get("kind", "?"), 0) + 1
+    return alive
 
 
 def _rates(rows: list[list[bytes | None]]) -> dict[str, float]:
@@ -111,15 +302,15 @@ def _rates(rows: list[list[bytes | None]]) -> dict[str, float]:
 
 
 def per_model_version(counters: dict[str, float]) -> dict[str, dict[str, float]]:
-    """Trades, losses, loss rate and mean loss per model_version, from the stats counters."""
+    """Trades, losses, loss rate, mean loss and signals answered per model_version, from the
+    stats counters."""
     models: dict[str, dict[str, float]] = {}
     for name, value in counters.items():
         if name.startswith("model:"):
             _, version, field = name.split(":", 2)
-            models.setdefault(version, {})[field] = value
+            models.setdefault(version, {"trades": 0, "losses": 0, "signals": 0})[field] = value
     for row in models.values():
-        trades = row.get("trades", 0)
-        losses = row.get("losses", 0)
+        trades, losses = row["trades"], row["losses"]
         row["loss_rate"] = round(losses / trades, 4) if trades else 0.0
         row["mean_loss_pct"] = round(row.pop("loss_pct_sum", 0) / losses, 4) if losses else 0.0
     return dict(sorted(models.items(), key=lambda item: _version_order(item[0])))
@@ -134,46 +325,178 @@ def _number(raw: bytes) -> float:
     return int(value) if value.is_integer() else value
 
 
+def _int_or_none(raw: bytes | None) -> int | None:
+    return None if raw is None else int(raw)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
+# --- rendering ------------------------------------------------------------------------
+
+
 def render_status(status: dict[str, Any]) -> str:
-    """The status as text for people."""
-    trades, cases, rates = status["trades"], status["cases"], status["rates_per_s"]
-    idle = trades["oldest_pending_idle_ms"]
-    lines = [
-        f"namespace {status['namespace']}",
-        f"trades stream  {trades['stream_length']} entries | pending {trades['pending']}"
-        + (f" (oldest idle {idle / 1000:.1f}s)" if idle is not None else "")
-        + f" | lag {trades['lag']} | detectors {trades['consumers']}",
-        f"rates (60 s)   {rates['trades']:.1f} trades/s | {rates['losses']:.1f} losses/s | "
-        f"{rates['cases_added']:.1f} cases/s | {rates['dead_lettered']:.1f} dead letters/s",
-        f"cases          {cases['total']} trainable = {cases['queued']} queued + "
-        f"{cases['leased']} leased + {cases['done']} done + {cases['dead']} dead"
-        f" | {cases['without_features']} without features (archived only)",
-        "queued by priority  "
-        + "  ".join(f"P{p}: {n}" for p, n in cases["queued_by_priority"].items()),
-        f"dead letters   {trades['dead_letters']}"
-        + "".join(f"\n  latest: {reason}" for reason in trades["latest_dead_reasons"]),
-        f"latest checkpoint  {status['latest_checkpoint'] or 'none'}",
-        "per model version  trades  losses  loss rate  mean loss",
+    """The status as text for people: one section per question, columns aligned."""
+    sections = [
+        _render_header(status),
+        _render_streams(status),
+        _render_rates(status["rates_per_s"]),
+        _render_cases(status["cases"]),
+        _render_leases(status["leases"], status["cases"]["leased"]),
+        _render_checkpoints(status),
+        _render_workers(status),
+        _render_models(status["models"]),
+        _render_counters(status["counters"]),
     ]
-    for version, row in status["models"].items():
-        lines.append(
-            f"  {version:>16}  {row.get('trades', 0):>6}  {row.get('losses', 0):>6}  "
-            f"{row['loss_rate']:>9.1%}  {row['mean_loss_pct']:>8.2f}%"
-        )
-    counters = status["counters"]
-    lines.append("counters       " + ", ".join(f"{k}={v}" for k, v in counters.items()))
-    return "\n".join(lines)
+    return "\n\n".join("\n".join(lines) for lines in sections)
+
+
+def _render_header(status: dict[str, Any]) -> list[str]:
+    at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(status["redis_time_ms"] / 1000))
+    return [f"negcase status | namespace {status['namespace']} | {at} (Redis time)"]
+
+
+def _render_streams(status: dict[str, Any]) -> list[str]:
+    rows = [["streams", "group", "entries", "pending", "oldest idle", "lag", "consumers", "dead"]]
+    reasons = []
+    for section in ("trades", "signals"):
+        s = status[section]
+        idle_ms = s["oldest_pending_idle_ms"]
+        rows.append([
+            f"  {section}", s["group"], s["stream_length"], s["pending"],
+            "-" if idle_ms is None else f"{idle_ms / 1000:.1f}s",
+            "-" if s["lag"] is None else f"{s['lag']}{'+' if s['lag_capped'] else ''}",
+            s["consumers"], s["dead_letters"],
+        ])  # fmt: skip
+        reasons += [f"  latest dead {section}: {_clip(r)}" for r in s["latest_dead_reasons"]]
+    return _table(rows, "<<") + reasons
+
+
+def _render_rates(rates: dict[str, float]) -> list[str]:
+    return [
+        f"rates (last {RATE_WINDOW_S} s)  {rates['trades']:.1f} trades/s | "
+        f"{rates['losses']:.1f} losses/s | {rates['cases_added']:.1f} cases/s | "
+        f"{rates['dead_lettered']:.1f} dead letters/s"
+    ]
+
+
+def _render_cases(cases: dict[str, Any]) -> list[str]:
+    check = "conserved" if cases["conserved"] else "NOT CONSERVED: counts changed mid-read?"
+    by_priority = " | ".join(f"P{p} {n}" for p, n in cases["queued_by_priority"].items())
+    return [
+        f"cases  {cases['total']} trainable = {cases['queued']} queued + {cases['leased']} "
+        f"leased + {cases['done']} done + {cases['dead']} dead  ({check})",
+        f"  queued by priority  {by_priority}",
+        f"  rejected by gate    {cases['rejected']} (part of done)",
+        *_render_reasons(cases["rejected_reasons"]),
+        f"  dead                {cases['dead']}",
+        *_render_reasons(cases["dead_reasons"]),
+        f"  without features    {cases['without_features']} (archived, never queued)",
+    ]
+
+
+def _render_reasons(reasons: dict[str, str]) -> list[str]:
+    return [f"    {case_id}: {_clip(reason)}" for case_id, reason in reasons.items()]
+
+
+def _clip(text: str, width: int = 80) -> str:
+    """One screen line of a long reason; --json has it whole."""
+    return text if len(text) <= width else f"{text[: width - 3]}..."
+
+
+def _render_leases(leases: list[dict[str, Any]], held: int) -> list[str]:
+    if not leases:
+        return ["leases  none held"]
+    rows = [["  case", "worker", "priority", "attempts", "deadline", ""]]
+    for lease in leases:
+        rows.append([
+            f"  {lease['case_id']}", lease["worker"], f"P{lease['priority']}", lease["attempts"],
+            f"{lease['deadline_in_s']:+.1f}s",
+            "expired, waiting for the reaper" if lease["expired"] else "",
+        ])  # fmt: skip
+    return [f"leases  {held} held, soonest deadline first", *_table(rows, "<<>>><")]
+
+
+def _render_checkpoints(status: dict[str, Any]) -> list[str]:
+    latest = status["latest_checkpoint"]
+    title = f"checkpoints  latest {'none' if latest is None else f'v{latest}'}"
+    if not status["checkpoints"]:
+        return [title]
+    served_by = {label: ", ".join(names) for label, names in status["serving"].items()}
+    rows = [
+        ["  version", "parent", "trainer", "cases", "held-out loss", "held-out acc", "served by"]
+    ]
+    for row in status["checkpoints"]:
+        metrics, parent = row["metrics"], row["parent_version"]
+        before, after = metrics.get("heldout_before") or {}, metrics.get("heldout_after") or {}
+        rows.append([
+            f"  v{row['version']}", "-" if parent is None else f"v{parent}", row["trainer"] or "-",
+            row["cases"], _change(before, after, "loss", "{:.3f}"),
+            _change(before, after, "accuracy", "{:.1%}"), served_by.get(str(row["version"]), "-"),
+        ])  # fmt: skip
+    return [title, *_table(rows, "<<<><<<")]
+
+
+def _change(before: dict[str, float], after: dict[str, float], name: str, form: str) -> str:
+    if name not in before or name not in after:
+        return "-"
+    return f"{form.format(before[name])} -> {form.format(after[name])}"
+
+
+def _render_workers(status: dict[str, Any]) -> list[str]:
+    alive = " | ".join(f"{kind} {n}" for kind, n in status["workers_alive"].items()) or "none"
+    rows = [["  kind", "name", "host:pid", "serves", "beat"]]
+    for worker in status["workers"]:
+        version = worker["version"]
+        rows.append([
+            f"  {worker['kind']}", worker["name"], f"{worker['host']}:{worker['pid']}",
+            "-" if version is None else f"v{version}", f"{worker['beat_age_s']:.1f}s ago",
+        ])  # fmt: skip
+    return [f"workers alive  {alive}", *(_table(rows, "<<<<>") if status["workers"] else [])]
+
+
+def _render_models(models: dict[str, dict[str, float]]) -> list[str]:
+    rows = [["per model version", "trades", "losses", "loss rate", "mean loss", "signals"]]
+    for version, row in models.items():
+        traded = row["trades"] > 0
+        rows.append([
+            f"  {version}", row["trades"], row["losses"],
+            f"{row['loss_rate']:.1%}" if traded else "-",
+            f"{row['mean_loss_pct']:.2f}%" if traded else "-", row["signals"],
+        ])  # fmt: skip
+    return _table(rows, "<")
+
+
+def _render_counters(counters: dict[str, float]) -> list[str]:
+    text = ", ".join(f"{name}={value}" for name, value in counters.items()) or "none"
+    return textwrap.wrap(f"counters  {text}", width=100, subsequent_indent="  ")
+
+
+def _table(rows: list[list[Any]], align: str) -> list[str]:
+    """Rows as aligned columns: column i left-aligned where align[i] is '<', else right
+    (columns past the end of `align` are right-aligned: numbers)."""
+    cells = [[str(cell) for cell in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
+    aligns = [align[i] if i < len(align) else ">" for i in range(len(widths))]
+    return [
+        "  ".join(f"{cell:{a}{w}}" for cell, a, w in zip(row, aligns, widths, strict=True)).rstrip()
+        for row in cells
+    ]
 
 
 # --- tail -----------------------------------------------------------------------------
 
 
 def _case_added(d: dict[str, str]) -> str:
-    return (
+    line = (
         f"NEGATIVE CASE ADDED: {d.get('case_id')} | {d.get('symbol')} {d.get('side')} | "
         f"Loss: ${float(d.get('loss_amount', 0)):.2f} ({float(d.get('loss_pct', 0)):.1f}%) | "
         f"Priority: {d.get('priority')} | Should have: {d.get('should_have')}"
     )
+    if d.get("trainable") == "0":
+        return f"{line} | no features: archived, not queued"
+    return f"{line} | Epochs: {d.get('epochs')}"
 
 
 def _dead_lettered(d: dict[str, str]) -> str:
@@ -183,9 +506,89 @@ def _dead_lettered(d: dict[str, str]) -> str:
     )
 
 
+def _training_started(d: dict[str, str]) -> str:
+    return (
+        f"INTENSIVE TRAINING STARTED: {d.get('trainer')} | Cases: {d.get('cases')} | "
+        f"Epochs: {d.get('epochs')} | Base: {_version(d.get('base_version'))} | "
+        f"Session: {d.get('session_id')}"
+    )
+
+
+def _training_completed(d: dict[str, str]) -> str:
+    # `summary` is TrainingSession.summary(): epochs and the held-out improvements.
+    summary = d.get("summary") or f"INTENSIVE TRAINING COMPLETED: Epochs: {d.get('epochs')}"
+    outcome = d.get("outcome")
+    if outcome == "published":
+        result = f"Published: {_version(d.get('version'))}"
+    elif outcome == "rejected":
+        result = f"Rejected by gate: {d.get('rejected_reason')}"
+    else:
+        result = f"{str(outcome).capitalize()}: {d.get('error', '-')}"
+    return f"{summary} | {result} | {d.get('trainer')} in {float(d.get('duration_s', 0)):.2f}s"
+
+
+def _checkpoint_published(d: dict[str, str]) -> str:
+    return (
+        f"CHECKPOINT PUBLISHED: {_version(d.get('version'))} "
+        f"(parent {_version(d.get('parent_version'))}) | by {d.get('trainer') or '?'} | "
+        f"sha256 {d.get('sha256', '')[:12]}"
+    )
+
+
+def _rollback(d: dict[str, str]) -> str:
+    return (
+        f"ROLLBACK: latest is {_version(d.get('version'))} again "
+        f"(was {_version(d.get('previous_version'))}) | sha256 {d.get('sha256', '')[:12]}"
+    )
+
+
+def _checkpoint_loaded(d: dict[str, str]) -> str:
+    return (
+        f"CHECKPOINT LOADED: {_version(d.get('version'))} on {d.get('worker')} "
+        f"(was serving {_version(d.get('serving_version'))}) | "
+        f"Reload: {float(d.get('reload_ms', 0)):.1f} ms"
+    )
+
+
+def _checkpoint_rejected(d: dict[str, str]) -> str:
+    return (
+        f"CHECKPOINT REJECTED: {_version(d.get('version'))} on {d.get('worker')} | "
+        f"{d.get('reason')} | still serving {_version(d.get('serving_version'))}"
+    )
+
+
+def _lease_expired(d: dict[str, str]) -> str:
+    return (
+        f"LEASE EXPIRED: {d.get('case_id')} | held by {d.get('worker')} | "
+        f"Attempts: {d.get('attempts')}"
+    )
+
+
+def _case_dead(d: dict[str, str]) -> str:
+    # A case the reaper kills names no worker: its holder is in the error.
+    by = f" | by {d['worker']}" if "worker" in d else ""
+    return (
+        f"CASE DEAD: {d.get('case_id')} | Attempts: {d.get('attempts')}{by} | "
+        f"Last error: {d.get('error')}"
+    )
+
+
+def _version(raw: str | None) -> str:
+    """`v3`, or `none` for a field that is absent or empty (no model yet)."""
+    return f"v{raw}" if raw else "none"
+
+
 FORMATTERS: dict[str, Callable[[dict[str, str]], str]] = {
     "case_added": _case_added,
     "dead_lettered": _dead_lettered,
+    "training_started": _training_started,
+    "training_completed": _training_completed,
+    "checkpoint_published": _checkpoint_published,
+    "rollback": _rollback,
+    "checkpoint_loaded": _checkpoint_loaded,
+    "checkpoint_rejected": _checkpoint_rejected,
+    "lease_expired": _lease_expired,
+    "case_dead": _case_dead,
 }
 
 

@@ -17,6 +17,8 @@ from store.queue import queue_score
 from store.scripts import script
 
 RATE_BUCKET_S = 10
+# Rates are shown over the last minute of complete buckets.
+RATE_WINDOW_S = 60
 RATE_TTL_S = 600
 
 

@@ -1,5 +1,5 @@
 """Worker health keys: each worker refreshes `<ns>:health:<kind>:<host>:<pid>` with a TTL, so
-a key that exists means a worker that beat recently."""
+a key that exists means a worker that beat recently; `<ns>:workers` indexes them by expiry."""
 
 from __future__ import annotations
 
@@ -24,8 +24,10 @@ class HealthKey:
 
     def __init__(self, client: redis.Redis, keys: Keys, kind: str, ttl_s: int) -> None:
         self.client = client
+        self.keys = keys
         self.kind = kind
-        self.key = keys.health(worker_id(kind))
+        self.worker = worker_id(kind)
+        self.key = keys.health(self.worker)
         self.ttl_s = ttl_s
         self.every_s = max(1.0, ttl_s / 3)
         self._last_s = 0.0
@@ -43,17 +45,29 @@ class HealthKey:
             "at_ms": int(time.time() * 1000),
             **info,
         }
-        self.client.set(self.key, orjson.dumps(record), ex=self.ttl_s)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.set(self.key, orjson.dumps(record), ex=self.ttl_s)
+        pipe.zadd(self.keys.workers, {self.worker: record["at_ms"] + self.ttl_s * 1000})
+        pipe.execute()
 
     def clear(self) -> None:
         """Remove the key on a clean stop, so the worker does not look alive after it."""
-        self.client.delete(self.key)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.delete(self.key)
+        pipe.zrem(self.keys.workers, self.worker)
+        pipe.execute()
 
 
 def live_workers(client: redis.Redis, keys: Keys) -> list[dict[str, Any]]:
-    """Every worker whose health key has not expired, sorted by kind and host."""
-    names = list(client.scan_iter(match=f"{keys.health_prefix}*", count=500))
+    """Every worker whose health key has not expired, sorted by kind and host: two round
+    trips, however many keys the namespace holds (no SCAN)."""
+    now_ms = int(time.time() * 1000)
+    pipe = client.pipeline(transaction=False)
+    pipe.zremrangebyscore(keys.workers, "-inf", now_ms)
+    pipe.zrange(keys.workers, 0, -1)
+    _, names = pipe.execute()
     if not names:
         return []
-    records = [orjson.loads(raw) for raw in client.mget(names) if raw is not None]
+    raw_records = client.mget([keys.health(name.decode()) for name in names])
+    records = [orjson.loads(raw) for raw in raw_records if raw is not None]
     return sorted(records, key=lambda r: (r.get("kind", ""), r.get("host", ""), r.get("pid", 0)))

@@ -162,6 +162,6 @@ class Keys:
         return self._key("health", worker)
 
     @property
-    def health_prefix(self) -> str:
-        """Prefix of every health key, for SCAN."""
-        return self._key("health", "")
+    def workers(self) -> str:
+        """Sorted set of worker ids by when their health key expires (ms): who to look up."""
+        return self._key("workers")

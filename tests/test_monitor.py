@@ -24,11 +24,13 @@ from tests.serving import FEATURES, checkpoint_meta, seeded_model, write_bad_che
 from workers.detector import LossDetector
 from workers.inference import InferenceWorker
 from workers.model import sha256_hex, state_of, weights_bytes
-from workers.monitor import FORMATTERS, format_event, gather_status, render_status
 from workers.publish import publish_trades
 from workers.reloader import Reloader
 from workers.settings import Settings
 from workers.shutdown import StopFlag
+from workers.status import gather_status
+from workers.status_view import render_status
+from workers.tail import FORMATTERS, format_event
 from workers.trainer import Trainer
 
 # Exit prices of a BUY at 3000 whose loss (15, 6, 3, 1.5, 0.5 %) lands on each priority.

@@ -13,10 +13,11 @@ from workers import (
     demo,
     detector,
     inference,
-    monitor,
     publish,
     server,
     signal_client,
+    status,
+    tail,
     trainer,
 )
 from workers.options import CommandError
@@ -29,7 +30,8 @@ REGISTRARS = [
     trainer.register,
     checkpoint_cli.register,
     publish.register,
-    monitor.register,
+    status.register,
+    tail.register,
     server.register,
     inference.register,
     signal_client.register,

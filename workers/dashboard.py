@@ -17,9 +17,10 @@ import redis
 from schemas.event import Event
 from store.health import HealthKey
 from store.keys import Keys
-from workers.monitor import format_event, gather_status
 from workers.options import common_options, redis_client, settings_from
 from workers.shutdown import StopFlag, install_signal_handlers
+from workers.status import gather_status
+from workers.tail import format_event
 
 PAGE = (Path(__file__).parent / "dashboard.html").read_bytes()
 TRAINING_TYPES = {

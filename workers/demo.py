@@ -40,11 +40,11 @@ from workers.model import (
     state_of,
     weights_bytes,
 )
-from workers.monitor import gather_status
 from workers.options import CommandError, common_options, settings_from
 from workers.publish import publish_trades
 from workers.settings import Settings
 from workers.signal_client import SignalClient, SignalTimeout
+from workers.status import gather_status
 from workers.supervisor import Supervisor
 
 TICK_S = 0.25

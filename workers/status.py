@@ -1,11 +1,11 @@
-"""`negcase status` and `negcase tail`: what people look at."""
+"""`negcase status` and `negcase health`: what an operator asks first, read in a few
+round trips."""
 
 from __future__ import annotations
 
 import argparse
 import socket
 import sys
-import textwrap
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -16,14 +16,13 @@ import orjson
 import redis
 from redis.client import Pipeline
 
-from schemas.event import EVENT_TYPES, Event
-from store.cases import RATE_BUCKET_S, rate_bucket_s, version_label
+from store.cases import RATE_BUCKET_S, RATE_WINDOW_S, rate_bucket_s, version_label
 from store.health import live_workers
 from store.keys import DETECTOR_GROUP, INFERENCE_GROUP, Keys
 from store.queue import priority_of_score, queue_counts, score_range
 from workers.options import CommandError, common_options, redis_client, settings_from
+from workers.status_view import render_status
 
-RATE_WINDOW_S = 60
 PRIORITIES = (5, 4, 3, 2, 1)
 RATE_FIELDS = ("trades", "losses", "cases_added", "dead_lettered")
 LEASES_SHOWN = 10
@@ -333,306 +332,8 @@ def _text(value: bytes | str) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
 
-# --- rendering ------------------------------------------------------------------------
-
-
-def render_status(status: dict[str, Any]) -> str:
-    """The status as text for people: one section per question, columns aligned."""
-    sections = [
-        _render_header(status),
-        _render_streams(status),
-        _render_rates(status["rates_per_s"]),
-        _render_cases(status["cases"]),
-        _render_leases(status["leases"], status["cases"]["leased"]),
-        _render_checkpoints(status),
-        _render_workers(status),
-        _render_models(status["models"]),
-        _render_counters(status["counters"]),
-    ]
-    return "\n\n".join("\n".join(lines) for lines in sections)
-
-
-def _render_header(status: dict[str, Any]) -> list[str]:
-    at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(status["redis_time_ms"] / 1000))
-    return [f"negcase status | namespace {status['namespace']} | {at} (Redis time)"]
-
-
-def _render_streams(status: dict[str, Any]) -> list[str]:
-    rows = [["streams", "group", "entries", "pending", "oldest idle", "lag", "consumers", "dead"]]
-    reasons = []
-    for section in ("trades", "signals"):
-        s = status[section]
-        idle_ms = s["oldest_pending_idle_ms"]
-        rows.append([
-            f"  {section}", s["group"], s["stream_length"], s["pending"],
-            "-" if idle_ms is None else f"{idle_ms / 1000:.1f}s",
-            "-" if s["lag"] is None else f"{s['lag']}{'+' if s['lag_capped'] else ''}",
-            s["consumers"], s["dead_letters"],
-        ])  # fmt: skip
-        reasons += [f"  latest dead {section}: {_clip(r)}" for r in s["latest_dead_reasons"]]
-    return _table(rows, "<<") + reasons
-
-
-def _render_rates(rates: dict[str, float]) -> list[str]:
-    return [
-        f"rates (last {RATE_WINDOW_S} s)  {rates['trades']:.1f} trades/s | "
-        f"{rates['losses']:.1f} losses/s | {rates['cases_added']:.1f} cases/s | "
-        f"{rates['dead_lettered']:.1f} dead letters/s"
-    ]
-
-
-def _render_cases(cases: dict[str, Any]) -> list[str]:
-    check = "conserved" if cases["conserved"] else "NOT CONSERVED: counts changed mid-read?"
-    by_priority = " | ".join(f"P{p} {n}" for p, n in cases["queued_by_priority"].items())
-    return [
-        f"cases  {cases['total']} trainable = {cases['queued']} queued + {cases['leased']} "
-        f"leased + {cases['done']} done + {cases['dead']} dead  ({check})",
-        f"  queued by priority  {by_priority}",
-        f"  rejected by gate    {cases['rejected']} (part of done)",
-        *_render_reasons(cases["rejected_reasons"]),
-        f"  dead                {cases['dead']}",
-        *_render_reasons(cases["dead_reasons"]),
-        f"  without features    {cases['without_features']} (archived, never queued)",
-    ]
-
-
-def _render_reasons(reasons: dict[str, str]) -> list[str]:
-    return [f"    {case_id}: {_clip(reason)}" for case_id, reason in reasons.items()]
-
-
-def _clip(text: str, width: int = 80) -> str:
-    """One screen line of a long reason; --json has it whole."""
-    return text if len(text) <= width else f"{text[: width - 3]}..."
-
-
-def _render_leases(leases: list[dict[str, Any]], held: int) -> list[str]:
-    if not leases:
-        return ["leases  none held"]
-    rows = [["  case", "worker", "priority", "attempts", "deadline", ""]]
-    for lease in leases:
-        rows.append([
-            f"  {lease['case_id']}", lease["worker"], f"P{lease['priority']}", lease["attempts"],
-            f"{lease['deadline_in_s']:+.1f}s",
-            "expired, waiting for the reaper" if lease["expired"] else "",
-        ])  # fmt: skip
-    return [f"leases  {held} held, soonest deadline first", *_table(rows, "<<>>><")]
-
-
-def _render_checkpoints(status: dict[str, Any]) -> list[str]:
-    latest = status["latest_checkpoint"]
-    title = f"checkpoints  latest {'none' if latest is None else f'v{latest}'}"
-    if not status["checkpoints"]:
-        return [title]
-    served_by = {label: ", ".join(names) for label, names in status["serving"].items()}
-    rows = [
-        ["  version", "parent", "trainer", "cases", "held-out loss", "held-out acc", "served by"]
-    ]
-    for row in status["checkpoints"]:
-        metrics, parent = row["metrics"], row["parent_version"]
-        before, after = metrics.get("heldout_before") or {}, metrics.get("heldout_after") or {}
-        rows.append([
-            f"  v{row['version']}", "-" if parent is None else f"v{parent}", row["trainer"] or "-",
-            row["cases"], _change(before, after, "loss", "{:.3f}"),
-            _change(before, after, "accuracy", "{:.1%}"), served_by.get(str(row["version"]), "-"),
-        ])  # fmt: skip
-    return [title, *_table(rows, "<<<><<<")]
-
-
-def _change(before: dict[str, float], after: dict[str, float], name: str, form: str) -> str:
-    if name not in before or name not in after:
-        return "-"
-    return f"{form.format(before[name])} -> {form.format(after[name])}"
-
-
-def _render_workers(status: dict[str, Any]) -> list[str]:
-    alive = " | ".join(f"{kind} {n}" for kind, n in status["workers_alive"].items()) or "none"
-    rows = [["  kind", "name", "host:pid", "serves", "beat"]]
-    for worker in status["workers"]:
-        version = worker["version"]
-        rows.append([
-            f"  {worker['kind']}", worker["name"], f"{worker['host']}:{worker['pid']}",
-            "-" if version is None else f"v{version}", f"{worker['beat_age_s']:.1f}s ago",
-        ])  # fmt: skip
-    return [f"workers alive  {alive}", *(_table(rows, "<<<<>") if status["workers"] else [])]
-
-
-def _render_models(models: dict[str, dict[str, float]]) -> list[str]:
-    rows = [["per model version", "trades", "losses", "loss rate", "mean loss", "signals"]]
-    for version, row in models.items():
-        traded = row["trades"] > 0
-        rows.append([
-            f"  {version}", row["trades"], row["losses"],
-            f"{row['loss_rate']:.1%}" if traded else "-",
-            f"{row['mean_loss_pct']:.2f}%" if traded else "-", row["signals"],
-        ])  # fmt: skip
-    return _table(rows, "<")
-
-
-def _render_counters(counters: dict[str, float]) -> list[str]:
-    text = ", ".join(f"{name}={value}" for name, value in counters.items()) or "none"
-    return textwrap.wrap(f"counters  {text}", width=100, subsequent_indent="  ")
-
-
-def _table(rows: list[list[Any]], align: str) -> list[str]:
-    """Rows as aligned columns: column i left-aligned where align[i] is '<', else right
-    (columns past the end of `align` are right-aligned: numbers)."""
-    cells = [[str(cell) for cell in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
-    aligns = [align[i] if i < len(align) else ">" for i in range(len(widths))]
-    return [
-        "  ".join(f"{cell:{a}{w}}" for cell, a, w in zip(row, aligns, widths, strict=True)).rstrip()
-        for row in cells
-    ]
-
-
-# --- tail -----------------------------------------------------------------------------
-
-
-def _case_added(d: dict[str, str]) -> str:
-    line = (
-        f"NEGATIVE CASE ADDED: {d.get('case_id')} | {d.get('symbol')} {d.get('side')} | "
-        f"Loss: ${float(d.get('loss_amount', 0)):.2f} ({float(d.get('loss_pct', 0)):.1f}%) | "
-        f"Priority: {d.get('priority')} | Should have: {d.get('should_have')}"
-    )
-    if d.get("trainable") == "0":
-        return f"{line} | no features: archived, not queued"
-    return f"{line} | Epochs: {d.get('epochs')}"
-
-
-def _dead_lettered(d: dict[str, str]) -> str:
-    return (
-        f"DEAD LETTER: entry {d.get('entry_id')} | trade {d.get('trade_id', '?')} | "
-        f"{d.get('field')}: {d.get('reason')}"
-    )
-
-
-def _training_started(d: dict[str, str]) -> str:
-    return (
-        f"INTENSIVE TRAINING STARTED: {d.get('trainer')} | Cases: {d.get('cases')} | "
-        f"Epochs: {d.get('epochs')} | Base: {_version(d.get('base_version'))} | "
-        f"Session: {d.get('session_id')}"
-    )
-
-
-def _training_completed(d: dict[str, str]) -> str:
-    # `summary` is TrainingSession.summary(): epochs and the held-out improvements.
-    summary = d.get("summary") or f"INTENSIVE TRAINING COMPLETED: Epochs: {d.get('epochs')}"
-    outcome = d.get("outcome")
-    if outcome == "published":
-        result = f"Published: {_version(d.get('version'))}"
-    elif outcome == "rejected":
-        result = f"Rejected by gate: {d.get('rejected_reason')}"
-    else:
-        result = f"{str(outcome).capitalize()}: {d.get('error', '-')}"
-    return f"{summary} | {result} | {d.get('trainer')} in {float(d.get('duration_s', 0)):.2f}s"
-
-
-def _checkpoint_published(d: dict[str, str]) -> str:
-    return (
-        f"CHECKPOINT PUBLISHED: {_version(d.get('version'))} "
-        f"(parent {_version(d.get('parent_version'))}) | by {d.get('trainer') or '?'} | "
-        f"sha256 {d.get('sha256', '')[:12]}"
-    )
-
-
-def _rollback(d: dict[str, str]) -> str:
-    return (
-        f"ROLLBACK: latest is {_version(d.get('version'))} again "
-        f"(was {_version(d.get('previous_version'))}) | sha256 {d.get('sha256', '')[:12]}"
-    )
-
-
-def _checkpoint_loaded(d: dict[str, str]) -> str:
-    return (
-        f"CHECKPOINT LOADED: {_version(d.get('version'))} on {d.get('worker')} "
-        f"(was serving {_version(d.get('serving_version'))}) | "
-        f"Reload: {float(d.get('reload_ms', 0)):.1f} ms"
-    )
-
-
-def _checkpoint_rejected(d: dict[str, str]) -> str:
-    return (
-        f"CHECKPOINT REJECTED: {_version(d.get('version'))} on {d.get('worker')} | "
-        f"{d.get('reason')} | still serving {_version(d.get('serving_version'))}"
-    )
-
-
-def _lease_expired(d: dict[str, str]) -> str:
-    return (
-        f"LEASE EXPIRED: {d.get('case_id')} | held by {d.get('worker')} | "
-        f"Attempts: {d.get('attempts')}"
-    )
-
-
-def _case_dead(d: dict[str, str]) -> str:
-    # A case the reaper kills names no worker: its holder is in the error.
-    by = f" | by {d['worker']}" if "worker" in d else ""
-    return (
-        f"CASE DEAD: {d.get('case_id')} | Attempts: {d.get('attempts')}{by} | "
-        f"Last error: {d.get('error')}"
-    )
-
-
-def _version(raw: str | None) -> str:
-    """`v3`, or `none` for a field that is absent or empty (no model yet)."""
-    return f"v{raw}" if raw else "none"
-
-
-FORMATTERS: dict[str, Callable[[dict[str, str]], str]] = {
-    "case_added": _case_added,
-    "dead_lettered": _dead_lettered,
-    "training_started": _training_started,
-    "training_completed": _training_completed,
-    "checkpoint_published": _checkpoint_published,
-    "rollback": _rollback,
-    "checkpoint_loaded": _checkpoint_loaded,
-    "checkpoint_rejected": _checkpoint_rejected,
-    "lease_expired": _lease_expired,
-    "case_dead": _case_dead,
-}
-
-
-def format_event(event: Event) -> str:
-    """One readable line per event."""
-    stamp = time.strftime("%H:%M:%S", time.localtime(event.at_ms / 1000))
-    formatter = FORMATTERS.get(event.type)
-    if formatter is not None:
-        return f"{stamp} {formatter(event.details)}"
-    details = " | ".join(f"{k}: {v}" for k, v in event.details.items())
-    return f"{stamp} {event.type.upper().replace('_', ' ')}: {details}"
-
-
-def follow_events(
-    client: redis.Redis, keys: Keys, last: int, block_ms: int = 1000
-) -> Iterable[Event | None]:
-    """Events from the `last` most recent on, then new ones as they come; None when a
-    blocking read timed out (so callers can check for a stop)."""
-    cursor = "$"
-    if last > 0:
-        recent = client.xrevrange(keys.events, count=last)
-        for entry_id, fields in reversed(recent):
-            yield Event.from_fields(fields)
-            cursor = entry_id
-        if not recent:
-            cursor = "0-0"
-    while True:
-        reply = client.xread({keys.events: cursor}, block=block_ms, count=500)
-        if not reply:
-            yield None
-            continue
-        for entry_id, fields in reply[0][1]:
-            cursor = entry_id
-            yield Event.from_fields(fields)
-
-
-def _wanted(event: Event, types: set[str], symbols: set[str]) -> bool:
-    if types and event.type not in types:
-        return False
-    return not symbols or event.details.get("symbol") in symbols
-
-
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add `negcase status` and `negcase tail`."""
+    """Add `negcase status` and `negcase health`."""
     status = sub.add_parser(
         "status",
         parents=[common_options()],
@@ -661,25 +362,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     health.add_argument("--this-host", action="store_true", help="only workers on this host")
     health.set_defaults(run=run_health)
-
-    tail = sub.add_parser(
-        "tail",
-        parents=[common_options()],
-        help="follow <ns>:events, one readable line per event",
-        description="Follow the events stream: cases added, training, checkpoints, dead letters.",
-    )
-    tail.add_argument("--last", type=int, default=10, help="show the N most recent first (10)")
-    tail.add_argument(
-        "--type",
-        action="append",
-        default=[],
-        choices=EVENT_TYPES,
-        help="only this event type (repeatable)",
-    )
-    tail.add_argument("--symbol", action="append", default=[], help="only this symbol (repeatable)")
-    tail.add_argument("--count", type=int, help="exit after printing this many events")
-    tail.add_argument("--json", action="store_true", help="print each event as a JSON line")
-    tail.set_defaults(run=run_tail)
 
 
 def run_health(args: argparse.Namespace) -> int:
@@ -711,29 +393,4 @@ def run_status(args: argparse.Namespace) -> int:
         print(orjson.dumps(status, option=orjson.OPT_INDENT_2).decode())
     else:
         print(render_status(status))
-    return 0
-
-
-def run_tail(args: argparse.Namespace) -> int:
-    """Follow events until Ctrl-C or --count."""
-    settings = settings_from(args)
-    client = redis_client(settings)
-    types, symbols = set(args.type), set(args.symbol)
-    shown = 0
-    try:
-        for event in follow_events(client, settings.keys, args.last):
-            if event is None or not _wanted(event, types, symbols):
-                continue
-            if args.json:
-                line = orjson.dumps({"type": event.type, "at_ms": event.at_ms, **event.details})
-                print(line.decode(), flush=True)
-            else:
-                print(format_event(event), flush=True)
-            shown += 1
-            if args.count is not None and shown >= args.count:
-                break
-    except KeyboardInterrupt:
-        pass
-    except BrokenPipeError:
-        sys.stderr.close()
     return 0

@@ -1,0 +1,158 @@
+"""The text of `negcase status`, for people (the data comes from workers.status)."""
+
+from __future__ import annotations
+
+import textwrap
+import time
+from typing import Any
+
+from store.cases import RATE_WINDOW_S
+
+
+def render_status(status: dict[str, Any]) -> str:
+    """The status as text for people: one section per question, columns aligned."""
+    sections = [
+        _render_header(status),
+        _render_streams(status),
+        _render_rates(status["rates_per_s"]),
+        _render_cases(status["cases"]),
+        _render_leases(status["leases"], status["cases"]["leased"]),
+        _render_checkpoints(status),
+        _render_workers(status),
+        _render_models(status["models"]),
+        _render_counters(status["counters"]),
+    ]
+    return "\n\n".join("\n".join(lines) for lines in sections)
+
+
+def _render_header(status: dict[str, Any]) -> list[str]:
+    at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(status["redis_time_ms"] / 1000))
+    return [f"negcase status | namespace {status['namespace']} | {at} (Redis time)"]
+
+
+def _render_streams(status: dict[str, Any]) -> list[str]:
+    rows = [["streams", "group", "entries", "pending", "oldest idle", "lag", "consumers", "dead"]]
+    reasons = []
+    for section in ("trades", "signals"):
+        s = status[section]
+        idle_ms = s["oldest_pending_idle_ms"]
+        rows.append([
+            f"  {section}", s["group"], s["stream_length"], s["pending"],
+            "-" if idle_ms is None else f"{idle_ms / 1000:.1f}s",
+            "-" if s["lag"] is None else f"{s['lag']}{'+' if s['lag_capped'] else ''}",
+            s["consumers"], s["dead_letters"],
+        ])  # fmt: skip
+        reasons += [f"  latest dead {section}: {_clip(r)}" for r in s["latest_dead_reasons"]]
+    return _table(rows, "<<") + reasons
+
+
+def _render_rates(rates: dict[str, float]) -> list[str]:
+    return [
+        f"rates (last {RATE_WINDOW_S} s)  {rates['trades']:.1f} trades/s | "
+        f"{rates['losses']:.1f} losses/s | {rates['cases_added']:.1f} cases/s | "
+        f"{rates['dead_lettered']:.1f} dead letters/s"
+    ]
+
+
+def _render_cases(cases: dict[str, Any]) -> list[str]:
+    check = "conserved" if cases["conserved"] else "NOT CONSERVED: counts changed mid-read?"
+    by_priority = " | ".join(f"P{p} {n}" for p, n in cases["queued_by_priority"].items())
+    return [
+        f"cases  {cases['total']} trainable = {cases['queued']} queued + {cases['leased']} "
+        f"leased + {cases['done']} done + {cases['dead']} dead  ({check})",
+        f"  queued by priority  {by_priority}",
+        f"  rejected by gate    {cases['rejected']} (part of done)",
+        *_render_reasons(cases["rejected_reasons"]),
+        f"  dead                {cases['dead']}",
+        *_render_reasons(cases["dead_reasons"]),
+        f"  without features    {cases['without_features']} (archived, never queued)",
+    ]
+
+
+def _render_reasons(reasons: dict[str, str]) -> list[str]:
+    return [f"    {case_id}: {_clip(reason)}" for case_id, reason in reasons.items()]
+
+
+def _clip(text: str, width: int = 80) -> str:
+    """One screen line of a long reason; --json has it whole."""
+    return text if len(text) <= width else f"{text[: width - 3]}..."
+
+
+def _render_leases(leases: list[dict[str, Any]], held: int) -> list[str]:
+    if not leases:
+        return ["leases  none held"]
+    rows = [["  case", "worker", "priority", "attempts", "deadline", ""]]
+    for lease in leases:
+        rows.append([
+            f"  {lease['case_id']}", lease["worker"], f"P{lease['priority']}", lease["attempts"],
+            f"{lease['deadline_in_s']:+.1f}s",
+            "expired, waiting for the reaper" if lease["expired"] else "",
+        ])  # fmt: skip
+    return [f"leases  {held} held, soonest deadline first", *_table(rows, "<<>>><")]
+
+
+def _render_checkpoints(status: dict[str, Any]) -> list[str]:
+    latest = status["latest_checkpoint"]
+    title = f"checkpoints  latest {'none' if latest is None else f'v{latest}'}"
+    if not status["checkpoints"]:
+        return [title]
+    served_by = {label: ", ".join(names) for label, names in status["serving"].items()}
+    rows = [
+        ["  version", "parent", "trainer", "cases", "held-out loss", "held-out acc", "served by"]
+    ]
+    for row in status["checkpoints"]:
+        metrics, parent = row["metrics"], row["parent_version"]
+        before, after = metrics.get("heldout_before") or {}, metrics.get("heldout_after") or {}
+        rows.append([
+            f"  v{row['version']}", "-" if parent is None else f"v{parent}", row["trainer"] or "-",
+            row["cases"], _change(before, after, "loss", "{:.3f}"),
+            _change(before, after, "accuracy", "{:.1%}"), served_by.get(str(row["version"]), "-"),
+        ])  # fmt: skip
+    return [title, *_table(rows, "<<<><<<")]
+
+
+def _change(before: dict[str, float], after: dict[str, float], name: str, form: str) -> str:
+    if name not in before or name not in after:
+        return "-"
+    return f"{form.format(before[name])} -> {form.format(after[name])}"
+
+
+def _render_workers(status: dict[str, Any]) -> list[str]:
+    alive = " | ".join(f"{kind} {n}" for kind, n in status["workers_alive"].items()) or "none"
+    rows = [["  kind", "name", "host:pid", "serves", "beat"]]
+    for worker in status["workers"]:
+        version = worker["version"]
+        rows.append([
+            f"  {worker['kind']}", worker["name"], f"{worker['host']}:{worker['pid']}",
+            "-" if version is None else f"v{version}", f"{worker['beat_age_s']:.1f}s ago",
+        ])  # fmt: skip
+    return [f"workers alive  {alive}", *(_table(rows, "<<<<>") if status["workers"] else [])]
+
+
+def _render_models(models: dict[str, dict[str, float]]) -> list[str]:
+    rows = [["per model version", "trades", "losses", "loss rate", "mean loss", "signals"]]
+    for version, row in models.items():
+        traded = row["trades"] > 0
+        rows.append([
+            f"  {version}", row["trades"], row["losses"],
+            f"{row['loss_rate']:.1%}" if traded else "-",
+            f"{row['mean_loss_pct']:.2f}%" if traded else "-", row["signals"],
+        ])  # fmt: skip
+    return _table(rows, "<")
+
+
+def _render_counters(counters: dict[str, float]) -> list[str]:
+    text = ", ".join(f"{name}={value}" for name, value in counters.items()) or "none"
+    return textwrap.wrap(f"counters  {text}", width=100, subsequent_indent="  ")
+
+
+def _table(rows: list[list[Any]], align: str) -> list[str]:
+    """Rows as aligned columns: column i left-aligned where align[i] is '<', else right
+    (columns past the end of `align` are right-aligned: numbers)."""
+    cells = [[str(cell) for cell in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
+    aligns = [align[i] if i < len(align) else ">" for i in range(len(widths))]
+    return [
+        "  ".join(f"{cell:{a}{w}}" for cell, a, w in zip(row, aligns, widths, strict=True)).rstrip()
+        for row in cells
+    ]

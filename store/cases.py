@@ -15,6 +15,7 @@ from schemas.event import Event
 from store.keys import DETECTOR_GROUP, Keys
 from store.queue import queue_score
 from store.scripts import script
+from store.streams import packed_dead_letter
 
 RATE_BUCKET_S = 10
 # Rates are shown over the last minute of complete buckets.
@@ -99,9 +100,11 @@ class CaseStore:
                 _packed_event(case_added_event(case, consumer, now_ms)),
             ]
         for dead in batch.dead_letters:
-            args += [_packed_dead_letter(dead, consumer, now_ms), _packed_event(
-                dead_lettered_event(dead, consumer, now_ms)
-            )]  # fmt: skip
+            args += [
+                packed_dead_letter(dead.fields, dead.field, dead.reason, entry_id=dead.entry_id,
+                                   consumer=consumer, at_ms=str(now_ms)),
+                _packed_event(dead_lettered_event(dead, consumer, now_ms)),
+            ]  # fmt: skip
         for name, by in batch.counters.items():
             args += [name, by]
         args += batch.handled_ids
@@ -144,21 +147,6 @@ def _score_arg(case: NegativeCase) -> str:
 
 def _packed_event(event: Event) -> bytes:
     return msgpack.packb(list(chain.from_iterable(event.to_fields().items())))
-
-
-def _packed_dead_letter(dead: DeadLetter, consumer: str, now_ms: int) -> bytes:
-    items: list[bytes | str] = []
-    for name, value in dead.fields.items():
-        items += [name, value]
-    items += [
-        "dead:reason", f"{dead.field}: {dead.reason}",
-        "dead:field", dead.field,
-        "dead:entry_id", dead.entry_id,
-        "dead:consumer", consumer,
-        "dead:at_ms", str(now_ms),
-    ]  # fmt: skip
-    # Redis's cmsgpack predates msgpack's bin type: binary values travel as raw strings.
-    return msgpack.packb(items, use_bin_type=False)
 
 
 def case_added_event(case: NegativeCase, worker: str, now_ms: int) -> Event:

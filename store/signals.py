@@ -6,13 +6,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-import msgpack
 import redis
 
 from store.keys import INFERENCE_GROUP, Keys
 from store.scripts import script
-
-Entry = tuple[bytes, dict[bytes, bytes]]
+from store.streams import Entry, entries_of, packed_dead_letter
 
 
 @dataclass(slots=True)
@@ -92,35 +90,13 @@ class SignalStore:
             len(batch.handled_ids),
         ]
         args += [reply for _, reply in batch.replies]
-        args += [_packed_dead(dead) for dead in batch.dead]
+        args += [
+            packed_dead_letter(dead.fields, dead.field, dead.reason, entry_id=dead.entry_id)
+            for dead in batch.dead
+        ]
         for name, by in batch.counters.items():
             args += [name, by]
         args += batch.handled_ids
         reply_keys = [keys.reply(request_id) for request_id, _ in batch.replies]
         self._reply_batch(keys=[keys.requests, keys.stats, keys.requests_dead, *reply_keys],
                           args=args)  # fmt: skip
-
-
-def entries_of(reply: list | dict | None) -> list[Entry]:
-    """The entries of an XREADGROUP reply on one stream, for RESP2 and RESP3 alike."""
-    if not reply:
-        return []
-    streams = reply.values() if isinstance(reply, dict) else (item[1] for item in reply)
-    entries: list[Entry] = []
-    for stream_entries in streams:
-        # RESP3 wraps each stream's entries in one more list.
-        if stream_entries and isinstance(stream_entries[0], list):
-            stream_entries = stream_entries[0]
-        entries.extend(stream_entries)
-    return entries
-
-
-def _packed_dead(dead: DeadRequest) -> bytes:
-    items: list[bytes | str] = [part for pair in dead.fields.items() for part in pair]
-    items += [
-        "dead:reason", f"{dead.field}: {dead.reason}",
-        "dead:field", dead.field,
-        "dead:entry_id", dead.entry_id,
-    ]  # fmt: skip
-    # Redis's cmsgpack predates msgpack's bin type: binary values travel as raw strings.
-    return msgpack.packb(items, use_bin_type=False)

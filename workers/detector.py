@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
-import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -20,19 +18,13 @@ from store.cases import Batch, CaseStore, DeadLetter, version_label
 from store.connection import backoff_s
 from store.health import HealthKey
 from store.keys import DETECTOR_GROUP
+from store.streams import Entry, default_consumer_name, entries_of
 from workers.losses import negative_case, outcome_of
 from workers.metrics import DetectorMetrics
 from workers.metrics import serve as serve_metrics
 from workers.options import common_options, redis_client, settings_from, worker_options
 from workers.settings import Settings
 from workers.shutdown import StopFlag, install_signal_handlers
-
-Entry = tuple[bytes, dict[bytes, bytes]]
-
-
-def default_consumer_name() -> str:
-    """host:pid, unique among live detectors; pass --consumer for a name that survives restarts."""
-    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 @dataclass(slots=True)
@@ -198,7 +190,7 @@ class LossDetector:
             count=self.settings.batch_size,
             block=self.settings.block_ms if block else None,
         )
-        return _entries_of(reply)
+        return entries_of(reply)
 
     def _own_pending(self) -> Iterator[list[Entry]]:
         last_id = "0"
@@ -209,7 +201,7 @@ class LossDetector:
                 {self.keys.trades: last_id},
                 count=self.settings.batch_size,
             )
-            entries = _entries_of(reply)
+            entries = entries_of(reply)
             if not entries:
                 return
             last_id = entries[-1][0]
@@ -253,19 +245,6 @@ def _abandoned(in_flight: Future[None] | None) -> None:
     if in_flight is not None:
         with contextlib.suppress(redis.RedisError):
             in_flight.result()
-
-
-def _entries_of(reply: list | dict | None) -> list[Entry]:
-    if not reply:
-        return []
-    streams = reply.values() if isinstance(reply, dict) else (item[1] for item in reply)
-    entries: list[Entry] = []
-    for stream_entries in streams:
-        # RESP3 wraps each stream's entries in one more list.
-        if stream_entries and isinstance(stream_entries[0], list):
-            stream_entries = stream_entries[0]
-        entries.extend(stream_entries)
-    return entries
 
 
 def _trade_id_of(fields: dict[bytes, bytes]) -> str | None:

@@ -21,8 +21,8 @@ from schemas.signal import (
 )
 from store.connection import backoff_s
 from store.health import HealthKey
-from store.signals import DeadRequest, Entry, ReplyBatch, SignalStore
-from workers.detector import default_consumer_name
+from store.signals import DeadRequest, ReplyBatch, SignalStore
+from store.streams import Entry, default_consumer_name
 from workers.metrics import InferenceMetrics
 from workers.metrics import serve as serve_metrics
 from workers.options import common_options, redis_client, settings_from, worker_options

@@ -13,7 +13,7 @@ import numpy as np
 import redis
 
 from schemas.signal import Signal, SignalRequestError, check_features, signal_from_probabilities
-from workers.detector import default_consumer_name
+from store.streams import default_consumer_name
 from workers.reloader import Reloader
 from workers.settings import Settings
 

@@ -21,7 +21,7 @@ from torch import nn
 from schemas.event import Event
 from store.checkpoints import CheckpointRegistry
 from store.connection import backoff_s
-from store.signals import entries_of
+from store.streams import entries_of
 from workers.model import CheckpointError, ModelSpec, build_model, load_verified
 from workers.settings import Settings
 

@@ -42,11 +42,6 @@ class Keys:
         return self._key("case", case_id)
 
     @property
-    def case_prefix(self) -> str:
-        """Prefix of every case key, for scripts that build case keys from ids."""
-        return self._key("case", "")
-
-    @property
     def queue(self) -> str:
         """Sorted set of cases waiting for training; a higher score is claimed first."""
         return self._key("queue")
@@ -98,11 +93,6 @@ class Keys:
     def checkpoint(self, version: int) -> str:
         """One checkpoint: hash with safetensors bytes and metadata."""
         return self._key("ckpt", str(version))
-
-    @property
-    def checkpoint_prefix(self) -> str:
-        """Prefix of every checkpoint key, for scripts that build them from versions."""
-        return self._key("ckpt", "")
 
     @property
     def latest(self) -> str:

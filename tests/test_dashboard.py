@@ -47,8 +47,14 @@ def test_the_page_shows_live_numbers_that_update(client, settings, spawn, browse
     dashboard = spawn("dashboard", "--port", "0", "--interval", "0.3")
     url = dashboard.stdout.readline().split(" on ")[1].strip()
     publish_trades(client, settings.keys, [next(trades) for _ in range(200)])
-    wait_until(lambda: client.xpending(settings.keys.trades, "detectors")["pending"] == 0
-               and client.hget(settings.keys.stats, "trades"), what="the first trades")  # fmt: skip
+    # (trades are counted only once the detector's group exists, so test that first)
+    wait_until(
+        lambda: (
+            client.hget(settings.keys.stats, "trades")
+            and client.xpending(settings.keys.trades, "detectors")["pending"] == 0
+        ),
+        what="the first trades",
+    )
     # when the page is open
     browser.get(url)
     wait = WebDriverWait(browser, 30)

@@ -87,7 +87,7 @@ def spawn(settings: Settings) -> Iterator[Callable[..., subprocess.Popen[str]]]:
         process.communicate()
 
 
-def wait_until(condition: Callable[[], object], timeout_s: float = 20.0, what: str = "") -> None:
+def wait_until(condition: Callable[[], object], timeout_s: float = 60.0, what: str = "") -> None:
     """Poll `condition` until it is true; fail the test with `what` after `timeout_s`."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

@@ -19,6 +19,7 @@ import msgpack
 import orjson
 
 SCHEMA_VERSION = 1
+MAX_FIELDS = 256
 SIDES = ("BUY", "SELL")
 TRADE_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
 SYMBOL_PATTERN = r"^[^\x00-\x1f\x7f]{1,64}$"
@@ -109,7 +110,9 @@ def decode_entry(fields: Mapping[bytes, bytes], max_entry_bytes: int) -> dict[st
     if size > max_entry_bytes:
         raise TradeError("entry", f"{size} bytes, over the limit of {max_entry_bytes}")
     if not fields:
-        raise TradeError("entry", "no fields")
+        raise TradeError("entry", "no fields (deleted or trimmed before it was read?)")
+    if len(fields) > MAX_FIELDS:
+        raise TradeError("entry", f"{len(fields)} fields, over the limit of {MAX_FIELDS}")
     if len(fields) == 1:
         ((name, value),) = fields.items()
         if name == b"json":
@@ -185,7 +188,7 @@ def _flat_value(name: str, raw: bytes) -> Any:
             return int(text)
         except ValueError:
             raise TradeError(name, f"expected an integer, got {text!r}") from None
-    if name in ("opened_at", "closed_at") and _DIGITS.match(text):
+    if name in ("opened_at", "closed_at") and _DIGITS.fullmatch(text):
         return int(text)
     return text
 
@@ -197,10 +200,10 @@ def _text_of(raw: bytes) -> str:
 def validate_trade(obj: Mapping[str, Any], defaults: TradeDefaults) -> TradeClosed:
     """Check a decoded trade object against TradeClosed v1 and build the typed value."""
     trade_id = _required(obj, "trade_id")
-    if not isinstance(trade_id, str) or not _TRADE_ID.match(trade_id):
+    if not isinstance(trade_id, str) or not _TRADE_ID.fullmatch(trade_id):
         raise TradeError("trade_id", "expected 1-128 characters of A-Z a-z 0-9 . _ : -")
     symbol = _required(obj, "symbol")
-    if not isinstance(symbol, str) or not _SYMBOL.match(symbol):
+    if not isinstance(symbol, str) or not _SYMBOL.fullmatch(symbol):
         raise TradeError("symbol", "expected 1-64 printable characters")
     side = _required(obj, "side")
     if side not in SIDES:
@@ -287,7 +290,7 @@ def _timestamp_ms(obj: Mapping[str, Any], name: str) -> int | None:
     if value is None:
         return None
     if isinstance(value, str):
-        if not _ISO_8601.match(value):
+        if not _ISO_8601.fullmatch(value):
             raise TradeError(name, f"expected ms since epoch or ISO 8601, got {value!r}")
         try:
             moment = datetime.fromisoformat(value.replace(" ", "T"))

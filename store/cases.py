@@ -73,7 +73,12 @@ class CaseStore:
         self._record_batch = script(client, "record_batch")
 
     def record_batch(
-        self, batch: Batch, consumer: str, events_maxlen: int, dead_maxlen: int
+        self,
+        batch: Batch,
+        consumer: str,
+        events_maxlen: int,
+        dead_maxlen: int,
+        trades_maxlen: int = 0,
     ) -> tuple[int, int]:
         """Store a batch's cases, dead letters, counters and events, and acknowledge its
         entries, atomically. Returns (new cases, duplicates)."""
@@ -85,6 +90,7 @@ class CaseStore:
             events_maxlen,
             dead_maxlen,
             RATE_TTL_S,
+            trades_maxlen,
             len(batch.cases),
             len(batch.dead_letters),
             len(batch.counters),

@@ -6,6 +6,8 @@ import random
 
 import redis
 
+SOCKET_TIMEOUT_S = 30.0
+
 
 def connect(url: str) -> redis.Redis:
     """A client for redis://, rediss:// or unix:// URLs (ACL user and password in the URL).
@@ -16,6 +18,9 @@ def connect(url: str) -> redis.Redis:
         url,
         decode_responses=False,
         socket_keepalive=True,
+        # A dead connection (a primary that vanished without a reset) fails within this,
+        # instead of after TCP keepalive's hours; blocking reads stay well below it.
+        socket_timeout=SOCKET_TIMEOUT_S,
         health_check_interval=30,
         retry_on_timeout=False,
     )

@@ -58,7 +58,7 @@ class Keys:
 
     @property
     def done(self) -> str:
-        """Set of cases that finished training (published or rejected by the gate)."""
+        """Set of finished cases: trained (published or rejected by the gate), or held out."""
         return self._key("done")
 
     @property

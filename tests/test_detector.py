@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+import msgpack
 import orjson
 import pytest
 import redis
@@ -14,6 +17,7 @@ from store.archive import Archive
 from store.cases import CaseStore
 from store.keys import DETECTOR_GROUP
 from store.queue import queue_score
+from store.streams import entries_of
 from workers.detector import LossDetector
 from workers.publish import encode_trade, publish_trades
 from workers.settings import Settings
@@ -215,3 +219,80 @@ def test_each_encoding_reaches_the_queue(client, settings, encoding):
     drain(client, settings, archive=False)
     blob = client.get(settings.keys.case(case_id_for("enc")))
     assert NegativeCase.from_msgpack(blob).trade_id == "enc"
+
+
+def test_numbers_in_range_whose_product_is_not_are_dead_lettered(client, settings):
+    # given a batch where two entries overflow the P&L and one is an ordinary loss
+    publish_trades(client, settings.keys, [
+        losing("huge-leverage", leverage=1e308, exit_price=1),
+        losing("absurd-but-finite", leverage=1e300),
+        losing("tiny-to-huge", entry_price=1e-300, exit_price=1e300, side="SELL"),
+        losing("ordinary"),
+    ])  # fmt: skip
+    # when drained, the detector survives, keeps the ordinary loss, and explains the others
+    drain(client, settings)
+    assert client.sismember(settings.keys.cases, case_id_for("ordinary"))
+    assert client.sismember(settings.keys.cases, case_id_for("absurd-but-finite"))
+    reasons = [f[b"dead:reason"] for _, f in client.xrange(settings.keys.trades_dead)]
+    assert reasons == [b"entry: prices, quantity and leverage give a P&L that is not finite"] * 2
+    assert client.xpending(settings.keys.trades, DETECTOR_GROUP)["pending"] == 0
+
+
+def test_an_entry_with_thousands_of_fields_is_dead_lettered_whole(client, settings):
+    junk = {f"f{i}".encode(): b"x" for i in range(5000)}
+    client.xadd(settings.keys.trades, junk)
+    publish_trades(client, settings.keys, [losing("after-junk")])
+    drain(client, settings)
+    ((_, dead),) = client.xrange(settings.keys.trades_dead)
+    assert dead[b"dead:reason"] == b"entry: 5000 fields, over the limit of 256"
+    assert msgpack.unpackb(dead[b"dead:original"], raw=True) == junk
+    assert client.sismember(settings.keys.cases, case_id_for("after-junk"))
+
+
+def test_trades_are_trimmed_but_never_an_unacknowledged_one(client, settings):
+    keys = settings.keys
+    live = LossDetector(client, dataclasses.replace(settings, trades_maxlen=50), "live", None)
+    live.ensure_group()
+    # given 100 handled trades, then two that a reader took and never acknowledged
+    publish_and_ids(client, settings, [losing(f"a{i}") for i in range(100)])
+    handle_new(client, settings, live)
+    stuck = publish_and_ids(client, settings, [losing(f"s{i}") for i in range(2)])
+    client.xreadgroup(DETECTOR_GROUP, "stuck", {keys.trades: ">"}, count=2)
+    # when far more trades than the cap arrive and are handled
+    publish_and_ids(client, settings, [losing(f"b{i}") for i in range(200)])
+    handle_new(client, settings, live)
+    # then everything before the unacknowledged entries is trimmed, and nothing after them
+    assert [entry_id for entry_id, _ in client.xrange(keys.trades, count=2)] == stuck
+    assert client.xlen(keys.trades) == 202
+    # and once they are acknowledged, the next batch trims down to the cap
+    client.xack(keys.trades, DETECTOR_GROUP, *stuck)
+    publish_and_ids(client, settings, [losing("last")])
+    handle_new(client, settings, live)
+    assert client.xlen(keys.trades) == 50
+
+
+def handle_new(client, settings, detector: LossDetector) -> None:
+    """Hand every undelivered entry to the detector, 100 at a time."""
+    while entries := entries_of(
+        client.xreadgroup(DETECTOR_GROUP, detector.consumer, {settings.keys.trades: ">"}, 100)
+    ):
+        detector.handle(entries)
+
+
+def publish_and_ids(client, settings, trades) -> list[bytes]:
+    return [client.xadd(settings.keys.trades, encode_trade(t, "flat")) for t in trades]
+
+
+def test_a_pending_entry_deleted_before_it_was_read_is_acknowledged(client, settings):
+    # given an entry another detector read, which was then deleted from the stream
+    keys = settings.keys
+    (entry_id,) = publish_and_ids(client, settings, [losing("gone")])
+    client.xgroup_create(keys.trades, DETECTOR_GROUP, id="0")
+    client.xreadgroup(DETECTOR_GROUP, "dead-detector", {keys.trades: ">"})
+    client.xdel(keys.trades, entry_id)
+    # when a live detector claims what the dead one left
+    drain(client, dataclasses.replace(settings, claim_idle_ms=1))
+    # then nothing is left pending, and the loss of data is on record
+    assert client.xpending(keys.trades, DETECTOR_GROUP)["pending"] == 0
+    ((_, dead),) = client.xrange(keys.trades_dead)
+    assert dead[b"dead:field"] == b"entry" and b"deleted" in dead[b"dead:reason"]

@@ -43,6 +43,7 @@ from workers.model import (
 from workers.options import CommandError, common_options, settings_from
 from workers.publish import publish_trades
 from workers.settings import Settings
+from workers.shutdown import interrupt_on_sigterm
 from workers.signal_client import SignalClient, SignalTimeout
 from workers.status import gather_status
 from workers.supervisor import Supervisor
@@ -281,7 +282,7 @@ def summarize(
         "cases": {k: status["cases"][k] for k in ("total", "queued", "leased", "done", "dead")},
         "dead_letters": status["trades"]["dead_letters"],
         "training_sessions": dict(tally.sessions),
-        "checkpoint_versions": status["latest_checkpoint"],
+        "latest_checkpoint": status["latest_checkpoint"],
         "checkpoints_published": tally.types.get("checkpoint_published", 0),
         "reloads": len(tally.loaded_versions),
         "checkpoints_rejected_by_inference": tally.types.get("checkpoint_rejected", 0),
@@ -310,7 +311,7 @@ def render_summary(summary: dict[str, Any]) -> str:
             f"  negative cases    {by_priority}",
             f"  case queue        {summary['cases']}",
             f"  training          {summary['training_sessions']}",
-            f"  checkpoints       latest v{summary['checkpoint_versions']}, "
+            f"  checkpoints       latest v{summary['latest_checkpoint']}, "
             f"{summary['reloads']} reloads by the inference worker",
             f"  dead letters      {summary['dead_letters']} malformed events, each with a reason",
             f"  loss rate, held-out situations: first {held_text(held['first'])} -> latest "
@@ -352,6 +353,8 @@ def run_demo(args: argparse.Namespace) -> int:
     if args.duration <= 0 or args.rate <= 0:
         raise CommandError("--duration and --rate must be positive")
     screen = Screen(quiet=args.json)
+    # SIGTERM stops the demo like Ctrl-C: the workers and Redis are stopped, not orphaned.
+    interrupt_on_sigterm()
     with demo_redis(settings_from(args)) as settings:
         client = connect(settings.redis_url or "")
         screen.say(f"negcase demo: Redis {settings.redis_url}, archive {settings.data_dir}")

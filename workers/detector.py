@@ -100,7 +100,7 @@ class LossDetector:
                             # Another detector holds entries: wait for its ack, or to claim them.
                             stop.wait(0.05)
                     failures = 0
-                except redis.ConnectionError as error:
+                except (redis.ConnectionError, redis.TimeoutError) as error:
                     # What was in flight stays pending and is read again after reconnecting.
                     in_flight = _abandoned(in_flight)
                     delay = backoff_s(failures)
@@ -142,8 +142,13 @@ class LossDetector:
         started = time.perf_counter()
         if self.archive is not None:
             self.archive.add_cases(batch.cases, batch.blobs)
+        settings = self.settings
         added, duplicates = self.cases.record_batch(
-            batch, self.consumer, self.settings.events_maxlen, self.settings.dead_letters_maxlen
+            batch,
+            self.consumer,
+            settings.events_maxlen,
+            settings.dead_letters_maxlen,
+            settings.trades_maxlen,
         )
         totals = self.totals
         totals.entries += entry_count
@@ -166,14 +171,22 @@ class LossDetector:
             batch.handled_ids.append(entry_id)
             try:
                 trade = parse_trade(fields, self.defaults)
+                outcome = outcome_of(trade)
+                case = negative_case(trade, outcome, settings, now_ms) if outcome.is_loss else None
             except TradeError as error:
                 batch.dead_letters.append(
                     DeadLetter(entry_id, fields, error.field, error.reason, _trade_id_of(fields))
                 )
                 continue
-            outcome = outcome_of(trade)
-            if outcome.is_loss:
-                batch.add_case(negative_case(trade, outcome, settings, now_ms))
+            except Exception as error:
+                # A bug met by some input: keep the entry, with the error, for a person to see.
+                batch.dead_letters.append(DeadLetter(
+                    entry_id, fields, "entry", f"could not be handled: {error!r}",
+                    _trade_id_of(fields),
+                ))  # fmt: skip
+                continue
+            if case is not None:
+                batch.add_case(case)
             else:
                 self.totals.wins += 1
                 label = version_label(trade.model_version)
@@ -220,11 +233,16 @@ class LossDetector:
                 count=self.settings.batch_size,
             )
             # Redis 6.2 replies [cursor, entries]; Redis 7 adds a third item, the ids of
-            # pending entries that no longer exist, which it has already removed.
+            # pending entries that no longer exist, which it has already removed. Redis 6.2
+            # instead claims such an entry and answers nil for it, id included.
             cursor, claimed = reply[0], reply[1]
             entries = [(entry_id, fields) for entry_id, fields in claimed if entry_id is not None]
             if entries:
                 yield entries
+            if len(entries) < len(claimed):
+                # Now ours: reading our own pending entries gives them back as (id, {}), so
+                # they are dead-lettered and acknowledged like any entry with no fields.
+                yield from self._own_pending()
             if cursor in (b"0-0", "0-0"):
                 return
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from schemas.case import NegativeCase, case_id_for
-from schemas.trade import TradeClosed
+from schemas.trade import TradeClosed, TradeError
 from workers.settings import Settings
 
 _OPPOSITE = {"BUY": "SELL", "SELL": "BUY"}
@@ -34,12 +35,11 @@ def outcome_of(trade: TradeClosed) -> Outcome:
         move = -move
     # Percent of the margin at risk; rounded so 1 % computes as exactly 1, not 0.99999...
     pnl_pct = round((move - trade.fee_rate) * trade.leverage * 100, 9)
-    notional = trade.entry_price * trade.quantity
-    return Outcome(
-        move_pct=round(move * 100, 9),
-        pnl_pct=pnl_pct,
-        pnl_amount=notional * (move - trade.fee_rate),
-    )
+    pnl_amount = trade.entry_price * trade.quantity * (move - trade.fee_rate)
+    # Each number can be finite and in range while their product is not (1e-300 to 1e300).
+    if not (math.isfinite(pnl_pct) and math.isfinite(pnl_amount)):
+        raise TradeError("entry", "prices, quantity and leverage give a P&L that is not finite")
+    return Outcome(move_pct=round(move * 100, 9), pnl_pct=pnl_pct, pnl_amount=pnl_amount)
 
 
 def priority_for(loss_pct: float, thresholds_pct: tuple[float, ...]) -> int:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import signal
 from pathlib import Path
 
 from store.local_redis import LocalRedis, RedisNotFound
 from workers.options import CommandError
+from workers.shutdown import interrupt_on_sigterm
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -30,10 +30,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run_redis)
 
 
-def _interrupt(_signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def run_redis(args: argparse.Namespace) -> int:
     """Run until SIGINT/SIGTERM, then stop the server cleanly."""
     try:
@@ -42,7 +38,7 @@ def run_redis(args: argparse.Namespace) -> int:
         raise CommandError(str(error)) from None
     print(f"redis-server on {server.url} (data in {args.dir}); Ctrl-C stops it", flush=True)
     print(f"export NEGCASE_REDIS_URL={server.url}", flush=True)
-    signal.signal(signal.SIGTERM, _interrupt)
+    interrupt_on_sigterm()
     try:
         assert server.process is not None
         server.process.wait()

@@ -10,6 +10,9 @@ from typing import Any
 
 from store.keys import Keys
 
+MAX_BATCH = 5000
+MAX_BLOCK_MS = 20_000
+
 
 class SettingsError(ValueError):
     """A NEGCASE_* variable or flag that cannot be used, naming it and why."""
@@ -74,6 +77,7 @@ class Settings:
     archive: bool = True
 
     # Streams and caps.
+    trades_maxlen: int = 1_000_000
     events_maxlen: int = 100_000
     dead_letters_maxlen: int = 100_000
 
@@ -85,6 +89,8 @@ class Settings:
     learning_rate: float = 0.01
     replay_size: int = 64
     heldout_size: int = 64
+    # Share of cases held out by a fixed rule on the id (never trained; they judge models).
+    heldout_share: float = 0.1
     gate_tolerance: float = 0.02
     # Checks (every 10 epochs) without replay-loss progress before a learned case stops
     # early; 0 trains every planned epoch.
@@ -96,6 +102,8 @@ class Settings:
     # Inference.
     serve_batch_size: int = 256
     reply_ttl_s: int = 30
+    # A signal request is a few hundred bytes: a larger one gets an error reply unread.
+    max_request_bytes: int = 65536
 
     # Health keys.
     health_ttl_s: int = 15
@@ -131,8 +139,14 @@ class Settings:
             raise SettingsError("base_epochs: needs 5 values, for priorities 1 to 5")
         if self.feature_count < 1:
             raise SettingsError("feature_count: must be at least 1")
-        if self.batch_size < 1 or self.block_ms < 1:
-            raise SettingsError("batch_size and block_ms: must be at least 1")
+        # A batch's entry ids travel to one Lua call as arguments; Lua's unpack() takes
+        # about 8,000 values at most.
+        if not (1 <= self.batch_size <= MAX_BATCH) or not (1 <= self.serve_batch_size <= MAX_BATCH):
+            raise SettingsError(f"batch_size and serve_batch_size: must be 1 to {MAX_BATCH}")
+        if not 1 <= self.block_ms <= MAX_BLOCK_MS:
+            raise SettingsError(f"block_ms: must be 1 to {MAX_BLOCK_MS} (below the socket timeout)")
+        if not 0 <= self.heldout_share < 1:
+            raise SettingsError("heldout_share: must be at least 0 and below 1")
         if self.default_leverage < 1 or self.default_fee_rate < 0:
             raise SettingsError("default_leverage >= 1 and default_fee_rate >= 0 are required")
         return self

@@ -45,3 +45,13 @@ def install_signal_handlers(stop: StopFlag, name: str) -> None:
 
     signal.signal(signal.SIGTERM, handle)
     signal.signal(signal.SIGINT, handle)
+
+
+def interrupt_on_sigterm() -> None:
+    """Make SIGTERM raise KeyboardInterrupt, for commands that clean up on Ctrl-C (without
+    it, Python's default SIGTERM exits without running `finally` blocks)."""
+
+    def interrupt(_signum: int, _frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)

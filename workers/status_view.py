@@ -62,6 +62,8 @@ def _render_cases(cases: dict[str, Any]) -> list[str]:
         f"leased + {cases['done']} done + {cases['dead']} dead  ({check})",
         f"  queued by priority  {by_priority}",
         f"  rejected by gate    {cases['rejected']} (part of done)",
+        f"  held out            {cases.get('held_out', 0)} (part of done: never trained, they "
+        "judge models)",
         *_render_reasons(cases["rejected_reasons"]),
         f"  dead                {cases['dead']}",
         *_render_reasons(cases["dead_reasons"]),

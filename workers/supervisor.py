@@ -9,6 +9,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from store.local_redis import die_with_parent
 from workers.settings import Settings
 
 
@@ -45,6 +46,7 @@ class Supervisor:
                 # Its own session: a Ctrl-C at the terminal reaches the supervisor only, which
                 # then stops each child once, gracefully.
                 start_new_session=True,
+                preexec_fn=die_with_parent,
             )
         self.processes[name] = process
         return process
@@ -54,7 +56,18 @@ class Supervisor:
         return {name: code for name, p in self.processes.items() if (code := p.poll()) is not None}
 
     def stop_all(self, timeout_s: float = 15.0) -> dict[str, int]:
-        """Ask every child to finish its work in hand, wait, kill stragglers; exit codes."""
+        """Ask every child to finish its work in hand, wait, kill stragglers; exit codes.
+        A second Ctrl-C or SIGTERM while this runs is ignored: stopping is what it asked for."""
+        previous = {
+            sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)
+        }
+        try:
+            return self._stop_all(timeout_s)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _stop_all(self, timeout_s: float) -> dict[str, int]:
         for process in self.processes.values():
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)

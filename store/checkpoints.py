@@ -5,30 +5,43 @@ Redis layout (DESIGN.md, "Checkpoints and hot reload"):
   <ns>:ckpt:<version>   hash: weights (safetensors bytes), sha256 (hex), meta (JSON object)
   <ns>:ckpt:latest      the version inference serves, a decimal string
   <ns>:ckpt:versions    sorted set of the versions still in Redis (score = version)
-  <ns>:ckpt:counter     the highest version handed out (INCR), so versions only increase
+  <ns>:ckpt:counter     the highest version handed out (INCR), so versions only increase;
+                        in an empty Redis it starts at the highest version the archive holds
   <ns>:ckpt:lock        held by the one trainer that rebases and publishes right now
   <ns>:checkpoints      stream: kind (published|rollback), version, parent_version, sha256, at_ms
+
+Archive layout (models/): v<N>.safetensors and v<N>.json, each created once and never
+replaced. The weights are written before the publish script runs, the metadata under a
+hidden name (.v<N>.json.unpublished) that is renamed to v<N>.json only once the script said
+`published`: a trainer killed in between leaves files that listings and rollback ignore.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import re
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import orjson
 import redis
 from redis.exceptions import LockError
 
-from store.archive import Archive, write_atomic
+from store.archive import Archive
 from store.keys import Keys
 from store.queue import Lease, LeaseLost
 from store.scripts import script
 
 ANNOUNCEMENTS_MAXLEN = 10_000
+UNPUBLISHED_SUFFIX = ".unpublished"
+# Any file of a version in models/: final, unpublished metadata, or a temp file.
+_VERSION_FILE = re.compile(r"^\.?v(\d+)\.")
 
 
 class PublishConflict(Exception):
@@ -41,6 +54,11 @@ class PublishConflict(Exception):
 
 class CheckpointMissing(LookupError):
     """No checkpoint of that version, in Redis or in the archive."""
+
+
+class ArchiveConflict(FileExistsError):
+    """The archive already has a file for the version being published; it is never replaced
+    (two lineages writing one models/ folder, or a version counter that went backwards)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,7 +158,9 @@ class CheckpointRegistry:
     ) -> int:
         """Store, archive and announce a checkpoint built on `parent_version`, and move latest
         to it. Raises PublishConflict when latest is no longer `parent_version`, LeaseLost
-        when a lease in `leases` is no longer held. Returns the new version."""
+        when a lease in `leases` is no longer held, ArchiveConflict when the archive already
+        has files of the new version. Returns the new version."""
+        self._start_counter_above_archive()
         version = int(self.client.incr(self.keys.version_counter))
         full_meta = {
             **meta,
@@ -179,6 +199,7 @@ class CheckpointRegistry:
             ],
         )
         if status == b"published":
+            self._confirm_archived(version)
             return version
         self._unarchive(version)
         if status == b"conflict":
@@ -238,19 +259,75 @@ class CheckpointRegistry:
         """Versions to drop from Redis once one more is added: all but the newest keep - 1."""
         return [int(v) for v in self.client.zrevrange(self.keys.versions, self.keep - 1, -1)]
 
+    def _start_counter_above_archive(self) -> None:
+        """Before the first INCR of an empty (or flushed) Redis, start the counter at the
+        highest version the archive or Redis already used, so that no version number is
+        handed out twice. SET NX: of publishers racing here, one sets it, all INCR after."""
+        counter = self.keys.version_counter
+        if self.client.exists(counter):
+            return
+        newest = self.client.zrevrange(self.keys.versions, 0, 0)
+        used = [
+            self._newest_archived(),
+            self.latest_version() or 0,
+            int(newest[0]) if newest else 0,
+        ]
+        if max(used) > 0:
+            self.client.set(counter, max(used), nx=True)
+
+    def _newest_archived(self) -> int:
+        if self.archive is None:
+            return 0
+        found = (_VERSION_FILE.match(name) for name in os.listdir(self.archive.models_dir))
+        return max((int(match[1]) for match in found if match), default=0)
+
     def _archive(self, version: int, weights: bytes, sha256: str, meta: dict[str, Any]) -> None:
+        """Write the weights and the not-yet-published metadata; ArchiveConflict if either
+        exists already (nothing is overwritten, and what this call made is removed)."""
         if self.archive is None:
             return
         folder = self.archive.models_dir
-        write_atomic(folder / f"v{version}.safetensors", weights)
-        self.archive.write_json(folder, f"v{version}.json", {**meta, "sha256": sha256})
+        meta_json = orjson.dumps(
+            {**meta, "sha256": sha256}, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS
+        )
+        created: list[Path] = []
+        for name, data in ((f"v{version}.safetensors", weights),
+                           (f".v{version}.json{UNPUBLISHED_SUFFIX}", meta_json)):  # fmt: skip
+            try:
+                _create_new(folder / name, data)
+            except FileExistsError:
+                for path in created:
+                    path.unlink()
+                raise ArchiveConflict(
+                    f"{folder / name} exists: the archive already has checkpoint v{version} "
+                    f"and it is never replaced (is another lineage writing {folder}?)"
+                ) from None
+            created.append(folder / name)
+        _fsync_folder(folder)
+
+    def _confirm_archived(self, version: int) -> None:
+        """Give a published version's metadata its final name, which listings trust."""
+        if self.archive is None:
+            return
+        folder = self.archive.models_dir
+        unpublished = folder / f".v{version}.json{UNPUBLISHED_SUFFIX}"
+        try:
+            os.link(unpublished, folder / f"v{version}.json")  # link(): never replaces
+        except FileExistsError:
+            # Published all the same; the caller's update is in. Say so, keep both files.
+            print(f"warning: {folder}/v{version}.json exists; published v{version}'s "
+                  f"metadata stays in {unpublished.name}", file=sys.stderr)  # fmt: skip
+            return
+        unpublished.unlink()
+        _fsync_folder(folder)
 
     def _unarchive(self, version: int) -> None:
         """Remove the files of a version that was never published."""
         if self.archive is None:
             return
-        for suffix in (".safetensors", ".json"):
-            (self.archive.models_dir / f"v{version}{suffix}").unlink(missing_ok=True)
+        folder = self.archive.models_dir
+        for name in (f"v{version}.safetensors", f".v{version}.json{UNPUBLISHED_SUFFIX}"):
+            (folder / name).unlink(missing_ok=True)
 
     def _read_archived(self, version: int) -> StoredCheckpoint:
         missing = CheckpointMissing(f"no checkpoint v{version} in Redis or in the archive")
@@ -272,3 +349,25 @@ class CheckpointRegistry:
             version = path.stem[1:]
             if version.isdigit():
                 yield int(version), orjson.loads(path.read_bytes())
+
+
+def _create_new(path: Path, data: bytes) -> None:
+    """Write a file that must not exist yet: whole (temp file, fsync) and never over another
+    (link() fails with FileExistsError where rename() would replace)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        os.link(tmp, path)
+    finally:
+        tmp.unlink()
+
+
+def _fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

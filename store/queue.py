@@ -3,6 +3,7 @@ the leases that let any number of trainers share it safely (DESIGN.md, "The case
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -23,9 +24,32 @@ _AGE_SPAN_S = 2**32  # seconds since the Unix epoch fit until 2106; resolution a
 
 def queue_score(priority: int, loss_pct: float, created_at_ms: int) -> float:
     """The queue score: priority first, then loss size, then age (older first)."""
-    loss_tenths = min(_MAX_LOSS_TENTHS, max(0, int(loss_pct * 10)))
+    loss_tenths = int(min(_MAX_LOSS_TENTHS, max(0.0, loss_pct * 10)))
     age_fraction = 1.0 - (created_at_ms / 1000.0) / _AGE_SPAN_S
     return priority * _PRIORITY_UNIT + loss_tenths + age_fraction
+
+
+# Held-out cases (DESIGN.md, "Training"): a fixed rule on the case id alone, the same in every
+# process and in the Lua scripts, so no list has to be agreed on. A case is held out when the
+# first 32 bits of the SHA-1 of its id fall below share * 2^32. It is never trained: claim.lua
+# moves it from the queue straight to done (counted in <ns>:stats cases_held_out).
+_HASH_SPACE = 2**32
+HELD_OUT_STAT = "cases_held_out"
+
+
+def heldout_threshold(share: float) -> int:
+    """Ids whose hash is below this are held out: about `share` of all case ids."""
+    return int(min(1.0, max(0.0, share)) * _HASH_SPACE)
+
+
+def id_hash(case_id: str) -> int:
+    """The first 32 bits of the id's SHA-1: what claim.lua reads from redis.sha1hex."""
+    return int(hashlib.sha1(case_id.encode()).hexdigest()[:8], 16)
+
+
+def is_held_out(case_id: str, share: float) -> bool:
+    """Whether a case is held out (measured on, never trained) at this held-out share."""
+    return id_hash(case_id) < heldout_threshold(share)
 
 
 def priority_of_score(score: float) -> int:
@@ -63,7 +87,8 @@ class LeaseLost(Exception):
 
 
 class CaseQueue:
-    """The training queue with leases: claim, heartbeat, ack, fail, release, reap."""
+    """The training queue with leases: claim, heartbeat, ack, fail, release, reap. With a
+    `heldout_share`, held-out cases are never leased: a claim that meets one marks it done."""
 
     def __init__(
         self,
@@ -72,12 +97,14 @@ class CaseQueue:
         lease_s: float = 30.0,
         max_attempts: int = 3,
         events_maxlen: int = 100_000,
+        heldout_share: float = 0.0,
     ) -> None:
         self.client = client
         self.keys = keys
         self.lease_ms = max(1, int(lease_s * 1000))
         self.max_attempts = max_attempts
         self.events_maxlen = events_maxlen
+        self.heldout_threshold = heldout_threshold(heldout_share)
         self._claim = script(client, "claim")
         self._heartbeat = script(client, "heartbeat")
         self._ack = script(client, "ack")
@@ -86,11 +113,20 @@ class CaseQueue:
         self._requeue = script(client, "requeue")
 
     def claim(self, worker: str, count: int = 1) -> list[Lease]:
-        """Lease the best `count` queued cases (fewer when the queue holds fewer)."""
+        """Lease the best `count` queued cases that are not held out (fewer when the queue
+        holds fewer); held-out cases met on the way go to done untrained."""
         keys = self.keys
         flat = self._claim(
-            keys=[keys.queue, keys.leased, keys.leases, keys.fencing, keys.attempts],
-            args=[worker, self.lease_ms, count],
+            keys=[
+                keys.queue,
+                keys.leased,
+                keys.leases,
+                keys.fencing,
+                keys.attempts,
+                keys.done,
+                keys.stats,
+            ],
+            args=[worker, self.lease_ms, count, self.heldout_threshold, HELD_OUT_STAT],
         )
         return [
             Lease(
@@ -160,10 +196,11 @@ class CaseQueue:
         )
 
     def requeue(self, cases: Sequence[NegativeCase], restore: bool = False) -> int:
-        """Put cases back on the queue at their priority, unless leased right now; with
-        `restore`, store each case (if Redis lacks it) first. Returns how many were queued."""
+        """Put cases back on the queue at their priority, unless leased right now or held
+        out and already done; with `restore`, store each case (if Redis lacks it) first.
+        Returns how many were queued."""
         keys = self.keys
-        args: list[str | bytes] = []
+        args: list[str | int | bytes] = [self.heldout_threshold]
         for case in cases:
             score = queue_score(case.training_priority, case.loss_percentage, case.created_at_ms)
             args += [case.case_id, repr(score), case.to_msgpack() if restore else b""]
@@ -208,21 +245,24 @@ def _fences(leases: Sequence[Lease]) -> list[str | int]:
 
 
 def queue_counts(client: redis.Redis, keys: Keys) -> dict[str, int]:
-    """One consistent snapshot: queued + leased + done + dead == total (rejected is part of
-    done: trained, but the gate refused to publish the result)."""
+    """One consistent snapshot: queued + leased + done + dead == total. Rejected and
+    held_out are parts of done: rejected cases were trained but the gate refused to publish
+    the result; held-out cases were never trained (they judge the models)."""
     pipe = client.pipeline(transaction=True)
     pipe.zcard(keys.queue)
     pipe.zcard(keys.leased)
     pipe.scard(keys.done)
     pipe.hlen(keys.dead)
     pipe.hlen(keys.rejected)
+    pipe.hget(keys.stats, HELD_OUT_STAT)
     pipe.scard(keys.cases)
-    queued, leased, done, dead, rejected, total = pipe.execute()
+    queued, leased, done, dead, rejected, held_out, total = pipe.execute()
     return {
         "queued": queued,
         "leased": leased,
         "done": done,
         "dead": dead,
         "rejected": rejected,
+        "held_out": int(held_out or 0),
         "total": total,
     }

@@ -8,8 +8,13 @@ import pytest
 import redis
 
 from store.archive import Archive
-from store.checkpoints import CheckpointMissing, CheckpointRegistry, PublishConflict
-from store.queue import CaseQueue, LeaseLost
+from store.checkpoints import (
+    ArchiveConflict,
+    CheckpointMissing,
+    CheckpointRegistry,
+    PublishConflict,
+)
+from store.queue import CaseQueue, Lease, LeaseLost
 from workers.model import ModelSpec, build_model, load_verified, sha256_hex, state_of, weights_bytes
 from workers.settings import Settings
 
@@ -104,3 +109,60 @@ def test_publish_needs_live_leases_on_the_cases_it_learned(client, settings) -> 
     with pytest.raises(LeaseLost):
         publish_new(registry, None, leases=[lease])
     assert registry.latest_version() is None
+
+
+def archive_files(settings: Settings) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((settings.data_dir / "models").iterdir())}
+
+
+def test_an_emptied_redis_never_reuses_an_archived_version(client, settings) -> None:
+    # given two published versions in the archive
+    registry = registry_for(client, settings)
+    publish_new(registry, publish_new(registry, None))
+    archived = archive_files(settings)
+    # when Redis starts empty (a new server; then `retrain-all --from-archive`) and a trainer
+    # publishes, through a new registry as a new process would
+    client.flushall()
+    version = publish_new(registry_for(client, settings), None)
+
+    # then the new version comes after the archived ones, whose files are untouched
+    assert version == 3
+    after = archive_files(settings)
+    assert {name: after[name] for name in archived} == archived
+    assert [(info.version, info.in_redis) for info in registry.list()] == [
+        (1, False),
+        (2, False),
+        (3, True),
+    ]
+
+
+def test_an_existing_archive_file_is_never_replaced(client, settings) -> None:
+    # given a version counter that went backwards below a file already in the archive
+    models = settings.data_dir / "models"
+    registry = registry_for(client, settings)
+    (models / "v1.safetensors").write_bytes(b"another lineage's weights")
+    client.set(settings.keys.version_counter, 0)
+
+    with pytest.raises(ArchiveConflict):
+        publish_new(registry, None)
+
+    assert archive_files(settings) == {"v1.safetensors": b"another lineage's weights"}
+    assert registry.latest_version() is None and registry.list() == []
+
+
+def test_files_of_a_publish_that_never_completed_are_not_trusted(client, settings) -> None:
+    # given a publish that archived its files but whose script never got through (as when
+    # the trainer is killed in between): here Redis refuses it, before writing anything
+    registry = registry_for(client, settings)
+    client.set(settings.keys.leases, "not a hash")  # WRONGTYPE when the script checks leases
+    with pytest.raises(redis.ResponseError):
+        publish_new(registry, None, leases=[Lease("nc-1", 1, 0, 100_000.0, 0)])
+    client.delete(settings.keys.leases)
+    assert "v1.safetensors" in archive_files(settings)  # the weights were written first
+
+    # then neither the listing nor a rollback trusts v1, and the next version is v2
+    assert registry.list() == []
+    with pytest.raises(CheckpointMissing):
+        registry.rollback(1)
+    assert publish_new(registry, None) == 2
+    assert [info.version for info in registry.list()] == [2]

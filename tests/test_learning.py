@@ -4,6 +4,7 @@ validation gate refuses a harmful update, and concurrent publishers both land (r
 from __future__ import annotations
 
 import dataclasses
+import random
 import threading
 
 import redis
@@ -13,12 +14,14 @@ from schemas.case import ACTIONS
 from store.archive import Archive
 from store.cases import CaseStore
 from store.checkpoints import CheckpointRegistry
+from store.queue import is_held_out
+from store.sessions import SessionStore
 from tests.training_cases import add_cases, assert_conserved, rule_cases
 from workers.model import ModelSpec, build_model, load_verified, state_of
 from workers.settings import Settings
 from workers.shutdown import StopFlag
 from workers.trainer import Trainer
-from workers.training import Examples, Update, measure, publish_update
+from workers.training import Examples, Update, measure, publish_update, sample_replay
 
 
 def trained(client: redis.Redis, settings: Settings) -> Trainer:
@@ -39,7 +42,8 @@ def latest_model(client: redis.Redis, settings: Settings) -> torch.nn.Module:
 def test_training_on_cases_learns_the_hidden_rule(client, settings) -> None:
     torch.set_num_threads(1)
     settings = settings.with_overrides(cases_per_claim=4, seed=0)
-    add_cases(client, settings, rule_cases(80, seed=1, epochs=100))
+    # 160 cases: the id rule holds out about 16, never trained, for an honest gate
+    add_cases(client, settings, rule_cases(160, seed=1, epochs=100))
     unseen = Examples.of(rule_cases(500, seed=99), settings.feature_count)
     torch.manual_seed(settings.seed)  # the weights every trainer starts from
     before = measure(build_model(ModelSpec(8, settings.hidden_sizes)), unseen)
@@ -50,7 +54,7 @@ def test_training_on_cases_learns_the_hidden_rule(client, settings) -> None:
     assert outcomes["published"] >= 3
     assert after.accuracy >= 0.65 and after.accuracy >= before.accuracy + 0.2, (before, after)
     assert after.loss < before.loss
-    assert assert_conserved(client, settings)["done"] == 80
+    assert assert_conserved(client, settings)["done"] == 160
 
 
 def test_the_gate_refuses_a_harmful_update_and_says_why(client, settings) -> None:
@@ -62,10 +66,12 @@ def test_the_gate_refuses_a_harmful_update_and_says_why(client, settings) -> Non
     registry = CheckpointRegistry(client, settings.keys)
     published = registry.latest_version()
     # The same market situations, every label wrong, trained hard with nothing to replay.
+    # (Only ids the rule trains: a flipped case held out would be a wrong-label judge.)
     flipped = [
         dataclasses.replace(case, case_id=f"nc-bad-{n:03d}", training_epochs=300,
                             what_should_have_been_done=ACTIONS[(case.label + 1) % 3])
         for n, case in enumerate(good)
+        if not is_held_out(f"nc-bad-{n:03d}", settings.heldout_share)
     ]  # fmt: skip
     add_cases(client, settings, flipped)
     harmful = settings.with_overrides(cases_per_claim=40, replay_size=0, early_stop_patience=0)
@@ -75,8 +81,8 @@ def test_the_gate_refuses_a_harmful_update_and_says_why(client, settings) -> Non
     assert trainer.outcomes == {"rejected": 1}
     assert registry.latest_version() == published
     counts = assert_conserved(client, settings)
-    assert counts["done"] == 80
-    assert counts["rejected"] >= 40
+    assert counts["done"] == 40 + len(flipped)
+    assert counts["rejected"] >= len(flipped)
     reason = client.hget(settings.keys.rejected, "nc-bad-000").decode()
     assert reason.startswith("held-out loss rose")
     [completed] = [
@@ -124,3 +130,44 @@ def test_concurrent_publishers_both_land_through_rebase(client, settings) -> Non
     load_verified(final, model, 8)
     for name, value in model.state_dict().items():
         assert torch.allclose(value, base[name] + 0.75), name  # both updates are in
+
+
+def test_the_trainer_never_trains_the_cases_it_judges_models_on(client, settings) -> None:
+    torch.set_num_threads(1)
+    # given cases some of which the id rule holds out
+    settings = settings.with_overrides(cases_per_claim=3, heldout_size=4)
+    cases = rule_cases(30, seed=3, epochs=20)
+    held_out = sorted(c.case_id for c in cases if is_held_out(c.case_id, settings.heldout_share))
+    assert len(held_out) >= 2
+    add_cases(client, settings, cases)
+
+    # when a trainer drains the queue
+    trainer = trained(client, settings)
+
+    # then it measured on held-out cases only, and no session trained any of them
+    judges = trainer.heldout.ids()
+    assert judges and judges <= set(held_out)
+    sessions = SessionStore(client, settings.keys, None).recent(100)
+    trained_ids = {case_id for session in sessions for case_id in session.case_ids}
+    assert trained_ids == {c.case_id for c in cases} - set(held_out)
+    assert all(s.metrics["heldout_count"] == len(judges) for s in sessions if s.metrics)
+    counts = assert_conserved(client, settings)
+    assert (counts["done"], counts["held_out"]) == (30, len(held_out))
+
+
+def test_replay_never_draws_held_out_or_rejected_cases(client, settings) -> None:
+    # given done cases: some held out by the id rule, some the gate refused, the rest fine
+    cases = rule_cases(60, seed=4)
+    add_cases(client, settings, cases)
+    ids = [case.case_id for case in cases]
+    client.sadd(settings.keys.done, *ids)  # as the code before the held-out rule left them
+    client.hset(settings.keys.rejected, mapping={i: "held-out loss rose" for i in ids[:10]})
+    share = settings.heldout_share
+    allowed = {i for i in ids[10:] if not is_held_out(i, share)}
+    assert len(allowed) < 50
+
+    # when a trainer draws a replay sample larger than what may be replayed
+    replay = sample_replay(client, settings.keys, 100, set(), 8, random.Random(0), share)
+
+    # then it holds exactly the trained, accepted cases
+    assert {case.case_id for case in replay} == allowed

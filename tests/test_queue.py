@@ -8,14 +8,18 @@ import time
 import pytest
 import redis
 
-from store.queue import CaseQueue, LeaseLost
+from store.queue import HELD_OUT_STAT, CaseQueue, LeaseLost, is_held_out
 from tests.conftest import wait_until
 from tests.training_cases import add_cases, assert_conserved, make_case
 from workers.settings import Settings
 
 
-def queue_for(client: redis.Redis, settings: Settings, lease_s: float = 30.0) -> CaseQueue:
-    return CaseQueue(client, settings.keys, lease_s=lease_s, max_attempts=3)
+def queue_for(
+    client: redis.Redis, settings: Settings, lease_s: float = 30.0, heldout_share: float = 0.0
+) -> CaseQueue:
+    return CaseQueue(
+        client, settings.keys, lease_s=lease_s, max_attempts=3, heldout_share=heldout_share
+    )
 
 
 def test_claims_by_priority_then_loss_then_age(client, settings) -> None:
@@ -148,3 +152,42 @@ def test_requeue_restores_cases_into_an_empty_redis(client, settings) -> None:
     assert queue.requeue(cases, restore=True) == 3
     assert assert_conserved(client, settings)["queued"] == 3
     assert client.exists(*(settings.keys.case(case.case_id) for case in cases)) == 3
+
+
+def test_held_out_cases_are_never_leased_they_go_to_done_untrained(client, settings) -> None:
+    # given 200 cases, oldest (best) first, and a rule holding out about a tenth of them by id
+    cases = [make_case(n, [0.0] * 8, created_at_ms=1_700_000_000_000 + n * 10_000)
+             for n in range(200)]  # fmt: skip
+    held_out = {case.case_id for case in cases if is_held_out(case.case_id, 0.1)}
+    assert 5 < len(held_out) < 40 and "nc-test-00004" in held_out
+    add_cases(client, settings, cases)
+    queue = queue_for(client, settings, heldout_share=0.1)
+
+    # when trainers claim, one case at a time and then in batches
+    [first] = queue.claim("t1")
+    leases = [first, *queue.claim("t1", count=150), *queue.claim("t1", count=150)]
+
+    # then every case that is not held out was leased once, in order, none that is held out;
+    # Redis (claim.lua, redis.sha1hex) and Python (is_held_out) agree on every id
+    assert first.case_id == "nc-test-00000"
+    assert [lease.case_id for lease in leases] == [
+        case.case_id for case in cases if case.case_id not in held_out
+    ]
+    done = {member.decode() for member in client.smembers(settings.keys.done)}
+    assert done == held_out
+    counts = assert_conserved(client, settings)
+    assert (counts["queued"], counts["done"], counts["rejected"]) == (0, len(held_out), 0)
+    assert counts["held_out"] == len(held_out)
+    assert int(client.hget(settings.keys.stats, HELD_OUT_STAT)) == len(held_out)
+
+
+def test_retrain_all_leaves_done_held_out_cases_done(client, settings) -> None:
+    cases = [make_case(n, [0.0] * 8) for n in range(3, 6)]  # nc-test-00004 is held out
+    add_cases(client, settings, cases)
+    queue = queue_for(client, settings, heldout_share=0.1)
+    queue.ack(queue.claim("t1", count=3))
+
+    assert queue.requeue(cases) == 2
+    counts = assert_conserved(client, settings)
+    assert (counts["queued"], counts["done"], counts["held_out"]) == (2, 1, 1)
+    assert client.sismember(settings.keys.done, "nc-test-00004")

@@ -8,11 +8,13 @@ import signal
 import subprocess
 import time
 
+import orjson
 import pytest
 import redis
 
 from store.archive import Archive
 from store.checkpoints import CheckpointRegistry
+from store.queue import is_held_out
 from tests.conftest import wait_until, worker_env
 from tests.training_cases import add_cases, assert_conserved, make_case, rule_cases
 from workers.settings import Settings
@@ -64,12 +66,15 @@ def test_trainers_drain_the_queue_each_case_claimed_once(client, settings, spawn
     for process in processes:
         finish(process)
 
+    held_out = [c.case_id for c in cases if is_held_out(c.case_id, settings.heldout_share)]
+    trainable = sorted(c.case_id for c in cases if c.case_id not in held_out)
+    assert held_out  # nc-test-00004: done, never leased nor trained
     counts = assert_conserved(client, settings)
-    assert counts["done"] == 12
-    # One fencing token per case: no case was ever claimed twice, so never held twice.
-    assert int(client.get(settings.keys.fencing)) == 12
+    assert (counts["done"], counts["held_out"]) == (12, len(held_out))
+    # One fencing token per case trained: no case was ever claimed twice, so never held twice.
+    assert int(client.get(settings.keys.fencing)) == len(trainable)
     completed = events(client, settings, "training_completed")
-    assert sorted(e["cases"] for e in completed) == sorted(c.case_id for c in cases)
+    assert sorted(e["cases"] for e in completed) == trainable
     assert {e["outcome"] for e in completed} <= {"published", "rejected"}
     lineage = CheckpointRegistry(client, settings.keys).list()
     assert [info.version for info in lineage] == list(range(1, len(lineage) + 1))
@@ -179,3 +184,54 @@ def test_rollback_and_checkpoints_commands(client, settings, spawn) -> None:
     assert lines[2].split()[:2] == ["2", "1"]
     kinds = [fields[b"kind"] for _, fields in client.xrange(settings.keys.checkpoints)]
     assert kinds == [b"published", b"published", b"rollback"]
+
+
+def trainer_health(client: redis.Redis, settings: Settings) -> dict | None:
+    for key in client.scan_iter(settings.keys.health("trainer:*")):
+        raw = client.get(key)
+        if raw is not None:
+            return orjson.loads(raw)
+    return None
+
+
+def test_a_trainer_busy_longer_than_its_health_ttl_stays_healthy(client, settings, spawn) -> None:
+    # given a trainer in a session that outlasts its 2 s health TTL many times over
+    add_cases(client, settings, [make_case(1, [1.0] * 8, epochs=ENDLESS_EPOCHS)])
+    trainer = spawn("train", "--name", "busy", env=trainer_env(
+        settings, 30.0, NEGCASE_EARLY_STOP_PATIENCE="0", NEGCASE_HEALTH_TTL_S="2"))  # fmt: skip
+    wait_training_started(client, settings)
+    [started] = events(client, settings, "training_started")
+
+    # when its health TTL has passed since the session started
+    def refreshed_mid_session() -> bool:  # by the heartbeat thread: the loop is busy training
+        health = trainer_health(client, settings)
+        return health is not None and health["at_ms"] > int(started["at_ms"]) + 2_000
+
+    wait_until(refreshed_mid_session, 30, "a health refresh during the session")
+
+    # then `negcase health` finds it alive, still in the same session
+    health = spawn("health", "--kind", "trainer")
+    out, err = health.communicate(timeout=60)
+    assert health.returncode == 0, err
+    assert orjson.loads(out.splitlines()[0])["name"] == "busy"
+    assert not events(client, settings, "training_completed")
+    trainer.send_signal(signal.SIGTERM)
+    finish(trainer)
+    assert assert_conserved(client, settings)["queued"] == 1
+
+
+def test_a_redis_socket_timeout_is_waited_out_like_a_lost_connection(
+    client, settings, redis_url
+) -> None:
+    # given a trainer whose client gives up on a silent socket after 0.2 s, and cases to train
+    add_cases(client, settings, rule_cases(3, epochs=20))
+    impatient = redis.Redis.from_url(redis_url, socket_timeout=0.2)
+    trainer = Trainer(impatient, settings, "t1", Archive(settings.data_dir))
+
+    # when Redis stops answering for a while (every client paused) as the trainer starts
+    client.execute_command("CLIENT", "PAUSE", 1500, "ALL")
+    outcomes = trainer.run(StopFlag(), burst=True)
+
+    # then it backed off and, once Redis answered again, trained every case
+    assert sum(outcomes.values()) == 3
+    assert assert_conserved(client, settings)["done"] == 3

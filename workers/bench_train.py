@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import itertools
 import os
 import shutil
 import subprocess
@@ -25,7 +26,7 @@ from schemas.case import ACTIONS, NegativeCase
 from store.archive import Archive
 from store.cases import Batch, CaseStore
 from store.connection import connect
-from store.queue import CaseQueue
+from store.queue import CaseQueue, is_held_out
 from workers.bench_support import bench_redis, drop_namespace
 from workers.options import common_options, settings_from
 from workers.settings import Settings
@@ -70,8 +71,12 @@ def session_times(settings: Settings, history: int) -> dict[int, dict[str, float
     full = settings.with_overrides(early_stop_patience=0)
     trainer = Trainer(client, full, "bench", Archive(settings.data_dir))
     results = {}
-    for n, priority in enumerate([1, 1, 2, 3, 4, 5]):  # the first run warms torch up
-        add_cases(client, settings, [bench_case(history + n, priority,
+    # Timed cases must be trainable: a held-out case is never claimed for training.
+    numbers = (n for n in itertools.count(history)
+               if not is_held_out(f"nc-bench-{n:06d}", settings.heldout_share))  # fmt: skip
+    for n, (number, priority) in enumerate(zip(numbers, [1, 1, 2, 3, 4, 5], strict=False)):
+        # the first run warms torch up
+        add_cases(client, settings, [bench_case(number, priority,
                                                 settings.epochs_for(priority), fc)])  # fmt: skip
         leases = trainer.queue.claim("bench")
         started = time.perf_counter()

@@ -51,8 +51,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         parents=[common_options()],
         help="put every stored case back on the training queue",
         description="Queue every trainable case again at its priority (done, rejected and dead "
-        "ones too; leased ones stay with their trainer). With --from-archive, cases are read "
-        "from that archive folder and restored into Redis when it lacks them.",
+        "ones too; leased ones stay with their trainer, held-out ones that are done stay done). "
+        "With --from-archive, cases are read from that archive folder and restored into Redis "
+        "when it lacks them.",
     )
     retrain.add_argument(
         "--from-archive", type=Path, metavar="DIR", help="archive folder (testcases/negative)"
@@ -121,7 +122,10 @@ def run_retrain_all(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     client = redis_client(settings)
     keys = settings.keys
-    queue = CaseQueue(client, keys, settings.lease_s, settings.max_attempts)
+    queue = CaseQueue(
+        client, keys, settings.lease_s, settings.max_attempts,
+        heldout_share=settings.heldout_share,
+    )  # fmt: skip
     if args.from_archive:
         if not args.from_archive.is_dir():
             raise CommandError(f"{args.from_archive}: no such archive folder")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import math
 import os
 import random
 import socket
@@ -58,12 +59,24 @@ def default_trainer_name() -> str:
 
 class Heartbeat:
     """Extends the leases from a thread while training runs, so that a long step cannot let
-    them lapse; sets `lost` when Redis says one is no longer ours."""
+    them lapse; sets `lost` when Redis says one is no longer ours. It also calls `on_beat`
+    (the health key's refresh, itself rate-limited) at least every `health_every_s`: a
+    session or a wait for the publish lock longer than the health TTL must not make a busy
+    trainer look dead."""
 
-    def __init__(self, queue: CaseQueue, leases: Sequence[Lease], interval_s: float) -> None:
+    def __init__(
+        self,
+        queue: CaseQueue,
+        leases: Sequence[Lease],
+        interval_s: float,
+        on_beat: Callable[[], None] | None = None,
+        health_every_s: float = math.inf,
+    ) -> None:
         self.queue = queue
         self.leases = list(leases)
         self.interval_s = interval_s
+        self.on_beat = on_beat
+        self.tick_s = min(interval_s, health_every_s)
         self.lost = threading.Event()
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
@@ -77,11 +90,17 @@ class Heartbeat:
         self._thread.join()
 
     def _beat(self) -> None:
-        while not self._done.wait(self.interval_s):
+        lease_due_s = time.monotonic() + self.interval_s
+        while not self._done.wait(self.tick_s):
+            if self.on_beat is not None:
+                with contextlib.suppress(redis.RedisError):
+                    self.on_beat()
+            if self.lost.is_set() or time.monotonic() < lease_due_s:
+                continue
             try:
                 if self.queue.heartbeat(self.leases):
-                    self.lost.set()
-                    return
+                    self.lost.set()  # keep ticking: the health key still needs refreshing
+                lease_due_s = time.monotonic() + self.interval_s
             except redis.RedisError:
                 continue  # Redis is away: try again; if the lease lapses, fencing refuses us
 
@@ -98,13 +117,17 @@ class Trainer:
         self.name = name
         self.archive = archive
         self.queue = CaseQueue(
-            client, self.keys, settings.lease_s, settings.max_attempts, settings.events_maxlen
-        )
+            client, self.keys, settings.lease_s, settings.max_attempts, settings.events_maxlen,
+            settings.heldout_share,
+        )  # fmt: skip
         self.registry = CheckpointRegistry(
             client, self.keys, archive, settings.keep_checkpoints, settings.events_maxlen
         )
         self.sessions = SessionStore(client, self.keys, archive, settings.events_maxlen)
-        self.heldout = HeldOutSet(client, self.keys, settings.heldout_size, settings.feature_count)
+        self.heldout = HeldOutSet(
+            client, self.keys, settings.heldout_size, settings.feature_count,
+            settings.heldout_share,
+        )  # fmt: skip
         self.spec = spec_from_settings(settings)
         self.scratch = build_model(self.spec)  # verifies and measures checkpoints
         self.rng = random.Random(f"{settings.seed}:{name}")
@@ -118,7 +141,7 @@ class Trainer:
         failures = 0
         while not stop.is_set():
             try:
-                self.health.refresh(name=self.name, sessions=sum(self.outcomes.values()))
+                self.refresh_health()
                 self.queue.reap()
                 leases = self.queue.claim(self.name, self.settings.cases_per_claim)
                 if leases:
@@ -129,7 +152,9 @@ class Trainer:
                     # In burst mode, wait for other trainers' leases to be acked or to expire.
                     stop.wait(min(0.25, self.settings.lease_s / 4))
                 failures = 0
-            except redis.ConnectionError as error:
+            except (redis.ConnectionError, redis.TimeoutError) as error:
+                # A socket timeout is Redis being away too (redis.TimeoutError is no
+                # ConnectionError): back off and retry, never die of it.
                 delay = backoff_s(failures)
                 failures += 1
                 print(f"{self.name}: Redis unreachable ({error}); retry in {delay:.2f}s",
@@ -141,6 +166,10 @@ class Trainer:
             self.health.clear()
         return self.outcomes
 
+    def refresh_health(self) -> None:
+        """Refresh this trainer's health key if due (rate-limited; safe from any thread)."""
+        self.health.refresh(name=self.name, sessions=sum(self.outcomes.values()))
+
     def train_claimed(self, leases: list[Lease], stop: StopFlag) -> TrainingSession | None:
         """One intensive session on claimed cases; every lease ends acked, given back or
         failed (or lost to another worker). Returns the session, or None if no case was
@@ -148,7 +177,10 @@ class Trainer:
         leases, cases = self._usable(leases)
         if not leases:
             return None
-        with Heartbeat(self.queue, leases, self.settings.lease_s / 3) as heartbeat:
+        with Heartbeat(
+            self.queue, leases, self.settings.lease_s / 3, self.refresh_health,
+            self.health.every_s,
+        ) as heartbeat:  # fmt: skip
             session = self._start_session(leases, cases)
             try:
                 self._train(
@@ -167,8 +199,8 @@ class Trainer:
                 self.queue.release(leases, self.name)
                 session.outcome, session.error = "failed", f"latest checkpoint: {error.reason}"
                 stop.wait(self.settings.lease_s)
-            except redis.ConnectionError:
-                raise
+            except (redis.ConnectionError, redis.TimeoutError):
+                raise  # Redis is away, not the cases' fault: run() backs off
             except Exception as error:
                 self.queue.fail(leases, f"{type(error).__name__}: {error}", self.name)
                 session.outcome, session.error = "failed", f"{type(error).__name__}: {error}"
@@ -207,7 +239,7 @@ class Trainer:
         heldout_cases = [case for case in self.heldout.cases() if case.case_id not in case_ids]
         replay_cases = sample_replay(
             self.client, self.keys, settings.replay_size, case_ids | self.heldout.ids(), fc,
-            self.rng,
+            self.rng, settings.heldout_share,
         )  # fmt: skip
         new, heldout = Examples.of(cases, fc), Examples.of(heldout_cases, fc)
         model = build_model(self.spec)

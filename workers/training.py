@@ -4,7 +4,6 @@ rebase. The trainer (workers/trainer.py) drives these steps; nothing here loops 
 
 from __future__ import annotations
 
-import hashlib
 import math
 import random
 from collections.abc import Callable, Sequence
@@ -20,7 +19,7 @@ from schemas.case import NegativeCase
 from store.cases import CaseStore
 from store.checkpoints import CheckpointRegistry, PublishConflict
 from store.keys import Keys
-from store.queue import Lease
+from store.queue import Lease, id_hash, is_held_out
 from workers.model import rebased, sha256_hex, verified_state, weights_bytes
 
 CHECK_EVERY_EPOCHS = 10
@@ -176,36 +175,34 @@ def improvements(
     return round(loss, 4), round((after.accuracy - before.accuracy) * 100, 4)
 
 
-def _id_rank(case_id: str) -> bytes:
-    return hashlib.blake2b(case_id.encode(), digest_size=8).digest()
-
-
-HELDOUT_SHARE = 5  # at most one case in five is held out, so that replay has cases to draw
-
-
 class HeldOutSet:
-    """The held-out cases: the `size` (at most a fifth of all) trainable cases whose ids
-    hash lowest, the same for every trainer. Re-chosen when the case count grew by 10 % or
-    the set is not full yet. Replay never draws them, so they measure generalization."""
+    """The held-out cases: those the fixed rule on the id holds out (about `share` of all
+    cases, store/queue.py is_held_out), trainable, at most `size` of them (lowest id hashes
+    first), the same for every trainer. They are never claimed for training and never
+    replayed, so they measure generalization. Re-read when the case count grew by 10 % or
+    the set is not full yet."""
 
-    def __init__(self, client: redis.Redis, keys: Keys, size: int, feature_count: int) -> None:
+    def __init__(
+        self, client: redis.Redis, keys: Keys, size: int, feature_count: int, share: float
+    ) -> None:
         self.client = client
         self.keys = keys
         self.size = size
         self.feature_count = feature_count
+        self.share = share
         self._total = -1
         self._cases: list[NegativeCase] = []
 
     def cases(self) -> list[NegativeCase]:
         """The held-out cases, refreshed when the case population grew enough."""
-        if self.size <= 0:
+        if self.size <= 0 or self.share <= 0:
             return []
         total = int(self.client.scard(self.keys.cases))
         full = len(self._cases) >= self.size
         if total != self._total and (not full or total >= self._total * 1.1):
-            ids = sorted((i.decode() for i in self.client.smembers(self.keys.cases)), key=_id_rank)
-            size = min(self.size, total // HELDOUT_SHARE)
-            chosen = CaseStore(self.client, self.keys).get_many(ids[:size])
+            ids = (i.decode() for i in self.client.smembers(self.keys.cases))
+            held = sorted((i for i in ids if is_held_out(i, self.share)), key=id_hash)
+            chosen = CaseStore(self.client, self.keys).get_many(held[: self.size])
             self._cases = [c for c in chosen if case_problem(c, self.feature_count) is None]
             self._total = total
         return self._cases
@@ -222,12 +219,20 @@ def sample_replay(
     exclude: set[str],
     feature_count: int,
     rng: random.Random,
+    heldout_share: float,
 ) -> list[NegativeCase]:
-    """Up to `size` earlier (done) cases, drawn at random with weight = priority."""
+    """Up to `size` earlier cases, drawn at random with weight = priority, from those done
+    that were trained and not refused by the gate: never a held-out case (it would stop
+    being held out) nor a rejected one (its update was judged harmful)."""
     if size <= 0:
         return []
-    candidates = [i.decode() for i in client.srandmember(keys.done, 3 * size) or []]
-    cases = CaseStore(client, keys).get_many(i for i in candidates if i not in exclude)
+    drawn = [i.decode() for i in client.srandmember(keys.done, 3 * size) or []]
+    candidates = [i for i in drawn if i not in exclude and not is_held_out(i, heldout_share)]
+    if not candidates:
+        return []
+    refused = client.hmget(keys.rejected, candidates)
+    accepted = [i for i, reason in zip(candidates, refused, strict=True) if reason is None]
+    cases = CaseStore(client, keys).get_many(accepted)
     usable = [case for case in cases if case_problem(case, feature_count) is None]
     # Weighted sampling without replacement (Efraimidis-Spirakis): key u^(1/w), largest win.
     ranked = sorted(usable, key=lambda c: rng.random() ** (1 / c.training_priority), reverse=True)

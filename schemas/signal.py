@@ -3,8 +3,9 @@
 A request is one entry on `<ns>:signals:requests` with the fields `request_id` and
 `features` (a JSON array of the deployment's feature count of finite numbers). The reply
 is one JSON object pushed to the list `<ns>:signals:reply:<request_id>`, where the engine
-waits with BLPOP. `signal_request.schema.json` and `signal_reply.schema.json` describe
-both for producers in other languages.
+waits with BLPOP. A request over NEGCASE_MAX_REQUEST_BYTES (field names and values
+together) gets an error reply naming `request`. `signal_request.schema.json` and
+`signal_reply.schema.json` describe both for producers in other languages.
 
 The worker decodes a batch of requests straight into one float32 array, so the request
 parsers here write into a row of that array instead of building Python lists.
@@ -127,6 +128,14 @@ def request_fields(request_id: str, features: Sequence[float] | np.ndarray) -> d
     """The stream fields of a request, as XADD takes them and XREADGROUP returns them."""
     values = features.tolist() if isinstance(features, np.ndarray) else list(features)
     return {b"request_id": request_id.encode(), b"features": orjson.dumps(values)}
+
+
+def check_request_size(fields: Mapping[bytes, bytes], max_bytes: int) -> None:
+    """SignalRequestError naming `request` when its field names and values together take
+    more than `max_bytes` (NEGCASE_MAX_REQUEST_BYTES): nothing that large is parsed."""
+    size = sum(map(len, fields)) + sum(map(len, fields.values()))
+    if size > max_bytes:
+        raise SignalRequestError("request", f"{size} bytes, over the limit of {max_bytes}")
 
 
 def request_id_of(fields: Mapping[bytes, bytes]) -> str:

@@ -3,7 +3,7 @@ reply lists `<ns>:signals:reply:<request_id>`, and `<ns>:signals:dead`."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import redis
@@ -63,13 +63,48 @@ class SignalStore:
         )
         return entries_of(reply)
 
-    def claim_abandoned(self, consumer: str, min_idle_ms: int, count: int) -> list[Entry]:
-        """Requests another worker read but never answered (it died mid-batch)."""
-        reply = self.client.xautoclaim(
-            self.keys.requests, INFERENCE_GROUP, consumer, min_idle_ms, count=count
-        )
-        # Redis 7 adds a third item (deleted ids); entries deleted meanwhile come back as None.
-        return [(entry_id, fields) for entry_id, fields in reply[1] if fields]
+    def claim_abandoned(self, consumer: str, min_idle_ms: int, count: int) -> Iterator[list[Entry]]:
+        """Pages of up to `count` requests that another worker read but never answered (it
+        died mid-batch), now this consumer's, following XAUTOCLAIM's cursor to the end. A
+        request deleted before it was answered (the stream's MAXLEN trimmed it) comes as
+        (entry_id, {}), for the caller to dead-letter and acknowledge. The caller must
+        answer each page before asking for the next."""
+        cursor: bytes | str = b"0-0"
+        while True:
+            reply = self.client.xautoclaim(
+                self.keys.requests,
+                INFERENCE_GROUP,
+                consumer,
+                min_idle_ms,
+                start_id=cursor,
+                count=count,
+            )
+            cursor, claimed = reply[0], reply[1]
+            entries = [(entry_id, fields) for entry_id, fields in claimed if entry_id is not None]
+            if len(entries) < len(claimed):
+                # Redis 6.2 answers nil, without the id, for a pending entry whose data is
+                # gone, and moves it to this consumer's pending list anyway; only XACK
+                # removes it (Redis 7 removes it itself and lists the ids in a third item).
+                # Reading this consumer's own pending entries gives every id back.
+                yield from self._own_pending(consumer, count)
+            elif entries:
+                yield entries
+            if len(reply) > 2 and reply[2]:
+                yield [(entry_id, {}) for entry_id in reply[2]]
+            if cursor in (b"0-0", "0-0"):
+                return
+
+    def _own_pending(self, consumer: str, count: int) -> Iterator[list[Entry]]:
+        """This consumer's pending requests, a page at a time: XREADGROUP from an id, not
+        `>`, reads the pending list, and an entry whose data is gone comes as (id, {})."""
+        after: bytes | str = b"0"
+        while entries := entries_of(
+            self.client.xreadgroup(
+                INFERENCE_GROUP, consumer, {self.keys.requests: after}, count=count
+            )
+        ):
+            yield [(entry_id, fields or {}) for entry_id, fields in entries]
+            after = entries[-1][0]
 
     def pending(self) -> int:
         """Requests read by some worker and not answered yet."""

@@ -28,7 +28,24 @@ from workers.settings import Settings
 from workers.signal_client import SignalClient, SignalTimeout
 
 FEATURES = [0.1, -0.2, 0.3, -0.4, 0.5, -0.6, 0.7, -0.8]
-BAD_KINDS = ("corrupted", "wrong_sha256", "wrong_shape", "nan_weights", "not_safetensors")
+BAD_KINDS = (
+    "corrupted",
+    "wrong_sha256",
+    "wrong_shape",
+    "nan_weights",
+    "not_safetensors",
+    "negative_hidden_size",
+)
+
+
+def small_mlp(feature_count: int, n_actions: int) -> nn.Module:
+    """A user model factory, as `--model tests.serving:small_mlp` names it."""
+    return nn.Sequential(nn.Linear(feature_count, 16), nn.Tanh(), nn.Linear(16, n_actions))
+
+
+def broken_factory(feature_count: int, n_actions: int) -> nn.Module:
+    """A user model factory with a bug: building the model always fails."""
+    raise RuntimeError(f"factory bug ({feature_count} features, {n_actions} actions)")
 
 
 def seeded_model(settings: Settings, seed: int) -> nn.Module:
@@ -68,10 +85,25 @@ def local_probabilities(model: nn.Module, features: list[float]) -> list[float]:
         return torch.softmax(logits, dim=1)[0].tolist()
 
 
-def write_bad_checkpoint(client: redis.Redis, settings: Settings, kind: str) -> int:
-    """Store a checkpoint that must be refused, move latest to it and announce it, as a
-    broken trainer (or a person with redis-cli) would; its version."""
+def write_checkpoint(
+    client: redis.Redis, settings: Settings, weights: bytes, meta: dict, sha256: str | None = None
+) -> int:
+    """Store a checkpoint as given, move latest to it and announce it, as a broken trainer
+    (or a person with redis-cli) would; its version."""
     keys = settings.keys
+    sha256 = sha256 or sha256_hex(weights)
+    version = int(client.incr(keys.version_counter))
+    client.hset(
+        keys.checkpoint(version),
+        mapping={"weights": weights, "sha256": sha256, "meta": orjson.dumps(meta)},
+    )
+    client.set(keys.latest, version)
+    client.xadd(keys.checkpoints, {"kind": "published", "version": version, "sha256": sha256})
+    return version
+
+
+def write_bad_checkpoint(client: redis.Redis, settings: Settings, kind: str) -> int:
+    """Store and announce a checkpoint that must be refused (one of BAD_KINDS); its version."""
     weights, meta = weights_bytes(state_of(seeded_model(settings, 99))), checkpoint_meta(settings)
     sha256 = sha256_hex(weights)
     if kind == "corrupted":
@@ -93,16 +125,12 @@ def write_bad_checkpoint(client: redis.Redis, settings: Settings, kind: str) -> 
         torch.save(state_of(seeded_model(settings, 99)), buffer)  # pickle: never loaded
         weights = buffer.getvalue()
         sha256 = sha256_hex(weights)
+    elif kind == "negative_hidden_size":
+        # Metadata that would decide the network's shape, if a worker let it.
+        meta["model_spec"]["hidden_sizes"] = [-1]
     else:
         raise ValueError(kind)
-    version = int(client.incr(keys.version_counter))
-    client.hset(
-        keys.checkpoint(version),
-        mapping={"weights": weights, "sha256": sha256, "meta": orjson.dumps(meta)},
-    )
-    client.set(keys.latest, version)
-    client.xadd(keys.checkpoints, {"kind": "published", "version": version, "sha256": sha256})
-    return version
+    return write_checkpoint(client, settings, weights, meta, sha256)
 
 
 def events_of(client: redis.Redis, settings: Settings, kind: str) -> list[Event]:
@@ -135,8 +163,9 @@ class Load:
             thread.join(30)
 
     def _send(self, n: int) -> None:
-        # A socket timeout well above redis-py's 5 s default: a Redis stalled for seconds by
-        # other work on a shared test machine is not a request the workers failed.
+        # A socket timeout of its own (redis-py's default is None before 8.0 and 5 s since):
+        # a Redis stalled for seconds by other work on a shared test machine is not a
+        # request the workers failed.
         client = redis.Redis.from_url(self.settings.redis_url, socket_timeout=30)
         signals = SignalClient(client, self.settings.namespace)
         rng = np.random.default_rng(n)

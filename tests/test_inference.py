@@ -112,3 +112,17 @@ def run_predict(settings, features: str) -> subprocess.CompletedProcess[str]:
          "--timeout-s", "30"],
         cwd=ROOT, env=worker_env(settings), capture_output=True, text=True, timeout=60,
     )  # fmt: skip
+
+
+def test_serve_model_names_the_factory_that_train_model_names(client, settings, spawn):
+    # given a checkpoint trained with `--model tests.serving:small_mlp`
+    trained = settings.with_overrides(model_factory="tests.serving:small_mlp")
+    version = publish(client, trained, seed=1)
+    # when a worker is told the same factory on its command line
+    spawn("serve", "--model", "tests.serving:small_mlp")
+    # then it loads that checkpoint and answers with that model's forward pass
+    reply = SignalClient(client, settings.namespace).request(FEATURES, timeout_s=30)
+    expected = local_probabilities(stored_model(client, trained, version), FEATURES)
+    got = [reply.probabilities[action] for action in ("BUY", "SELL", "HOLD")]
+    assert reply.model_version == version
+    assert got == pytest.approx(expected, abs=1e-6)

@@ -2,20 +2,38 @@
 
 from __future__ import annotations
 
+import socket
+from collections.abc import Iterator
+
 import numpy as np
 import pytest
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from schemas.signal import SignalRequestError
 from tests.conftest import wait_until
 from tests.serving import (
     FEATURES,
+    checkpoint_meta,
     events_of,
     local_probabilities,
     publish,
+    seeded_model,
     stored_model,
     write_bad_checkpoint,
+    write_checkpoint,
 )
+from workers.model import ModelSpec, build_model, state_of, weights_bytes
 from workers.predictor import NoModelYet, Predictor
+from workers.reloader import Reloader
+from workers.settings import Settings
+
+
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    """Short blocking reads: closing a Predictor waits for the one in flight."""
+    return settings.with_overrides(block_ms=100)
 
 
 def test_predictions_follow_each_publish_and_match_a_local_forward_pass(client, settings):
@@ -71,3 +89,105 @@ def test_bad_features_are_refused_by_name(client, settings, features, field):
     with Predictor(client, settings) as predictor, pytest.raises(SignalRequestError) as caught:
         predictor.predict(features)
     assert caught.value.field == field
+
+
+def rejections(client, settings) -> list[str]:
+    return [e.details["reason"] for e in events_of(client, settings, "checkpoint_rejected")]
+
+
+@pytest.mark.parametrize(
+    ("spec_change", "matching_weights"),
+    [
+        ({"hidden_sizes": [-1]}, False),
+        ({"hidden_sizes": [100_000, 100_000]}, False),  # ~40 GB, if it were ever built
+        ({"hidden_sizes": [32]}, True),  # a whole, valid checkpoint of another network
+        ({"factory": "tests.serving:small_mlp"}, False),
+        ({"feature_count": 4}, False),
+    ],
+)
+def test_a_checkpoint_for_another_model_spec_is_refused_and_the_old_one_serves(
+    client, settings, spec_change, matching_weights
+):
+    # given a reloader serving version 1
+    publish(client, settings, seed=1)
+    reloader = Reloader(client, settings, "w1")
+    reloader.sync(allow_back=True)
+    # when a checkpoint's metadata names a model this worker was not configured with
+    meta = checkpoint_meta(settings)
+    meta["model_spec"].update(spec_change)
+    model = seeded_model(settings, 2)
+    if matching_weights:
+        model = build_model(ModelSpec.from_dict(meta["model_spec"]))
+    bad = write_checkpoint(client, settings, weights_bytes(state_of(model)), meta)
+    # then it is refused, by version and naming the spec, and version 1 keeps serving
+    assert reloader.load(bad) is None
+    assert reloader.live.version == 1 and bad in reloader.rejected
+    (reason,) = rejections(client, settings)
+    assert reason.startswith(f"v{bad}: model_spec")
+
+
+@pytest.mark.parametrize("meta_change", [{"model_spec": "64,64"}, {"model_spec": None}, {}])
+def test_a_checkpoint_without_a_usable_model_spec_is_refused(client, settings, meta_change):
+    meta = {"feature_count": settings.feature_count, "trainer": "t", **meta_change}
+    weights = weights_bytes(state_of(seeded_model(settings, 1)))
+    bad = write_checkpoint(client, settings, weights, meta)
+    reloader = Reloader(client, settings, "w1")
+    assert reloader.load(bad) is None
+    assert "model_spec unusable" in rejections(client, settings)[0]
+
+
+def test_a_checkpoint_that_fails_to_build_is_refused_once_not_retried_forever(client, settings):
+    # given a deployment whose model factory raises, and a checkpoint that names it
+    settings = settings.with_overrides(model_factory="tests.serving:broken_factory")
+    weights = weights_bytes(state_of(seeded_model(Settings(), 1)))
+    bad = write_checkpoint(client, settings, weights, checkpoint_meta(settings))
+    # when a predictor starts, then its first look at latest ends in one refusal with the
+    # error as reason, not in a reloader retrying the same load over and over
+    with Predictor(client, settings, name="engine-1") as predictor:
+        assert predictor.reloader.synced.is_set()
+        assert predictor.reloader.rejected == {bad}
+        with pytest.raises(NoModelYet):
+            predictor.predict(FEATURES)
+    (reason,) = rejections(client, settings)
+    assert reason.startswith(f"v{bad}: RuntimeError('factory bug")
+
+
+def unreachable_clients() -> Iterator[redis.Redis]:
+    """A port nothing listens on, and a server that accepts and then never answers."""
+    no_retry = {"retry": Retry(NoBackoff(), 0), "socket_timeout": 0.2}
+    with socket.create_server(("127.0.0.1", 0)) as closed:
+        closed_port = closed.getsockname()[1]
+    yield redis.Redis(port=closed_port, **no_retry)
+    with socket.create_server(("127.0.0.1", 0)) as stalled:
+        yield redis.Redis(port=stalled.getsockname()[1], **no_retry)
+
+
+def test_a_lost_or_stalled_connection_during_a_load_is_not_a_refusal(client, settings):
+    # given a published checkpoint, and a reloader whose Redis is gone or stalled
+    version = publish(client, settings, seed=1)
+    for unreachable in unreachable_clients():
+        reloader = Reloader(unreachable, settings, "w1")
+        # when it loads, then the connection error reaches the reconnect loop and the
+        # version is not marked as refused: it loads once Redis answers again
+        with pytest.raises((redis.ConnectionError, redis.TimeoutError)):
+            reloader.load(version)
+        assert reloader.rejected == set()
+        reloader.client = reloader.registry.client = client
+        assert reloader.load(version).version == version
+    assert rejections(client, settings) == []
+
+
+def test_the_reloader_thread_outlives_read_timeouts_and_catches_up(client, settings, redis_url):
+    # given a predictor whose socket timeout is shorter than its blocking reads, so that
+    # every XREAD BLOCK ends in a TimeoutError
+    publish(client, settings, seed=1)
+    impatient = redis.Redis.from_url(redis_url, socket_timeout=0.3, retry=Retry(NoBackoff(), 0))
+    settings = settings.with_overrides(block_ms=2000)
+    with Predictor(impatient, settings) as predictor:
+        assert predictor.version == 1
+        # when a new version is published, then the thread, still alive, loads it on one
+        # of its reconnects
+        version = publish(client, settings, seed=2)
+        wait_until(lambda: predictor.version == version, 30, f"version {version}")
+        assert predictor.reloader._thread.is_alive()
+    impatient.close()

@@ -4,12 +4,17 @@ process (the worker's pure step and its single write)."""
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
 
 import jsonschema
 import numpy as np
 import orjson
 import pytest
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from schemas.signal import (
     SignalRequestError,
@@ -22,10 +27,14 @@ from schemas.signal import (
 )
 from store.keys import INFERENCE_GROUP
 from tests.serving import FEATURES, local_probabilities, seeded_model
-from workers.inference import NO_MODEL_REASON, InferenceWorker
+from workers.inference import DELETED_REASON, NO_MODEL_REASON, InferenceWorker
 from workers.reloader import LoadedModel, Reloader
+from workers.shutdown import StopFlag
+from workers.signal_client import SignalClient, SignalTimeout
 
 SCHEMAS = Path(__file__).resolve().parent.parent / "schemas"
+# Fail at once on a socket timeout: redis-py 8 retries by default.
+NO_RETRY = Retry(NoBackoff(), 0)
 
 
 def schema(name: str) -> dict:
@@ -159,3 +168,118 @@ def test_a_batch_is_written_acknowledged_and_deleted_in_one_go(client, settings)
     assert client.xpending(keys.requests, INFERENCE_GROUP)["pending"] == 0
     assert client.xlen(keys.requests) == 0
     assert client.hget(keys.stats, "signal_errors") == b"1"
+
+
+def test_an_oversized_request_gets_an_error_reply_or_is_dead_lettered(client, settings):
+    # given requests over the size limit, with and without a usable request_id
+    settings = settings.with_overrides(max_request_bytes=1000)
+    padding = b"x" * 1000
+    entries = [
+        (b"1-0", {**request_fields("big", FEATURES), b"padding": padding}),
+        (b"2-0", {b"features": orjson.dumps(FEATURES), b"padding": padding}),
+        (b"3-0", request_fields("small", FEATURES)),
+    ]
+    # when a worker answers them
+    batch = worker_for(client, settings).answer(entries, LoadedModel(7, seeded_model(settings, 1)))
+    replies = {request_id: orjson.loads(raw) for request_id, raw in batch.replies}
+    # then the one with an id is told why, the other is kept with its reason, and a request
+    # under the limit is answered as usual
+    size = sum(len(name) + len(value) for name, value in entries[0][1].items())
+    assert replies["big"]["error"] == {
+        "field": "request",
+        "reason": f"{size} bytes, over the limit of 1000",
+    }
+    assert [(dead.entry_id, dead.field) for dead in batch.dead] == [(b"2-0", "request_id")]
+    assert replies["small"]["model_version"] == 7 and "error" not in replies["small"]
+
+
+def abandon(client, settings, deleted: int, kept: int) -> list[bytes]:
+    """Requests read by a worker that then died; the first `deleted` of them trimmed away."""
+    keys = settings.keys
+    client.xgroup_create(keys.requests, INFERENCE_GROUP, id="0", mkstream=True)
+    ids = [
+        client.xadd(keys.requests, request_fields(f"r-{i}", FEATURES))
+        for i in range(deleted + kept)
+    ]
+    client.xreadgroup(INFERENCE_GROUP, "died", {keys.requests: ">"})
+    client.xdel(keys.requests, *ids[:deleted])
+    return ids
+
+
+def test_claiming_finds_deleted_pending_requests_by_id_and_follows_the_cursor(client, settings):
+    # given three abandoned requests, the first two deleted before anyone answered them
+    ids = abandon(client, settings, deleted=2, kept=1)
+    store = worker_for(client, settings).store
+    # when another worker claims them two at a time, answering (here: acknowledging) each page
+    pages = []
+    for page in store.claim_abandoned("w1", 0, 2):
+        pages.append(page)
+        client.xack(settings.keys.requests, INFERENCE_GROUP, *(entry_id for entry_id, _ in page))
+    # then the deleted ones come with their ids and no fields, and the one behind them too
+    assert pages == [[(ids[0], {}), (ids[1], {})], [(ids[2], request_fields("r-2", FEATURES))]]
+    assert store.pending() == 0
+
+
+def test_burst_ends_when_trimmed_requests_fill_the_front_of_the_pending_list(client, settings):
+    # given more deleted pending requests than one claim takes, then one still there
+    settings = settings.with_overrides(serve_batch_size=2, claim_idle_ms=0)
+    ids = abandon(client, settings, deleted=3, kept=1)
+    worker = worker_for(client, settings)
+    # when a worker runs in burst mode (stopped after a while if it would never end)
+    stop = StopFlag()
+    timer = threading.Timer(30, stop.set)
+    timer.start()
+    totals = worker.run(stop, burst=True)
+    timer.cancel()
+    # then it ended by itself, having answered the live request and dead-lettered the others
+    assert not stop.is_set()
+    assert (totals.errors, totals.dead) == (1, 3)  # no model loaded: an error reply
+    assert orjson.loads(client.lpop(settings.keys.reply("r-3")))["request_id"] == "r-3"
+    dead = client.xrange(settings.keys.requests_dead)
+    assert [fields[b"dead:entry_id"] for _, fields in dead] == ids[:3]
+    assert {fields[b"dead:reason"] for _, fields in dead} == {f"request: {DELETED_REASON}".encode()}
+    assert client.xpending(settings.keys.requests, INFERENCE_GROUP)["pending"] == 0
+
+
+@pytest.mark.parametrize("timeout_s", [0, 0.0, -1, float("nan")])
+def test_a_timeout_that_is_not_positive_is_refused(client, settings, timeout_s):
+    # (BLPOP 0 would block forever; a socket timeout keeps a regression from hanging here)
+    impatient = redis.Redis.from_url(settings.redis_url, socket_timeout=2, retry=NO_RETRY)
+    with pytest.raises(ValueError, match="timeout_s"):
+        SignalClient(impatient, settings.namespace).request(FEATURES, timeout_s=timeout_s)
+    assert client.xlen(settings.keys.requests) == 0  # nothing was sent
+
+
+def test_a_timeout_under_a_millisecond_times_out_instead_of_waiting_forever(client, settings):
+    impatient = redis.Redis.from_url(settings.redis_url, socket_timeout=2, retry=NO_RETRY)
+    with pytest.raises(SignalTimeout):
+        SignalClient(impatient, settings.namespace).request(FEATURES, timeout_s=0.0004)
+
+
+def test_a_wait_longer_than_the_socket_timeout_still_gets_its_reply(client, settings):
+    # given an engine whose socket timeout is shorter than it is willing to wait
+    impatient = redis.Redis.from_url(settings.redis_url, socket_timeout=0.5, retry=NO_RETRY)
+    signals = SignalClient(impatient, settings.namespace)
+    answer = threading.Thread(target=answer_late, args=(client, settings, 1.0), daemon=True)
+    answer.start()
+    # when the reply comes after more than one socket timeout, then it is received
+    assert signals.request(FEATURES, timeout_s=20).request_id.startswith(signals._prefix)
+    answer.join(5)
+
+
+def test_a_client_with_redis_py_s_default_socket_timeout_waits_out_its_timeout(settings):
+    # given a client made without a socket timeout (redis-py 8 applies 5 s without saying so
+    # in connection_kwargs), and no worker running
+    default = redis.Redis.from_url(settings.redis_url, retry=NO_RETRY)
+    # when it waits longer than 5 s, then it gets SignalTimeout, not a socket TimeoutError
+    with pytest.raises(SignalTimeout):
+        SignalClient(default, settings.namespace).request(FEATURES, timeout_s=5.5)
+
+
+def answer_late(client, settings, after_s: float) -> None:
+    """Answer the first request on the stream `after_s` after it arrives, as a slow worker."""
+    ((_, [(_, fields)]),) = client.xread({settings.keys.requests: "0-0"}, count=1, block=20_000)
+    time.sleep(after_s)
+    request_id = fields[b"request_id"].decode()
+    reply = signal_from_probabilities([0.2, 0.7, 0.1], 1, request_id)
+    client.rpush(settings.keys.reply(request_id), reply.to_json())

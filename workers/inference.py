@@ -14,6 +14,7 @@ import redis
 
 from schemas.signal import (
     SignalRequestError,
+    check_request_size,
     error_reply,
     features_into,
     request_id_of,
@@ -31,6 +32,7 @@ from workers.settings import Settings
 from workers.shutdown import StopFlag, install_signal_handlers
 
 NO_MODEL_REASON = "no checkpoint published yet"
+DELETED_REASON = "deleted before it was answered (the stream was trimmed)"
 
 
 @dataclass(slots=True)
@@ -119,13 +121,18 @@ class InferenceWorker:
         version = None if loaded is None else loaded.version
         batch = ReplyBatch(handled_ids=[entry_id for entry_id, _ in entries])
         request_ids: list[str] = []
+        max_bytes = self.settings.max_request_bytes
         for entry_id, fields in entries:
             try:
+                if not fields:  # XADD needs a field: only a deleted entry has none
+                    raise SignalRequestError("request", DELETED_REASON)
                 request_id = request_id_of(fields)
             except SignalRequestError as error:
+                # No reply key to answer on: keep it, with the reason, for people.
                 batch.dead.append(DeadRequest(entry_id, fields, error.field, error.reason))
                 continue
             try:
+                check_request_size(fields, max_bytes)
                 if loaded is None:
                     raise SignalRequestError("model", NO_MODEL_REASON)
                 features_into(fields.get(b"features"), self.features[len(request_ids)])
@@ -165,7 +172,7 @@ class InferenceWorker:
     def _answer_abandoned(self) -> None:
         """Answer requests a worker that died mid-batch left unanswered; their engines may
         have given up, but the replies expire and the stream is left clean."""
-        while entries := self.store.claim_abandoned(
+        for entries in self.store.claim_abandoned(
             self.consumer, self.settings.claim_idle_ms, self.settings.serve_batch_size
         ):
             self.handle(entries)
@@ -182,8 +189,10 @@ def register(sub: argparse._SubParsersAction) -> None:
             "'inference': read a batch, run one forward pass of the live model, push every "
             "reply to <ns>:signals:reply:<request_id> in one round trip. A thread follows "
             "<ns>:checkpoints and swaps in each new checkpoint after verifying it; a batch "
-            "is always answered by one model version. Several workers can run side by side. "
-            "The first SIGTERM/SIGINT finishes the batch in hand."
+            "is always answered by one model version. The model is built from this worker's "
+            "own settings (--model / NEGCASE_MODEL_FACTORY, NEGCASE_HIDDEN_SIZES, "
+            "NEGCASE_FEATURE_COUNT), which must match what the trainers were given. Several "
+            "workers can run side by side. The first SIGTERM/SIGINT finishes the batch in hand."
         ),
     )
     parser.add_argument(
@@ -192,12 +201,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=int, help="requests per read (default 256)")
     parser.add_argument("--block-ms", type=int, help="how long one read blocks (default 1000)")
     parser.add_argument("--burst", action="store_true", help="answer what is queued, then exit")
+    parser.add_argument(
+        "--model",
+        help=(
+            "package.module:factory building your own nn.Module (env NEGCASE_MODEL_FACTORY); "
+            "give it the same factory as `negcase train --model`: a checkpoint whose "
+            "model_spec differs from this worker's is refused"
+        ),
+    )
     parser.set_defaults(run=run_serve)
 
 
 def run_serve(args: argparse.Namespace) -> int:
     """Run one inference worker until stopped (or drained, with --burst)."""
-    settings = settings_from(args, serve_batch_size=args.batch_size, block_ms=args.block_ms)
+    settings = settings_from(
+        args, serve_batch_size=args.batch_size, block_ms=args.block_ms, model_factory=args.model
+    )
     configure_torch_for_serving()
     client = redis_client(settings)
     consumer = args.consumer or default_consumer_name()

@@ -22,7 +22,13 @@ from schemas.event import Event
 from store.checkpoints import CheckpointRegistry
 from store.connection import backoff_s
 from store.streams import entries_of
-from workers.model import CheckpointError, ModelSpec, build_model, load_verified
+from workers.model import (
+    CheckpointError,
+    ModelSpec,
+    build_model,
+    load_verified,
+    spec_from_settings,
+)
 from workers.settings import Settings
 
 
@@ -53,6 +59,9 @@ class Reloader:
         self.keys = settings.keys
         self.worker = worker
         self.registry = CheckpointRegistry(client, settings.keys)
+        # The network is built from this worker's own configuration, never from metadata
+        # in Redis: a checkpoint only supplies weights, for exactly this spec.
+        self.spec = spec_from_settings(settings)
         self.live: LoadedModel | None = None
         # Versions that failed verification: refused once, not refetched on every wake-up.
         self.rejected: set[int] = set()
@@ -62,7 +71,9 @@ class Reloader:
 
     def start(self) -> Reloader:
         """Follow the announcements in a daemon thread; `synced` is set after the first
-        look at `latest`."""
+        look at `latest`. Starting a started reloader does nothing."""
+        if self._thread is not None and self._thread.is_alive():
+            return self
         self._thread = threading.Thread(target=self._follow, name="negcase-reloader", daemon=True)
         self._thread.start()
         return self
@@ -88,14 +99,22 @@ class Reloader:
 
     def load(self, version: int) -> LoadedModel | None:
         """Fetch, verify and load `version` beside the live model, then swap; on failure,
-        announce checkpoint_rejected and keep serving the live one."""
+        announce checkpoint_rejected and keep serving the live one. Only a lost or stalled
+        Redis connection is raised (the caller reconnects and tries again): anything else
+        that goes wrong with a checkpoint is that checkpoint's fault, and retrying it
+        would fail the same way forever."""
         started_s = time.perf_counter()
         previous = self.live
         try:
             loaded = self._verified(version)
-        except CheckpointError as error:
+        except (redis.ConnectionError, redis.TimeoutError):
+            raise
+        except Exception as error:
+            reason = (
+                error.reason if isinstance(error, CheckpointError) else f"v{version}: {error!r}"
+            )
             self.rejected.add(version)
-            self._announce("checkpoint_rejected", version, previous, reason=error.reason)
+            self._announce("checkpoint_rejected", version, previous, reason=reason)
             return None
         self.live = loaded
         reload_ms = (time.perf_counter() - started_s) * 1000
@@ -109,8 +128,8 @@ class Reloader:
             raise CheckpointError(f"v{version}: meta unreadable ({error})") from None
         if stored is None:
             raise CheckpointError(f"v{version}: not stored in Redis")
-        spec = _spec_of(stored.meta, self.settings)
-        model = build_model(spec)
+        _check_spec(version, stored.meta, self.spec)
+        model = build_model(self.spec)
         load_verified(stored, model, self.settings.feature_count)
         model.eval()
         model.requires_grad_(False)
@@ -177,22 +196,20 @@ class Reloader:
         )
 
 
-def _spec_of(meta: dict, settings: Settings) -> ModelSpec:
-    """The checkpoint's model spec. A factory is code this process would import and call,
-    so only the one this worker was configured with is accepted from Redis."""
+def _check_spec(version: int, meta: object, spec: ModelSpec) -> None:
+    """CheckpointError unless the checkpoint was trained for exactly `spec`. Checked before
+    any model is built: metadata from Redis never decides the network's shape (a hidden
+    size of 100,000 would allocate tens of GB) nor which factory is imported."""
     try:
-        spec = ModelSpec.from_dict(meta["model_spec"])
-    except (KeyError, TypeError, ValueError) as error:
-        raise CheckpointError(f"meta.model_spec unusable: {error!r}") from None
-    if spec.feature_count != settings.feature_count:
+        theirs = ModelSpec.from_dict(meta["model_spec"])  # type: ignore[index]
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise CheckpointError(f"v{version}: meta.model_spec unusable ({error!r})") from None
+    if theirs != spec:
         raise CheckpointError(
-            f"model_spec takes {spec.feature_count} features, this worker {settings.feature_count}"
+            f"v{version}: model_spec {theirs.to_dict()} is not this worker's {spec.to_dict()} "
+            "(give serve the same NEGCASE_MODEL_FACTORY / --model, NEGCASE_HIDDEN_SIZES and "
+            "NEGCASE_FEATURE_COUNT as train)"
         )
-    if spec.factory != settings.model_factory:
-        raise CheckpointError(
-            f"model factory {spec.factory!r} is not this worker's {settings.model_factory!r}"
-        )
-    return spec
 
 
 def configure_torch_for_serving() -> None:

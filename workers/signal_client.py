@@ -17,6 +17,16 @@ from workers.options import CommandError, common_options, redis_client, settings
 
 # Requests are deleted once answered; this cap only matters while no worker is running.
 REQUESTS_MAXLEN = 100_000
+# A blocking command that outlasts the client's socket timeout fails with TimeoutError
+# (and redis-py 8 retries it, pipeline and XADD included). That timeout is None by default
+# before redis-py 8.0 and 5 s since (redis/redis-py, DEFAULT_SOCKET_TIMEOUT), store.connection
+# sets 30 s, and a client made by from_url shows it in connection_kwargs only when it was
+# given. So one BLPOP waits at most this long, and at most half a socket timeout that was set:
+# a longer wait is several BLPOPs, each costing one round trip after the first second.
+MAX_WAIT_SLICE_S = 1.0
+# Redis turns a BLPOP timeout into whole milliseconds, rounding down, and 0 means "forever":
+# Redis 6.2 reads 0.001 as 0. No BLPOP asks for less than this.
+MIN_BLPOP_S = 0.002
 
 
 class SignalTimeout(TimeoutError):
@@ -35,14 +45,17 @@ class SignalClient:
         # The prefix is random per client, so ids never collide across engines or restarts.
         self._prefix = os.urandom(6).hex()
         self._sequence = 0
-        # A BLOCKing command longer than the client's socket timeout (redis-py: 5 s by
-        # default) fails with TimeoutError, so long waits are cut into shorter BLPOPs.
-        socket_timeout_s = client.connection_pool.connection_kwargs.get("socket_timeout")
-        self._wait_slice_s = max(0.1, socket_timeout_s - 1.0) if socket_timeout_s else 3600.0
+        pool = getattr(client, "connection_pool", None)
+        socket_timeout_s = getattr(pool, "connection_kwargs", {}).get("socket_timeout")
+        self._wait_slice_s = MAX_WAIT_SLICE_S
+        if socket_timeout_s:
+            self._wait_slice_s = min(MAX_WAIT_SLICE_S, socket_timeout_s / 2)
 
     def request(self, features: Sequence[float] | np.ndarray, timeout_s: float = 1.0) -> Signal:
         """The signal for `features`, or SignalRequestError (the worker's error reply naming
-        the field and reason), or SignalTimeout."""
+        the field and reason), or SignalTimeout. `timeout_s` must be positive."""
+        if not timeout_s > 0:  # NaN too; BLPOP 0 would wait forever
+            raise ValueError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
         if self.feature_count is not None:
             values = features.tolist() if isinstance(features, np.ndarray) else features
             check_features(values, self.feature_count)
@@ -58,13 +71,16 @@ class SignalClient:
             approximate=True,
         )
         deadline_s = time.monotonic() + timeout_s
-        pipe.blpop([reply_key], timeout=min(timeout_s, self._wait_slice_s))
+        pipe.blpop([reply_key], timeout=self._blpop_s(timeout_s))
         _, popped = pipe.execute()
         while popped is None and (left_s := deadline_s - time.monotonic()) > 0:
-            popped = self.client.blpop([reply_key], timeout=min(left_s, self._wait_slice_s))
+            popped = self.client.blpop([reply_key], timeout=self._blpop_s(left_s))
         if popped is None:
             raise SignalTimeout(f"no reply to request {request_id} within {timeout_s}s")
         return parse_reply(popped[1])
+
+    def _blpop_s(self, left_s: float) -> float:
+        return max(MIN_BLPOP_S, min(left_s, self._wait_slice_s))
 
     def next_request_id(self) -> str:
         """A request id unique to this client: `<random prefix>-<sequence>`."""

@@ -12,11 +12,12 @@ import orjson
 import redis
 
 from store.keys import Keys
+from store.streams import default_consumer_name
 
 
 def worker_id(kind: str) -> str:
     """`<kind>:<host>:<pid>`: unique among live workers, and findable by kind and host."""
-    return f"{kind}:{socket.gethostname()}:{os.getpid()}"
+    return f"{kind}:{default_consumer_name()}"
 
 
 class HealthKey:

@@ -7,9 +7,7 @@ import argparse
 import contextlib
 import dataclasses
 import math
-import os
 import random
-import socket
 import sys
 import threading
 import time
@@ -29,6 +27,7 @@ from store.connection import backoff_s
 from store.health import HealthKey
 from store.queue import CaseQueue, Lease, LeaseLost, queue_counts
 from store.sessions import SessionStore
+from store.streams import default_consumer_name
 from workers.metrics import TrainerMetrics
 from workers.metrics import serve as serve_metrics
 from workers.model import CheckpointError, build_model, spec_from_settings, state_of, verified_state
@@ -50,11 +49,6 @@ from workers.training import (
 )
 
 State = dict[str, torch.Tensor]
-
-
-def default_trainer_name() -> str:
-    """host:pid, unique among live trainers."""
-    return f"trainer-{socket.gethostname()}:{os.getpid()}"
 
 
 class Heartbeat:
@@ -376,7 +370,7 @@ def run_train(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)
     client = redis_client(settings)
     archive = Archive(settings.data_dir) if settings.archive else None
-    name = args.name or default_trainer_name()
+    name = args.name or f"trainer-{default_consumer_name()}"
     stop = StopFlag()
     install_signal_handlers(stop, name)
     trainer = Trainer(client, settings, name, archive)

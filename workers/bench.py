@@ -4,6 +4,7 @@ in the same run (these machines are shared and noisy; absolute figures drift).""
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import tempfile
@@ -41,8 +42,11 @@ def bench_trade(i: int, prefix: str) -> dict[bytes, bytes]:
         "leverage": 3.0,
         "fee_rate": 0.0004,
         "closed_at": 1795513508000 + i,
+        "opened_at": 1795513400000 + i,
+        "confidence": 0.62,
         "model_version": 1,
         "features": FEATURES,
+        "technical_indicators": {"rsi": 61.2, "macd": -0.41},
     }
     return {k.encode(): v if isinstance(v, bytes) else v.encode()
             for k, v in encode_trade(trade, "flat").items()}  # fmt: skip
@@ -92,6 +96,9 @@ def timed_throughput(
     run_settings = settings.with_overrides(namespace=namespace)
     fill_stream(client, run_settings.keys, events)
     archive_dir = scratch / namespace
+    # Start from a quiet disk: what earlier runs (or other programs) left dirty or deleted
+    # is flushed now, not billed to this run's syncs.
+    os.sync()
     try:
         started = time.perf_counter()
         if mode == "raw":

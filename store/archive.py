@@ -35,10 +35,11 @@ def write_atomic(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_folder(path.parent)
+    fsync_folder(path.parent)
 
 
-def _fsync_folder(folder: Path) -> None:
+def fsync_folder(folder: Path) -> None:
+    """Make a folder's entries (a rename, a link, an unlink) durable."""
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -117,7 +118,7 @@ class Archive:
             with contextlib.suppress(FileExistsError):
                 os.link(tmp, final)
             os.unlink(tmp)
-        _fsync_folder(self.cases_dir)
+        fsync_folder(self.cases_dir)
         for case in cases:
             self._unindexed.setdefault(case.case_id, _index_entry(case))
         if time.monotonic() - self._index_written_s >= self.index_interval_s:

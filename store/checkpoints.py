@@ -33,7 +33,7 @@ import orjson
 import redis
 from redis.exceptions import LockError
 
-from store.archive import Archive
+from store.archive import Archive, fsync_folder
 from store.keys import Keys
 from store.queue import Lease, LeaseLost
 from store.scripts import script
@@ -303,7 +303,7 @@ class CheckpointRegistry:
                     f"and it is never replaced (is another lineage writing {folder}?)"
                 ) from None
             created.append(folder / name)
-        _fsync_folder(folder)
+        fsync_folder(folder)
 
     def _confirm_archived(self, version: int) -> None:
         """Give a published version's metadata its final name, which listings trust."""
@@ -319,7 +319,7 @@ class CheckpointRegistry:
                   f"metadata stays in {unpublished.name}", file=sys.stderr)  # fmt: skip
             return
         unpublished.unlink()
-        _fsync_folder(folder)
+        fsync_folder(folder)
 
     def _unarchive(self, version: int) -> None:
         """Remove the files of a version that was never published."""
@@ -363,11 +363,3 @@ def _create_new(path: Path, data: bytes) -> None:
         os.link(tmp, path)
     finally:
         tmp.unlink()
-
-
-def _fsync_folder(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -3,7 +3,6 @@ real worker processes that are always stopped when a test ends."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import redis
 from store.connection import connect
 from store.local_redis import LocalRedis
 from workers.settings import Settings
+from workers.supervisor import worker_environment
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,15 +52,7 @@ def settings(client: redis.Redis, redis_url: str, tmp_path: Path) -> Settings:
 
 def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
     """Environment for a worker process: the test's Redis, namespace and archive."""
-    env = dict(os.environ)
-    env.update(
-        NEGCASE_REDIS_URL=settings.redis_url or "",
-        NEGCASE_NAMESPACE=settings.namespace,
-        NEGCASE_DATA_DIR=str(settings.data_dir),
-        PYTHONUNBUFFERED="1",
-    )
-    env.update(extra)
-    return env
+    return {**worker_environment(settings), **extra}
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ import argparse
 import contextlib
 import io
 import itertools
-import os
 import shutil
 import subprocess
 import sys
@@ -31,6 +30,7 @@ from workers.bench_support import bench_redis, drop_namespace
 from workers.options import common_options, settings_from
 from workers.settings import Settings
 from workers.shutdown import StopFlag
+from workers.supervisor import worker_environment
 from workers.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -96,9 +96,7 @@ def drain_rate(settings: Settings, trainers: int, cases: int, epochs: int) -> di
     client = connect(settings.redis_url or "")
     add_cases(client, settings, [bench_case(n, 3, epochs, settings.feature_count)
                                  for n in range(cases)])  # fmt: skip
-    env = dict(os.environ, NEGCASE_REDIS_URL=settings.redis_url or "",
-               NEGCASE_NAMESPACE=settings.namespace, NEGCASE_DATA_DIR=str(settings.data_dir),
-               NEGCASE_EARLY_STOP_PATIENCE="0")  # fmt: skip
+    env = {**worker_environment(settings), "NEGCASE_EARLY_STOP_PATIENCE": "0"}
     processes = [
         subprocess.Popen([sys.executable, "-m", "workers.cli", "train", "--burst"],
                          cwd=ROOT, env=env, stderr=subprocess.DEVNULL)

@@ -309,8 +309,9 @@ def render_summary(summary: dict[str, Any]) -> str:
             f"({summary['wins']} wins, {summary['losses']} losses), {summary['holds']} holds, "
             f"{summary['signal_requests_failed']} failed signal requests",
             f"  negative cases    {by_priority}",
-            f"  case queue        {summary['cases']}",
-            f"  training          {summary['training_sessions']}",
+            "  case queue        " + ", ".join(f"{n} {k}" for k, n in summary["cases"].items()),
+            "  training sessions "
+            + (", ".join(f"{n} {k}" for k, n in summary["training_sessions"].items()) or "none"),
             f"  checkpoints       latest v{summary['latest_checkpoint']}, "
             f"{summary['reloads']} reloads by the inference worker",
             f"  dead letters      {summary['dead_letters']} malformed events, each with a reason",

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import urllib.request
 
 import pytest
 
+from store.local_redis import free_port
 from tests.conftest import ROOT, wait_until, worker_env
 from workers.cli import build_parser
 
@@ -102,3 +104,23 @@ def test_an_unreachable_redis_is_a_clear_error(settings):
     )  # fmt: skip
     assert result.returncode == 2
     assert "cannot reach Redis at redis://127.0.0.1:1/0" in result.stderr
+
+
+def test_a_worker_serves_prometheus_metrics(settings, spawn, client):
+    # given a detector with --metrics-port, and trades for it
+    port = free_port()
+    spawn("detect", "--block-ms", "100", "--metrics-port", str(port))
+    negcase(settings, "publish", "--symbol", "X", "--side", "BUY", "--entry", "2", "--exit", "1")
+
+    def entries_counted() -> float:
+        try:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+        except OSError:
+            return 0.0
+        for line in text.decode().splitlines():
+            if line.startswith("negcase_detector_entries_total "):
+                return float(line.split()[1])
+        return 0.0
+
+    # then its counters are on /metrics
+    wait_until(lambda: entries_counted() >= 1, what="the detector's metrics")

@@ -23,18 +23,18 @@ from workers import (
 from workers.options import CommandError
 
 REGISTRARS = [
-    bench.register,
     demo.register,
-    dashboard.register,
     detector.register,
     trainer.register,
-    checkpoint_cli.register,
+    inference.register,
+    signal_client.register,
     publish.register,
     status.register,
     tail.register,
+    dashboard.register,
+    checkpoint_cli.register,
     server.register,
-    inference.register,
-    signal_client.register,
+    bench.register,
 ]
 
 

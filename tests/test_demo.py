@@ -28,7 +28,11 @@ def test_the_demo_learns_from_its_losses_and_stops_everything(tmp_path):
     finally:
         if demo.poll() is None:  # took too long: stop it and everything it started
             os.killpg(demo.pid, signal.SIGTERM)
-            demo.communicate(timeout=60)
+            try:
+                demo.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(demo.pid, signal.SIGKILL)
+                demo.communicate()
     assert demo.returncode == 0, stderr[-3000:]
     summary = json.loads(stdout)
     # cases at several priorities, training that published, reloads, dead letters

@@ -296,3 +296,16 @@ def test_a_pending_entry_deleted_before_it_was_read_is_acknowledged(client, sett
     assert client.xpending(keys.trades, DETECTOR_GROUP)["pending"] == 0
     ((_, dead),) = client.xrange(keys.trades_dead)
     assert dead[b"dead:field"] == b"entry" and b"deleted" in dead[b"dead:reason"]
+
+
+def test_a_group_that_has_read_nothing_keeps_every_trade(client, settings):
+    # given a second consumer group on the trades stream that has read nothing yet
+    keys = settings.keys
+    live = LossDetector(client, dataclasses.replace(settings, trades_maxlen=10), "live", None)
+    live.ensure_group()
+    client.xgroup_create(keys.trades, "auditors", id="0")
+    # when far more trades than the cap arrive and the detectors handle them all
+    publish_and_ids(client, settings, [losing(f"g{i}") for i in range(60)])
+    handle_new(client, settings, live)
+    # then nothing is trimmed: the auditors have not seen any of it
+    assert client.xlen(keys.trades) == 60

@@ -243,6 +243,9 @@ class LossDetector:
                 # Now ours: reading our own pending entries gives them back as (id, {}), so
                 # they are dead-lettered and acknowledged like any entry with no fields.
                 yield from self._own_pending()
+            if len(reply) > 2 and reply[2]:
+                # Redis 7 already dropped these from the pending list; record the loss.
+                yield [(entry_id, {}) for entry_id in reply[2]]
             if cursor in (b"0-0", "0-0"):
                 return
 

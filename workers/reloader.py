@@ -107,7 +107,9 @@ class Reloader:
         previous = self.live
         try:
             loaded = self._verified(version)
-        except (redis.ConnectionError, redis.TimeoutError):
+        except redis.RedisError:
+            # Lost, stalled or busy (BUSY, MASTERDOWN, TRYAGAIN): Redis's trouble, not the
+            # checkpoint's; the caller backs off and tries again.
             raise
         except Exception as error:
             reason = (

@@ -7,18 +7,10 @@
 -- Returns {'done', count} | {'fenced', case_id}
 local leased, leases, done, attempts, rejected = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local reason = ARGV[1]
-local time = redis.call('TIME')
-local now_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
-
-local function holds(case_id, token)
-  local record = redis.call('HGET', leases, case_id)
-  local deadline = redis.call('ZSCORE', leased, case_id)
-  if not record or not deadline or tonumber(deadline) <= now_ms then return false end
-  return cmsgpack.unpack(record).token == tonumber(token)
-end
+local now_ms = redis_now_ms()
 
 for i = 2, #ARGV, 3 do
-  if not holds(ARGV[i], ARGV[i + 1]) then return {'fenced', ARGV[i]} end
+  if not lease_holds(leased, leases, ARGV[i], ARGV[i + 1], now_ms) then return {'fenced', ARGV[i]} end
 end
 
 local n = 0

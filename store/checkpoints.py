@@ -101,7 +101,7 @@ class CheckpointRegistry:
         self.archive = archive
         self.keep = max(1, keep)
         self.events_maxlen = events_maxlen
-        self._publish = script(client, "publish_checkpoint")
+        self._publish = script(client, "publish_checkpoint", prelude="lease")
         self._rollback = script(client, "rollback_checkpoint")
 
     def latest_version(self) -> int | None:

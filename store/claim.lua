@@ -13,8 +13,7 @@ local queue, leased, leases, fencing, attempts, done, stats =
 local worker, lease_ms, count = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local threshold, held_out_stat = tonumber(ARGV[4]), ARGV[5]
 
-local time = redis.call('TIME')
-local now_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+local now_ms = redis_now_ms()
 local deadline = now_ms + lease_ms
 
 local function held_out(case_id)

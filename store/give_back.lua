@@ -9,8 +9,7 @@
 local queue, leased, leases, attempts, dead, events =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local max_attempts, counted, error, worker = tonumber(ARGV[1]), ARGV[3] == '1', ARGV[4], ARGV[5]
-local time = redis.call('TIME')
-local now_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+local now_ms = redis_now_ms()
 
 local reply = {}
 for i = 6, #ARGV, 2 do

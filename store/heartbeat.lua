@@ -6,16 +6,12 @@
 -- ARGV: 1 lease ms, then per lease (2): case_id, fencing token
 -- Returns the case ids no longer held
 local leased, leases = KEYS[1], KEYS[2]
-local time = redis.call('TIME')
-local now_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+local now_ms = redis_now_ms()
 
 local lost = {}
 for i = 2, #ARGV, 2 do
-  local case_id, token = ARGV[i], tonumber(ARGV[i + 1])
-  local record = redis.call('HGET', leases, case_id)
-  local deadline = redis.call('ZSCORE', leased, case_id)
-  if record and deadline and tonumber(deadline) > now_ms
-      and cmsgpack.unpack(record).token == token then
+  local case_id = ARGV[i]
+  if lease_holds(leased, leases, case_id, ARGV[i + 1], now_ms) then
     redis.call('ZADD', leased, 'XX', now_ms + tonumber(ARGV[1]), case_id)
   else
     table.insert(lost, case_id)

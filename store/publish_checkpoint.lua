@@ -17,21 +17,12 @@ local version, parent, sha256 = ARGV[2], ARGV[3], ARGV[5]
 local current = redis.call('GET', latest) or ''
 if current ~= ARGV[1] then return {'conflict', current} end
 
-local time = redis.call('TIME')
-local now_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
-
--- A lease holds when its token is the current one and its deadline has not passed.
-local function holds(case_id, token)
-  local record = redis.call('HGET', leases, case_id)
-  local deadline = redis.call('ZSCORE', leased, case_id)
-  if not record or not deadline or tonumber(deadline) <= now_ms then return false end
-  return cmsgpack.unpack(record).token == tonumber(token)
-end
+local now_ms = redis_now_ms()
 
 local n_leases = tonumber(ARGV[10])
 local i = 11
 for _ = 1, n_leases do
-  if not holds(ARGV[i], ARGV[i + 1]) then return {'fenced', ARGV[i]} end
+  if not lease_holds(leased, leases, ARGV[i], ARGV[i + 1], now_ms) then return {'fenced', ARGV[i]} end
   i = i + 2
 end
 

@@ -105,11 +105,11 @@ class CaseQueue:
         self.max_attempts = max_attempts
         self.events_maxlen = events_maxlen
         self.heldout_threshold = heldout_threshold(heldout_share)
-        self._claim = script(client, "claim")
-        self._heartbeat = script(client, "heartbeat")
-        self._ack = script(client, "ack")
-        self._give_back = script(client, "give_back")
-        self._reap = script(client, "reap")
+        self._claim = script(client, "claim", prelude="lease")
+        self._heartbeat = script(client, "heartbeat", prelude="lease")
+        self._ack = script(client, "ack", prelude="lease")
+        self._give_back = script(client, "give_back", prelude="lease")
+        self._reap = script(client, "reap", prelude="lease")
         self._requeue = script(client, "requeue")
 
     def claim(self, worker: str, count: int = 1) -> list[Lease]:

@@ -8,8 +8,7 @@
 local queue, leased, leases, attempts, dead, events =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local max_attempts = tonumber(ARGV[1])
-local time = redis.call('TIME')
-local now_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+local now_ms = redis_now_ms()
 
 local expired = redis.call('ZRANGEBYSCORE', leased, '-inf', now_ms, 'LIMIT', 0, tonumber(ARGV[3]))
 for _, case_id in ipairs(expired) do

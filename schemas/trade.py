@@ -18,7 +18,6 @@ from typing import Any
 import msgpack
 import orjson
 
-SCHEMA_VERSION = 1
 MAX_FIELDS = 256
 SIDES = ("BUY", "SELL")
 TRADE_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"

@@ -10,7 +10,7 @@ import redis
 
 from store.keys import INFERENCE_GROUP, Keys
 from store.scripts import script
-from store.streams import Entry, entries_of, packed_dead_letter
+from store.streams import Entry, claim_abandoned, entries_of, packed_dead_letter
 
 
 @dataclass(slots=True)
@@ -64,47 +64,11 @@ class SignalStore:
         return entries_of(reply)
 
     def claim_abandoned(self, consumer: str, min_idle_ms: int, count: int) -> Iterator[list[Entry]]:
-        """Pages of up to `count` requests that another worker read but never answered (it
-        died mid-batch), now this consumer's, following XAUTOCLAIM's cursor to the end. A
-        request deleted before it was answered (the stream's MAXLEN trimmed it) comes as
-        (entry_id, {}), for the caller to dead-letter and acknowledge. The caller must
-        answer each page before asking for the next."""
-        cursor: bytes | str = b"0-0"
-        while True:
-            reply = self.client.xautoclaim(
-                self.keys.requests,
-                INFERENCE_GROUP,
-                consumer,
-                min_idle_ms,
-                start_id=cursor,
-                count=count,
-            )
-            cursor, claimed = reply[0], reply[1]
-            entries = [(entry_id, fields) for entry_id, fields in claimed if entry_id is not None]
-            if len(entries) < len(claimed):
-                # Redis 6.2 answers nil, without the id, for a pending entry whose data is
-                # gone, and moves it to this consumer's pending list anyway; only XACK
-                # removes it (Redis 7 removes it itself and lists the ids in a third item).
-                # Reading this consumer's own pending entries gives every id back.
-                yield from self._own_pending(consumer, count)
-            elif entries:
-                yield entries
-            if len(reply) > 2 and reply[2]:
-                yield [(entry_id, {}) for entry_id in reply[2]]
-            if cursor in (b"0-0", "0-0"):
-                return
-
-    def _own_pending(self, consumer: str, count: int) -> Iterator[list[Entry]]:
-        """This consumer's pending requests, a page at a time: XREADGROUP from an id, not
-        `>`, reads the pending list, and an entry whose data is gone comes as (id, {})."""
-        after: bytes | str = b"0"
-        while entries := entries_of(
-            self.client.xreadgroup(
-                INFERENCE_GROUP, consumer, {self.keys.requests: after}, count=count
-            )
-        ):
-            yield [(entry_id, fields or {}) for entry_id, fields in entries]
-            after = entries[-1][0]
+        """Pages of requests another worker read but never answered (see
+        store.streams.claim_abandoned); the caller answers each page before the next."""
+        return claim_abandoned(
+            self.client, self.keys.requests, INFERENCE_GROUP, consumer, min_idle_ms, count
+        )
 
     def pending(self) -> int:
         """Requests read by some worker and not answered yet."""

@@ -1,13 +1,14 @@
-"""What every consumer-group worker shares: reading entries out of a reply, naming the
-consumer, and packing a dead letter for a Lua script."""
+"""What every consumer-group worker shares: reading entries out of a reply, its own pending
+entries and abandoned ones, naming the consumer, and packing a dead letter for a Lua script."""
 
 from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import msgpack
+import redis
 
 Entry = tuple[bytes, dict[bytes, bytes]]
 FLAT_FIELDS_MAX = 256
@@ -30,6 +31,46 @@ def entries_of(reply: list | dict | None) -> list[Entry]:
             stream_entries = stream_entries[0]
         entries.extend(stream_entries)
     return entries
+
+
+def own_pending(
+    client: redis.Redis, stream: str, group: str, consumer: str, count: int
+) -> Iterator[list[Entry]]:
+    """This consumer's pending entries, a page at a time: XREADGROUP from an id, not `>`,
+    reads the pending list, and an entry whose data is gone comes as (id, {}). The caller
+    must handle each page before asking for the next."""
+    after: bytes | str = b"0"
+    while entries := entries_of(client.xreadgroup(group, consumer, {stream: after}, count=count)):
+        yield [(entry_id, fields or {}) for entry_id, fields in entries]
+        after = entries[-1][0]
+
+
+def claim_abandoned(
+    client: redis.Redis, stream: str, group: str, consumer: str, min_idle_ms: int, count: int
+) -> Iterator[list[Entry]]:
+    """Pages of up to `count` entries another consumer read but did not acknowledge for
+    `min_idle_ms` (it died mid-batch), now this consumer's, following XAUTOCLAIM's cursor to
+    the end. An entry deleted before it was handled comes as (entry_id, {}), for the caller
+    to dead-letter and acknowledge. The caller must handle each page before the next."""
+    cursor: bytes | str = b"0-0"
+    while True:
+        reply = client.xautoclaim(
+            stream, group, consumer, min_idle_ms, start_id=cursor, count=count
+        )
+        cursor, claimed = reply[0], reply[1]
+        entries = [(entry_id, fields) for entry_id, fields in claimed if entry_id is not None]
+        if len(entries) < len(claimed):
+            # Redis 6.2 answers nil, without the id, for a pending entry whose data is
+            # gone, and moves it to this consumer's pending list anyway; only XACK
+            # removes it (Redis 7 removes it itself and lists the ids in a third item).
+            # Reading this consumer's own pending entries gives every id back.
+            yield from own_pending(client, stream, group, consumer, count)
+        elif entries:
+            yield entries
+        if len(reply) > 2 and reply[2]:
+            yield [(entry_id, {}) for entry_id in reply[2]]
+        if cursor in (b"0-0", "0-0"):
+            return
 
 
 def packed_dead_letter(

@@ -18,7 +18,13 @@ from store.cases import Batch, CaseStore, DeadLetter, version_label
 from store.connection import backoff_s
 from store.health import HealthKey
 from store.keys import DETECTOR_GROUP
-from store.streams import Entry, default_consumer_name, entries_of
+from store.streams import (
+    Entry,
+    claim_abandoned,
+    default_consumer_name,
+    entries_of,
+    own_pending,
+)
 from workers.losses import negative_case, outcome_of
 from workers.metrics import DetectorMetrics
 from workers.metrics import serve as serve_metrics
@@ -206,48 +212,20 @@ class LossDetector:
         return entries_of(reply)
 
     def _own_pending(self) -> Iterator[list[Entry]]:
-        last_id = "0"
-        while True:
-            reply = self.client.xreadgroup(
-                DETECTOR_GROUP,
-                self.consumer,
-                {self.keys.trades: last_id},
-                count=self.settings.batch_size,
-            )
-            entries = entries_of(reply)
-            if not entries:
-                return
-            last_id = entries[-1][0]
-            yield entries
+        return own_pending(
+            self.client, self.keys.trades, DETECTOR_GROUP, self.consumer, self.settings.batch_size
+        )
 
     def _claim_abandoned(self) -> Iterator[list[Entry]]:
         """Entries another detector read but did not acknowledge for claim_idle_ms."""
-        cursor = "0-0"
-        while True:
-            reply = self.client.xautoclaim(
-                self.keys.trades,
-                DETECTOR_GROUP,
-                self.consumer,
-                min_idle_time=self.settings.claim_idle_ms,
-                start_id=cursor,
-                count=self.settings.batch_size,
-            )
-            # Redis 6.2 replies [cursor, entries]; Redis 7 adds a third item, the ids of
-            # pending entries that no longer exist, which it has already removed. Redis 6.2
-            # instead claims such an entry and answers nil for it, id included.
-            cursor, claimed = reply[0], reply[1]
-            entries = [(entry_id, fields) for entry_id, fields in claimed if entry_id is not None]
-            if entries:
-                yield entries
-            if len(entries) < len(claimed):
-                # Now ours: reading our own pending entries gives them back as (id, {}), so
-                # they are dead-lettered and acknowledged like any entry with no fields.
-                yield from self._own_pending()
-            if len(reply) > 2 and reply[2]:
-                # Redis 7 already dropped these from the pending list; record the loss.
-                yield [(entry_id, {}) for entry_id in reply[2]]
-            if cursor in (b"0-0", "0-0"):
-                return
+        return claim_abandoned(
+            self.client,
+            self.keys.trades,
+            DETECTOR_GROUP,
+            self.consumer,
+            self.settings.claim_idle_ms,
+            self.settings.batch_size,
+        )
 
     def _pending_elsewhere(self) -> bool:
         """Whether entries are still pending in the group (burst mode waits for them)."""

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from schemas.case import ACTIONS
+from negcase.schemas.case import ACTIONS
 
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
 _REQUEST_ID = re.compile(REQUEST_ID_PATTERN)

@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from schemas.case import NegativeCase
+from negcase.schemas.case import NegativeCase
 
 INDEX_NAME = "case_index.json"
 # Batches with more case files than this are synced with one syncfs instead of per file.

@@ -10,12 +10,12 @@ from itertools import chain
 import msgpack
 import redis
 
-from schemas.case import NegativeCase
-from schemas.event import Event
-from store.keys import DETECTOR_GROUP, Keys
-from store.queue import queue_score
-from store.scripts import script
-from store.streams import packed_dead_letter
+from negcase.schemas.case import NegativeCase
+from negcase.schemas.event import Event
+from negcase.store.keys import DETECTOR_GROUP, Keys
+from negcase.store.queue import queue_score
+from negcase.store.scripts import script
+from negcase.store.streams import packed_dead_letter
 
 RATE_BUCKET_S = 10
 # Rates are shown over the last minute of complete buckets.

@@ -33,10 +33,10 @@ import orjson
 import redis
 from redis.exceptions import LockError
 
-from store.archive import Archive, fsync_folder
-from store.keys import Keys
-from store.queue import Lease, LeaseLost
-from store.scripts import script
+from negcase.store.archive import Archive, fsync_folder
+from negcase.store.keys import Keys
+from negcase.store.queue import Lease, LeaseLost
+from negcase.store.scripts import script
 
 ANNOUNCEMENTS_MAXLEN = 10_000
 UNPUBLISHED_SUFFIX = ".unpublished"

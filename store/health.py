@@ -11,8 +11,8 @@ from typing import Any
 import orjson
 import redis
 
-from store.keys import Keys
-from store.streams import default_consumer_name
+from negcase.store.keys import Keys
+from negcase.store.streams import default_consumer_name
 
 
 def worker_id(kind: str) -> str:

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 
 import redis
 
-from schemas.case import NegativeCase
-from store.keys import Keys
-from store.scripts import script
+from negcase.schemas.case import NegativeCase
+from negcase.store.keys import Keys
+from negcase.store.scripts import script
 
 # Score layout (higher is claimed first), exact in a double's 53-bit mantissa:
 #   priority * 100_000  +  loss in tenths of a percent (capped)  +  an age fraction in [0, 1)

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import redis
 
-from schemas.event import Event
-from schemas.session import TrainingSession
-from store.archive import Archive
-from store.keys import Keys
+from negcase.schemas.event import Event
+from negcase.schemas.session import TrainingSession
+from negcase.store.archive import Archive
+from negcase.store.keys import Keys
 
 
 class SessionStore:

@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 
 import redis
 
-from store.keys import INFERENCE_GROUP, Keys
-from store.scripts import script
-from store.streams import Entry, claim_abandoned, entries_of, packed_dead_letter
+from negcase.store.keys import INFERENCE_GROUP, Keys
+from negcase.store.scripts import script
+from negcase.store.streams import Entry, claim_abandoned, entries_of, packed_dead_letter
 
 
 @dataclass(slots=True)

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import redis
 
-from store.connection import connect
-from store.local_redis import LocalRedis
-from workers.settings import Settings
-from workers.supervisor import worker_environment
+from negcase.runtime.settings import Settings
+from negcase.sim.supervisor import worker_environment
+from negcase.store.connection import connect
+from negcase.store.local_redis import LocalRedis
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -62,7 +62,7 @@ def spawn(settings: Settings) -> Iterator[Callable[..., subprocess.Popen[str]]]:
 
     def start(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
         process = subprocess.Popen(
-            [sys.executable, "-m", "workers.cli", *args],
+            [sys.executable, "-m", "negcase", *args],
             cwd=ROOT,
             env=env or worker_env(settings),
             stdout=subprocess.PIPE,

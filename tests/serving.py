@@ -12,10 +12,8 @@ import redis
 import torch
 from torch import nn
 
-from schemas.event import Event
-from schemas.signal import Signal, SignalRequestError
-from store.checkpoints import CheckpointRegistry
-from workers.model import (
+from negcase.client.signal_client import SignalClient, SignalTimeout
+from negcase.processes.model import (
     ModelSpec,
     build_model,
     load_verified,
@@ -24,8 +22,10 @@ from workers.model import (
     state_of,
     weights_bytes,
 )
-from workers.settings import Settings
-from workers.signal_client import SignalClient, SignalTimeout
+from negcase.runtime.settings import Settings
+from negcase.schemas.event import Event
+from negcase.schemas.signal import Signal, SignalRequestError
+from negcase.store.checkpoints import CheckpointRegistry
 
 FEATURES = [0.1, -0.2, 0.3, -0.4, 0.5, -0.6, 0.7, -0.8]
 BAD_KINDS = (

@@ -7,16 +7,23 @@ import orjson
 import pytest
 import redis
 
-from store.archive import Archive
-from store.checkpoints import (
+from negcase.processes.model import (
+    ModelSpec,
+    build_model,
+    load_verified,
+    sha256_hex,
+    state_of,
+    weights_bytes,
+)
+from negcase.runtime.settings import Settings
+from negcase.store.archive import Archive
+from negcase.store.checkpoints import (
     ArchiveConflict,
     CheckpointMissing,
     CheckpointRegistry,
     PublishConflict,
 )
-from store.queue import CaseQueue, Lease, LeaseLost
-from workers.model import ModelSpec, build_model, load_verified, sha256_hex, state_of, weights_bytes
-from workers.settings import Settings
+from negcase.store.queue import CaseQueue, Lease, LeaseLost
 
 SPEC = ModelSpec(feature_count=8, hidden_sizes=(8,))
 

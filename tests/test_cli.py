@@ -9,14 +9,14 @@ import urllib.request
 
 import pytest
 
-from store.local_redis import free_port
+from negcase.cli.main import build_parser
+from negcase.store.local_redis import free_port
 from tests.conftest import ROOT, wait_until, worker_env
-from workers.cli import build_parser
 
 
 def negcase(settings, *args: str, input_text: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "workers.cli", *args],
+        [sys.executable, "-m", "negcase", *args],
         cwd=ROOT,
         env=worker_env(settings),
         input=input_text,
@@ -99,7 +99,7 @@ def test_mistakes_get_one_clear_line_and_exit_2(settings, args, message):
 
 def test_an_unreachable_redis_is_a_clear_error(settings):
     result = subprocess.run(
-        [sys.executable, "-m", "workers.cli", "status", "--redis-url", "redis://127.0.0.1:1/0"],
+        [sys.executable, "-m", "negcase", "status", "--redis-url", "redis://127.0.0.1:1/0"],
         cwd=ROOT, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert result.returncode == 2

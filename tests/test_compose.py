@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from workers.cli import build_parser
-from workers.settings import Settings
+from negcase.cli.main import build_parser
+from negcase.runtime.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = yaml.safe_load((ROOT / "compose.yaml").read_text())

@@ -10,9 +10,9 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
+from negcase.client.trades import publish_trades
+from negcase.sim.engine import random_trades
 from tests.conftest import wait_until
-from workers.engine import random_trades
-from workers.publish import publish_trades
 
 pytestmark = pytest.mark.slow
 

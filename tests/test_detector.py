@@ -12,16 +12,16 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from schemas.case import NegativeCase, case_id_for
-from store.archive import Archive
-from store.cases import CaseStore
-from store.keys import DETECTOR_GROUP
-from store.queue import queue_score
-from store.streams import entries_of
-from workers.detector import LossDetector
-from workers.publish import encode_trade, publish_trades
-from workers.settings import Settings
-from workers.shutdown import StopFlag
+from negcase.client.trades import encode_trade, publish_trades
+from negcase.processes.detector import LossDetector
+from negcase.runtime.settings import Settings
+from negcase.runtime.shutdown import StopFlag
+from negcase.schemas.case import NegativeCase, case_id_for
+from negcase.store.archive import Archive
+from negcase.store.cases import CaseStore
+from negcase.store.keys import DETECTOR_GROUP
+from negcase.store.queue import queue_score
+from negcase.store.streams import entries_of
 
 FEATURES = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
 

@@ -6,14 +6,14 @@ import signal
 
 import pytest
 
-from schemas.case import case_id_for
-from schemas.trade import TradeDefaults, TradeError, validate_trade
-from store.archive import Archive
-from store.keys import DETECTOR_GROUP
+from negcase.client.trades import publish_trades
+from negcase.processes.losses import outcome_of
+from negcase.schemas.case import case_id_for
+from negcase.schemas.trade import TradeDefaults, TradeError, validate_trade
+from negcase.sim.engine import random_trades
+from negcase.store.archive import Archive
+from negcase.store.keys import DETECTOR_GROUP
 from tests.conftest import wait_until
-from workers.engine import random_trades
-from workers.losses import outcome_of
-from workers.publish import publish_trades
 
 pytestmark = pytest.mark.slow
 

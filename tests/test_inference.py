@@ -10,11 +10,11 @@ import numpy as np
 import orjson
 import pytest
 
-from schemas.signal import SignalRequestError, request_fields
+from negcase.client.signal_client import SignalClient
+from negcase.processes.inference import NO_MODEL_REASON
+from negcase.schemas.signal import SignalRequestError, request_fields
 from tests.conftest import ROOT, wait_until, worker_env
 from tests.serving import FEATURES, local_probabilities, publish, stored_model
-from workers.inference import NO_MODEL_REASON
-from workers.signal_client import SignalClient
 
 pytestmark = pytest.mark.slow
 
@@ -108,7 +108,7 @@ def test_negcase_predict_prints_the_reply(client, settings, spawn):
 
 def run_predict(settings, features: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "workers.cli", "predict", "--features", features,
+        [sys.executable, "-m", "negcase", "predict", "--features", features,
          "--timeout-s", "30"],
         cwd=ROOT, env=worker_env(settings), capture_output=True, text=True, timeout=60,
     )  # fmt: skip

@@ -10,18 +10,18 @@ import threading
 import redis
 import torch
 
-from schemas.case import ACTIONS
-from store.archive import Archive
-from store.cases import CaseStore
-from store.checkpoints import CheckpointRegistry
-from store.queue import is_held_out
-from store.sessions import SessionStore
+from negcase.processes.model import ModelSpec, build_model, load_verified, state_of
+from negcase.processes.trainer import Trainer
+from negcase.processes.training import Examples, Update, measure, publish_update, sample_replay
+from negcase.runtime.settings import Settings
+from negcase.runtime.shutdown import StopFlag
+from negcase.schemas.case import ACTIONS
+from negcase.store.archive import Archive
+from negcase.store.cases import CaseStore
+from negcase.store.checkpoints import CheckpointRegistry
+from negcase.store.queue import is_held_out
+from negcase.store.sessions import SessionStore
 from tests.training_cases import add_cases, assert_conserved, rule_cases
-from workers.model import ModelSpec, build_model, load_verified, state_of
-from workers.settings import Settings
-from workers.shutdown import StopFlag
-from workers.trainer import Trainer
-from workers.training import Examples, Update, measure, publish_update, sample_replay
 
 
 def trained(client: redis.Redis, settings: Settings) -> Trainer:

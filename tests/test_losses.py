@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from schemas.trade import TradeClosed
-from workers.losses import negative_case, outcome_of, priority_for, should_have_done
-from workers.settings import Settings
+from negcase.processes.losses import negative_case, outcome_of, priority_for, should_have_done
+from negcase.runtime.settings import Settings
+from negcase.schemas.trade import TradeClosed
 
 SETTINGS = Settings()
 

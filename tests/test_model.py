@@ -9,8 +9,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from store.checkpoints import StoredCheckpoint
-from workers.model import (
+from negcase.processes.model import (
     CheckpointError,
     ModelSpec,
     build_model,
@@ -20,6 +19,7 @@ from workers.model import (
     state_of,
     weights_bytes,
 )
+from negcase.store.checkpoints import StoredCheckpoint
 
 SPEC = ModelSpec(feature_count=8, hidden_sizes=(16, 16))
 

@@ -12,26 +12,26 @@ import time
 import orjson
 import redis
 
-from schemas.case import case_id_for
-from schemas.event import EVENT_TYPES, Event
-from schemas.signal import request_fields
-from store.checkpoints import CheckpointRegistry
-from store.health import HealthKey
-from store.keys import DETECTOR_GROUP
-from store.queue import CaseQueue
+from negcase.cli.status import gather_status
+from negcase.cli.status_view import render_status
+from negcase.cli.tail import FORMATTERS, format_event
+from negcase.client.trades import publish_trades
+from negcase.processes.detector import LossDetector
+from negcase.processes.inference import InferenceWorker
+from negcase.processes.model import sha256_hex, state_of, weights_bytes
+from negcase.processes.reloader import Reloader
+from negcase.processes.trainer import Trainer
+from negcase.runtime.settings import Settings
+from negcase.runtime.shutdown import StopFlag
+from negcase.schemas.case import case_id_for
+from negcase.schemas.event import EVENT_TYPES, Event
+from negcase.schemas.signal import request_fields
+from negcase.store.checkpoints import CheckpointRegistry
+from negcase.store.health import HealthKey
+from negcase.store.keys import DETECTOR_GROUP
+from negcase.store.queue import CaseQueue
 from tests.conftest import ROOT
 from tests.serving import FEATURES, checkpoint_meta, seeded_model, write_bad_checkpoint
-from workers.detector import LossDetector
-from workers.inference import InferenceWorker
-from workers.model import sha256_hex, state_of, weights_bytes
-from workers.publish import publish_trades
-from workers.reloader import Reloader
-from workers.settings import Settings
-from workers.shutdown import StopFlag
-from workers.status import gather_status
-from workers.status_view import render_status
-from workers.tail import FORMATTERS, format_event
-from workers.trainer import Trainer
 
 # Exit prices of a BUY at 3000 whose loss (15, 6, 3, 1.5, 0.5 %) lands on each priority.
 EXIT_BY_PRIORITY = {5: 2550, 4: 2820, 3: 2910, 2: 2955, 1: 2985}
@@ -67,8 +67,9 @@ def publish_checkpoint(client: redis.Redis, settings: Settings, seed: int, loss:
 def beat_elsewhere(settings: Settings, consumer: str, version: int) -> None:
     """An inference worker's health record, written by another process (its own pid)."""
     code = (
-        "import sys; from store.connection import connect; from store.health import HealthKey;"
-        "from store.keys import Keys; c = connect(sys.argv[1]);"
+        "import sys; from negcase.store.connection import connect;"
+        "from negcase.store.health import HealthKey;"
+        "from negcase.store.keys import Keys; c = connect(sys.argv[1]);"
         "HealthKey(c, Keys(sys.argv[2]), 'inference', 30).refresh(consumer=sys.argv[3],"
         " version=int(sys.argv[4]))"
     )

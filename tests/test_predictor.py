@@ -11,7 +11,11 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from schemas.signal import SignalRequestError
+from negcase.client.predictor import NoModelYet, Predictor
+from negcase.processes.model import ModelSpec, build_model, state_of, weights_bytes
+from negcase.processes.reloader import Reloader
+from negcase.runtime.settings import Settings
+from negcase.schemas.signal import SignalRequestError
 from tests.conftest import wait_until
 from tests.serving import (
     FEATURES,
@@ -24,10 +28,6 @@ from tests.serving import (
     write_bad_checkpoint,
     write_checkpoint,
 )
-from workers.model import ModelSpec, build_model, state_of, weights_bytes
-from workers.predictor import NoModelYet, Predictor
-from workers.reloader import Reloader
-from workers.settings import Settings
 
 
 @pytest.fixture

@@ -8,10 +8,10 @@ import time
 import pytest
 import redis
 
-from store.queue import HELD_OUT_STAT, CaseQueue, LeaseLost, is_held_out
+from negcase.runtime.settings import Settings
+from negcase.store.queue import HELD_OUT_STAT, CaseQueue, LeaseLost, is_held_out
 from tests.conftest import wait_until
 from tests.training_cases import add_cases, assert_conserved, make_case
-from workers.settings import Settings
 
 
 def queue_for(

@@ -8,7 +8,9 @@ from collections import defaultdict
 import orjson
 import pytest
 
-from store.checkpoints import CheckpointRegistry
+from negcase.client.signal_client import SignalClient
+from negcase.processes.model import sha256_hex, state_of, weights_bytes
+from negcase.store.checkpoints import CheckpointRegistry
 from tests.conftest import wait_until
 from tests.serving import (
     BAD_KINDS,
@@ -20,8 +22,6 @@ from tests.serving import (
     seeded_model,
     write_bad_checkpoint,
 )
-from workers.model import sha256_hex, state_of, weights_bytes
-from workers.signal_client import SignalClient
 
 pytestmark = pytest.mark.slow
 

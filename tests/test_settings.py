@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from store.connection import backoff_s
-from workers.settings import Settings, SettingsError
+from negcase.runtime.settings import Settings, SettingsError
+from negcase.store.connection import backoff_s
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 

@@ -16,7 +16,11 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from schemas.signal import (
+from negcase.client.signal_client import SignalClient, SignalTimeout
+from negcase.processes.inference import DELETED_REASON, NO_MODEL_REASON, InferenceWorker
+from negcase.processes.reloader import LoadedModel, Reloader
+from negcase.runtime.shutdown import StopFlag
+from negcase.schemas.signal import (
     SignalRequestError,
     error_reply,
     features_into,
@@ -25,12 +29,8 @@ from schemas.signal import (
     request_id_of,
     signal_from_probabilities,
 )
-from store.keys import INFERENCE_GROUP
+from negcase.store.keys import INFERENCE_GROUP
 from tests.serving import FEATURES, local_probabilities, seeded_model
-from workers.inference import DELETED_REASON, NO_MODEL_REASON, InferenceWorker
-from workers.reloader import LoadedModel, Reloader
-from workers.shutdown import StopFlag
-from workers.signal_client import SignalClient, SignalTimeout
 
 SCHEMAS = Path(__file__).resolve().parent.parent / "schemas"
 # Fail at once on a socket timeout: redis-py 8 retries by default.

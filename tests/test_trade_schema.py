@@ -12,8 +12,8 @@ import msgpack
 import orjson
 import pytest
 
-from schemas.trade import TradeDefaults, TradeError, parse_trade, validate_trade
-from workers.publish import encode_trade
+from negcase.client.trades import encode_trade
+from negcase.schemas.trade import TradeDefaults, TradeError, parse_trade, validate_trade
 
 DEFAULTS = TradeDefaults()
 SCHEMA = json.loads(

@@ -12,14 +12,14 @@ import orjson
 import pytest
 import redis
 
-from store.archive import Archive
-from store.checkpoints import CheckpointRegistry
-from store.queue import is_held_out
+from negcase.processes.trainer import Trainer
+from negcase.runtime.settings import Settings
+from negcase.runtime.shutdown import StopFlag
+from negcase.store.archive import Archive
+from negcase.store.checkpoints import CheckpointRegistry
+from negcase.store.queue import is_held_out
 from tests.conftest import wait_until, worker_env
 from tests.training_cases import add_cases, assert_conserved, make_case, rule_cases
-from workers.settings import Settings
-from workers.shutdown import StopFlag
-from workers.trainer import Trainer
 
 pytestmark = pytest.mark.slow
 

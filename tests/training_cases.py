@@ -7,10 +7,10 @@ import random
 
 import redis
 
-from schemas.case import ACTIONS, NegativeCase
-from store.cases import Batch, CaseStore
-from store.queue import queue_counts
-from workers.settings import Settings
+from negcase.runtime.settings import Settings
+from negcase.schemas.case import ACTIONS, NegativeCase
+from negcase.store.cases import Batch, CaseStore
+from negcase.store.queue import queue_counts
 
 
 def hidden_rule(features: list[float]) -> str:

@@ -6,7 +6,7 @@ off and on (ratios to raw), and XADD-to-queue latency at a steady 1,000 events/s
 
 import sys
 
-from workers.cli import main
+from negcase.cli.main import main
 
 if __name__ == "__main__":
     sys.exit(main(["bench", "ingest", *sys.argv[1:]]))

@@ -16,17 +16,17 @@ from typing import Any
 import orjson
 import redis
 
-from store.archive import Archive
-from store.connection import connect
-from store.keys import DETECTOR_GROUP, Keys
-from workers import bench_serve, bench_train
-from workers.bench_support import FEATURES, bench_redis, drop_namespace
-from workers.detector import LossDetector
-from workers.options import common_options, settings_from
-from workers.publish import encode_trade
-from workers.settings import Settings
-from workers.shutdown import StopFlag
-from workers.supervisor import Supervisor
+from negcase.cli.options import common_options, settings_from
+from negcase.client.trades import encode_trade
+from negcase.processes.detector import LossDetector
+from negcase.runtime.settings import Settings
+from negcase.runtime.shutdown import StopFlag
+from negcase.sim import bench_serve, bench_train
+from negcase.sim.bench_support import FEATURES, bench_redis, drop_namespace
+from negcase.sim.supervisor import Supervisor
+from negcase.store.archive import Archive
+from negcase.store.connection import connect
+from negcase.store.keys import DETECTOR_GROUP, Keys
 
 
 def bench_trade(i: int, prefix: str) -> dict[bytes, bytes]:

@@ -15,12 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from schemas.case import NegativeCase
-from store.cases import CaseStore
-from store.checkpoints import CheckpointRegistry, PublishConflict
-from store.keys import Keys
-from store.queue import Lease, id_hash, is_held_out
-from workers.model import rebased, sha256_hex, verified_state, weights_bytes
+from negcase.processes.model import rebased, sha256_hex, verified_state, weights_bytes
+from negcase.schemas.case import NegativeCase
+from negcase.store.cases import CaseStore
+from negcase.store.checkpoints import CheckpointRegistry, PublishConflict
+from negcase.store.keys import Keys
+from negcase.store.queue import Lease, id_hash, is_held_out
 
 CHECK_EVERY_EPOCHS = 10
 MIN_PROGRESS = 1e-3  # relative drop of the watched loss that counts as still improving

@@ -3,7 +3,6 @@ model, in batches, while the reloader swaps in every new checkpoint."""
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import sys
 import time
@@ -12,7 +11,11 @@ from dataclasses import dataclass
 import numpy as np
 import redis
 
-from schemas.signal import (
+from negcase.processes.reloader import LoadedModel, Reloader
+from negcase.runtime.metrics import InferenceMetrics
+from negcase.runtime.settings import Settings
+from negcase.runtime.shutdown import StopFlag
+from negcase.schemas.signal import (
     SignalRequestError,
     check_request_size,
     error_reply,
@@ -20,16 +23,10 @@ from schemas.signal import (
     request_id_of,
     signal_from_probabilities,
 )
-from store.connection import backoff_s
-from store.health import HealthKey
-from store.signals import DeadRequest, ReplyBatch, SignalStore
-from store.streams import Entry, default_consumer_name
-from workers.metrics import InferenceMetrics
-from workers.metrics import serve as serve_metrics
-from workers.options import common_options, redis_client, settings_from, worker_options
-from workers.reloader import LoadedModel, Reloader, configure_torch_for_serving
-from workers.settings import Settings
-from workers.shutdown import StopFlag, install_signal_handlers
+from negcase.store.connection import backoff_s
+from negcase.store.health import HealthKey
+from negcase.store.signals import DeadRequest, ReplyBatch, SignalStore
+from negcase.store.streams import Entry
 
 NO_MODEL_REASON = "no checkpoint published yet"
 DELETED_REASON = "deleted before it was answered (the stream was trimmed)"
@@ -176,67 +173,3 @@ class InferenceWorker:
             self.consumer, self.settings.claim_idle_ms, self.settings.serve_batch_size
         ):
             self.handle(entries)
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    """Add `negcase serve`."""
-    parser = sub.add_parser(
-        "serve",
-        parents=[common_options(), worker_options()],
-        help="run an inference worker (consumer group 'inference' on <ns>:signals:requests)",
-        description=(
-            "Answer signal requests from <ns>:signals:requests in the consumer group "
-            "'inference': read a batch, run one forward pass of the live model, push every "
-            "reply to <ns>:signals:reply:<request_id> in one round trip. A thread follows "
-            "<ns>:checkpoints and swaps in each new checkpoint after verifying it; a batch "
-            "is always answered by one model version. The model is built from this worker's "
-            "own settings (--model / NEGCASE_MODEL_FACTORY, NEGCASE_HIDDEN_SIZES, "
-            "NEGCASE_FEATURE_COUNT), which must match what the trainers were given. Several "
-            "workers can run side by side. The first SIGTERM/SIGINT finishes the batch in hand."
-        ),
-    )
-    parser.add_argument(
-        "--consumer", help="consumer name, also shown in replies and events (default host:pid)"
-    )
-    parser.add_argument("--batch-size", type=int, help="requests per read (default 256)")
-    parser.add_argument("--block-ms", type=int, help="how long one read blocks (default 1000)")
-    parser.add_argument("--burst", action="store_true", help="answer what is queued, then exit")
-    parser.add_argument(
-        "--model",
-        help=(
-            "package.module:factory building your own nn.Module (env NEGCASE_MODEL_FACTORY); "
-            "give it the same factory as `negcase train --model`: a checkpoint whose "
-            "model_spec differs from this worker's is refused"
-        ),
-    )
-    parser.set_defaults(run=run_serve)
-
-
-def run_serve(args: argparse.Namespace) -> int:
-    """Run one inference worker until stopped (or drained, with --burst)."""
-    settings = settings_from(
-        args, serve_batch_size=args.batch_size, block_ms=args.block_ms, model_factory=args.model
-    )
-    configure_torch_for_serving()
-    client = redis_client(settings)
-    consumer = args.consumer or default_consumer_name()
-    stop = StopFlag()
-    install_signal_handlers(stop, f"serve {consumer}")
-    reloader = Reloader(client, settings, consumer).start()
-    # Serve only after the first look at `latest`: a worker started after several
-    # publishes answers with the newest version from its first reply on.
-    while not reloader.synced.wait(0.1):
-        if stop.is_set():
-            return 0
-    worker = InferenceWorker(client, settings, consumer, reloader)
-    serve_metrics(worker.metrics.registry, args.metrics_port)
-    totals = worker.run(stop, burst=args.burst)
-    reloader.stop()
-    live = reloader.live
-    print(
-        f"serve {consumer}: {totals.signals} signals, {totals.errors} error replies, "
-        f"{totals.dead} unanswerable, {totals.batches} batches, last version "
-        f"{None if live is None else live.version}",
-        file=sys.stderr,
-    )
-    return 0

@@ -10,9 +10,9 @@ from collections.abc import Callable, Iterable
 import orjson
 import redis
 
-from schemas.event import EVENT_TYPES, Event
-from store.keys import Keys
-from workers.options import common_options, redis_client, settings_from
+from negcase.cli.options import common_options, redis_client, settings_from
+from negcase.schemas.event import EVENT_TYPES, Event
+from negcase.store.keys import Keys
 
 
 def _case_added(d: dict[str, str]) -> str:

@@ -9,8 +9,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from store.local_redis import die_with_parent
-from workers.settings import Settings
+from negcase.runtime.settings import Settings
+from negcase.store.local_redis import die_with_parent
 
 
 def worker_environment(settings: Settings) -> dict[str, str]:
@@ -38,7 +38,7 @@ class Supervisor:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_dir / f"{name}.log", "wb") as log:
             process = subprocess.Popen(
-                [sys.executable, "-m", "workers.cli", *args],
+                [sys.executable, "-m", "negcase", *args],
                 env=worker_environment(self.settings),
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -16,12 +16,12 @@ import orjson
 import redis
 from redis.client import Pipeline
 
-from store.cases import RATE_BUCKET_S, RATE_WINDOW_S, rate_bucket_s, version_label
-from store.health import live_workers
-from store.keys import DETECTOR_GROUP, INFERENCE_GROUP, Keys
-from store.queue import priority_of_score, queue_counts, score_range
-from workers.options import CommandError, common_options, redis_client, settings_from
-from workers.status_view import render_status
+from negcase.cli.options import CommandError, common_options, redis_client, settings_from
+from negcase.cli.status_view import render_status
+from negcase.store.cases import RATE_BUCKET_S, RATE_WINDOW_S, rate_bucket_s, version_label
+from negcase.store.health import live_workers
+from negcase.store.keys import DETECTOR_GROUP, INFERENCE_GROUP, Keys
+from negcase.store.queue import priority_of_score, queue_counts, score_range
 
 PRIORITIES = (5, 4, 3, 2, 1)
 RATE_FIELDS = ("trades", "losses", "cases_added", "dead_lettered")

@@ -1,4 +1,4 @@
-"""The text of `negcase status`, for people (the data comes from workers.status)."""
+"""The text of `negcase status`, for people (the data comes from negcase.cli.status)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import textwrap
 import time
 from typing import Any
 
-from store.cases import RATE_WINDOW_S
+from negcase.store.cases import RATE_WINDOW_S
 
 
 def render_status(status: dict[str, Any]) -> str:

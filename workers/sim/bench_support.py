@@ -10,8 +10,8 @@ from pathlib import Path
 
 import redis
 
-from store.local_redis import LocalRedis
-from workers.settings import Settings
+from negcase.runtime.settings import Settings
+from negcase.store.local_redis import LocalRedis
 
 FEATURES = [0.1234, -0.5678, 0.9012, -0.3456, 0.7891, -0.2345, 0.6789, -0.0123]
 

@@ -3,7 +3,6 @@ Any number of trainers share one queue and one model lineage (`negcase train`)."
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import math
@@ -18,23 +17,14 @@ from collections.abc import Callable, Sequence
 import redis
 import torch
 
-from schemas.case import NegativeCase
-from schemas.session import TrainingSession
-from store.archive import Archive
-from store.cases import CaseStore
-from store.checkpoints import CheckpointRegistry
-from store.connection import backoff_s
-from store.health import HealthKey
-from store.queue import CaseQueue, Lease, LeaseLost, queue_counts
-from store.sessions import SessionStore
-from store.streams import default_consumer_name
-from workers.metrics import TrainerMetrics
-from workers.metrics import serve as serve_metrics
-from workers.model import CheckpointError, build_model, spec_from_settings, state_of, verified_state
-from workers.options import common_options, redis_client, settings_from, worker_options
-from workers.settings import Settings
-from workers.shutdown import StopFlag, install_signal_handlers
-from workers.training import (
+from negcase.processes.model import (
+    CheckpointError,
+    build_model,
+    spec_from_settings,
+    state_of,
+    verified_state,
+)
+from negcase.processes.training import (
     Examples,
     HeldOutSet,
     TrainingInterrupted,
@@ -47,6 +37,18 @@ from workers.training import (
     sample_replay,
     train_intensively,
 )
+from negcase.runtime.metrics import TrainerMetrics
+from negcase.runtime.settings import Settings
+from negcase.runtime.shutdown import StopFlag
+from negcase.schemas.case import NegativeCase
+from negcase.schemas.session import TrainingSession
+from negcase.store.archive import Archive
+from negcase.store.cases import CaseStore
+from negcase.store.checkpoints import CheckpointRegistry
+from negcase.store.connection import backoff_s
+from negcase.store.health import HealthKey
+from negcase.store.queue import CaseQueue, Lease, LeaseLost, queue_counts
+from negcase.store.sessions import SessionStore
 
 State = dict[str, torch.Tensor]
 
@@ -337,45 +339,3 @@ class Trainer:
     def _drained(self) -> bool:
         counts = queue_counts(self.client, self.keys)
         return counts["queued"] == 0 and counts["leased"] == 0
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    """Add `negcase train`."""
-    parser = sub.add_parser(
-        "train",
-        parents=[common_options(), worker_options()],
-        help="run a training worker (claims cases from <ns>:queue, publishes checkpoints)",
-        description=(
-            "Claim the worst negative cases from <ns>:queue under a lease, train the model "
-            "intensively on them mixed with a replay of earlier cases, and publish the result "
-            "as a new checkpoint if it is not worse on the held-out cases (rebasing onto any "
-            "checkpoint another trainer published meanwhile). Any number of trainers can run. "
-            "The first SIGTERM/SIGINT hands the cases in hand back to the queue and exits."
-        ),
-    )
-    parser.add_argument("--burst", action="store_true", help="drain the queue, then exit")
-    parser.add_argument("--batch", type=int, help="cases per claim and session (default 1)")
-    parser.add_argument("--model", help="package.module:factory building your own nn.Module")
-    parser.add_argument("--name", help="trainer name in leases and events (default host:pid)")
-    parser.add_argument("--lease-s", type=float, help="lease length in seconds (default 30)")
-    parser.set_defaults(run=run_train)
-
-
-def run_train(args: argparse.Namespace) -> int:
-    """Run one trainer until stopped (or drained, with --burst)."""
-    settings = settings_from(
-        args, cases_per_claim=args.batch, model_factory=args.model, lease_s=args.lease_s
-    )
-    # One thread per trainer: N trainers on N cores scale instead of fighting over cores.
-    torch.set_num_threads(1)
-    client = redis_client(settings)
-    archive = Archive(settings.data_dir) if settings.archive else None
-    name = args.name or f"trainer-{default_consumer_name()}"
-    stop = StopFlag()
-    install_signal_handlers(stop, name)
-    trainer = Trainer(client, settings, name, archive)
-    serve_metrics(trainer.metrics.registry, args.metrics_port)
-    outcomes = trainer.run(stop, burst=args.burst)
-    summary = ", ".join(f"{count} {outcome}" for outcome, count in sorted(outcomes.items()))
-    print(f"{name}: stopped after {summary or 'no sessions'}", file=sys.stderr)
-    return 0

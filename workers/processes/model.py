@@ -6,15 +6,15 @@ from __future__ import annotations
 import hashlib
 import importlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import safetensors.torch
 import torch
 from torch import nn
 
-from schemas.case import ACTIONS
-from store.checkpoints import StoredCheckpoint
-from workers.settings import Settings
+from negcase.runtime.settings import Settings
+from negcase.schemas.case import ACTIONS
+from negcase.store.checkpoints import StoredCheckpoint
 
 N_ACTIONS = len(ACTIONS)
 
@@ -25,6 +25,14 @@ class CheckpointError(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class ModelFactory(Protocol):
+    """What `--model package.module:factory` names: a callable that builds the network.
+    It gets the input width and the number of actions (SELL, HOLD, BUY) and returns an
+    nn.Module mapping a (batch, feature_count) float32 tensor to (batch, n_actions) logits."""
+
+    def __call__(self, *, feature_count: int, n_actions: int) -> nn.Module: ...
 
 
 @dataclass(frozen=True, slots=True)

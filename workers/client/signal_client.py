@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 from collections.abc import Sequence
 
 import numpy as np
-import orjson
 import redis
 
-from schemas.signal import Signal, SignalRequestError, check_features, parse_reply, request_fields
-from store.keys import Keys
-from workers.options import CommandError, common_options, redis_client, settings_from
+from negcase.schemas.signal import (
+    Signal,
+    check_features,
+    parse_reply,
+    request_fields,
+)
+from negcase.store.keys import Keys
 
 # Requests are deleted once answered; this cap only matters while no worker is running.
 REQUESTS_MAXLEN = 100_000
@@ -86,43 +88,3 @@ class SignalClient:
         """A request id unique to this client: `<random prefix>-<sequence>`."""
         self._sequence += 1
         return f"{self._prefix}-{self._sequence}"
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    """Add `negcase predict`."""
-    parser = sub.add_parser(
-        "predict",
-        parents=[common_options()],
-        help="ask the inference workers for one signal and print the reply",
-        description=(
-            "Send one request to <ns>:signals:requests, wait for the reply on "
-            "<ns>:signals:reply:<request_id> and print it as JSON. Exit status 1 when the "
-            "reply is an error (it names the field and the reason), 2 when none came in time."
-        ),
-    )
-    parser.add_argument(
-        "--features", required=True, help="JSON array of the feature values, e.g. '[0.1, 0.2]'"
-    )
-    parser.add_argument(
-        "--timeout-s", type=float, default=2.0, help="how long to wait for the reply (default 2)"
-    )
-    parser.set_defaults(run=run_predict)
-
-
-def run_predict(args: argparse.Namespace) -> int:
-    """Send one request through the remote path and print the reply."""
-    settings = settings_from(args)
-    try:
-        features = orjson.loads(args.features)
-    except orjson.JSONDecodeError as error:
-        raise CommandError(f"--features: not JSON ({error})") from None
-    client = SignalClient(redis_client(settings), settings.namespace)
-    try:
-        signal = client.request(features, args.timeout_s)
-    except SignalTimeout as error:
-        raise CommandError(f"{error}: is `negcase serve` running?") from None
-    except SignalRequestError as error:
-        print(orjson.dumps({"error": {"field": error.field, "reason": error.reason}}).decode())
-        return 1
-    print(signal.to_json().decode())
-    return 0

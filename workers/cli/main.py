@@ -6,34 +6,31 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from workers import (
-    bench,
-    checkpoint_cli,
+from negcase.cli import (
+    checkpoints,
     dashboard,
-    demo,
-    detector,
-    inference,
+    predict,
     publish,
-    server,
-    signal_client,
+    redis_server,
     status,
     tail,
-    trainer,
+    workers,
 )
-from workers.options import CommandError
+from negcase.cli.options import CommandError
+from negcase.sim import bench, demo
 
 REGISTRARS = [
     demo.register,
-    detector.register,
-    trainer.register,
-    inference.register,
-    signal_client.register,
+    workers.register_detect,
+    workers.register_train,
+    workers.register_serve,
+    predict.register,
     publish.register,
     status.register,
     tail.register,
     dashboard.register,
-    checkpoint_cli.register,
-    server.register,
+    checkpoints.register,
+    redis_server.register,
     bench.register,
 ]
 

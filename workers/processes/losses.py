@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from schemas.case import NegativeCase, case_id_for
-from schemas.trade import TradeClosed, TradeError
-from workers.settings import Settings
+from negcase.runtime.settings import Settings
+from negcase.schemas.case import NegativeCase, case_id_for
+from negcase.schemas.trade import TradeClosed, TradeError
 
 _OPPOSITE = {"BUY": "SELL", "SELL": "BUY"}
 _GERUND = {"BUY": "BUYING", "SELL": "SELLING"}

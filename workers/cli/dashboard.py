@@ -14,13 +14,13 @@ from typing import Any
 import orjson
 import redis
 
-from schemas.event import Event
-from store.health import HealthKey
-from store.keys import Keys
-from workers.options import common_options, redis_client, settings_from
-from workers.shutdown import StopFlag, install_signal_handlers
-from workers.status import gather_status
-from workers.tail import format_event
+from negcase.cli.options import common_options, redis_client, settings_from
+from negcase.cli.status import gather_status
+from negcase.cli.tail import format_event
+from negcase.runtime.shutdown import StopFlag, install_signal_handlers
+from negcase.schemas.event import Event
+from negcase.store.health import HealthKey
+from negcase.store.keys import Keys
 
 PAGE = (Path(__file__).parent / "dashboard.html").read_bytes()
 TRAINING_TYPES = {

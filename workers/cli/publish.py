@@ -1,56 +1,19 @@
 """`negcase publish`: put trade-close events on `<ns>:trades`, one from flags or many from
-JSON lines, pipelined."""
+JSON lines, pipelined (through negcase.client.trades)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
-import msgpack
 import orjson
-import redis
 
-from store.keys import Keys
-from workers.options import CommandError, common_options, redis_client, settings_from
-
-ENCODINGS = ("flat", "json", "msgpack")
-PIPELINE_SIZE = 500
-
-
-def encode_trade(trade: Mapping[str, Any], encoding: str) -> dict[str, bytes | str]:
-    """Stream fields for a trade in one of the three encodings of DESIGN.md."""
-    if encoding == "json":
-        return {"json": orjson.dumps(trade)}
-    if encoding == "msgpack":
-        return {"msgpack": msgpack.packb(trade, use_bin_type=True)}
-    return {name: _flat_text(value) for name, value in trade.items() if value is not None}
-
-
-def _flat_text(value: Any) -> bytes | str:
-    if isinstance(value, str | bytes):
-        return value
-    if isinstance(value, list | dict | bool):
-        return orjson.dumps(value)
-    return repr(value)
-
-
-def publish_trades(
-    client: redis.Redis, keys: Keys, trades: Iterable[Mapping[str, Any]], encoding: str = "flat"
-) -> int:
-    """XADD every trade, PIPELINE_SIZE per round trip. Returns how many were published."""
-    published = 0
-    pipe = client.pipeline(transaction=False)
-    for trade in trades:
-        pipe.xadd(keys.trades, encode_trade(trade, encoding))
-        published += 1
-        if published % PIPELINE_SIZE == 0:
-            pipe.execute()
-    pipe.execute()
-    return published
+from negcase.cli.options import CommandError, common_options, redis_client, settings_from
+from negcase.client.trades import ENCODINGS, publish_trades
 
 
 def read_json_lines(stream: TextIO) -> Iterator[dict[str, Any]]:

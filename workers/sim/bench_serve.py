@@ -18,17 +18,23 @@ import orjson
 import redis
 import torch
 
-from schemas.signal import request_fields, signal_from_probabilities
-from store.checkpoints import CheckpointRegistry
-from store.connection import connect
-from store.keys import Keys
-from store.signals import ReplyBatch, SignalStore
-from workers.bench_support import FEATURES, bench_redis, drop_namespace
-from workers.model import build_model, sha256_hex, spec_from_settings, state_of, weights_bytes
-from workers.options import common_options, settings_from
-from workers.predictor import Predictor
-from workers.settings import Settings
-from workers.signal_client import SignalClient
+from negcase.cli.options import common_options, settings_from
+from negcase.client.predictor import Predictor
+from negcase.client.signal_client import SignalClient
+from negcase.processes.model import (
+    build_model,
+    sha256_hex,
+    spec_from_settings,
+    state_of,
+    weights_bytes,
+)
+from negcase.runtime.settings import Settings
+from negcase.schemas.signal import request_fields, signal_from_probabilities
+from negcase.sim.bench_support import FEATURES, bench_redis, drop_namespace
+from negcase.store.checkpoints import CheckpointRegistry
+from negcase.store.connection import connect
+from negcase.store.keys import Keys
+from negcase.store.signals import ReplyBatch, SignalStore
 
 # A constant reply of the real shape: the baseline pays for no model and no encoding.
 RAW_REPLY = signal_from_probabilities([0.1, 0.1, 0.8], 0, "raw", "raw").to_json()
@@ -68,7 +74,7 @@ class Workers:
     def start(self, name: str) -> subprocess.Popen[bytes]:
         """Start one worker named `name`."""
         process = subprocess.Popen(
-            [sys.executable, "-m", "workers.cli", "serve", "--consumer", name],
+            [sys.executable, "-m", "negcase", "serve", "--consumer", name],
             env=self.env,
             stderr=subprocess.DEVNULL,
         )
@@ -305,7 +311,7 @@ def run_bench_serve(args: argparse.Namespace) -> int:
 
 
 def main() -> int:
-    """`python -m workers.bench_serve`, until the lead wires `register` into `negcase bench`."""
+    """`python -m negcase.sim.bench_serve`, until the lead wires `register` into `negcase bench`."""
     parser = argparse.ArgumentParser(prog="negcase bench")
     register(parser.add_subparsers(dest="target", required=True))
     args = parser.parse_args(["serve", *sys.argv[1:]])

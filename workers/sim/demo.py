@@ -24,15 +24,11 @@ import orjson
 import redis
 import torch
 
-from schemas.case import ACTIONS
-from schemas.signal import SignalRequestError
-from store.archive import Archive
-from store.checkpoints import CheckpointRegistry
-from store.connection import connect
-from store.keys import Keys
-from store.local_redis import LocalRedis
-from workers.engine import Market, Situation, SyntheticEngine, held_out_situations, pnl_pct
-from workers.model import (
+from negcase.cli.options import CommandError, common_options, settings_from
+from negcase.cli.status import gather_status
+from negcase.client.signal_client import SignalClient, SignalTimeout
+from negcase.client.trades import publish_trades
+from negcase.processes.model import (
     build_model,
     load_verified,
     sha256_hex,
@@ -40,13 +36,17 @@ from workers.model import (
     state_of,
     weights_bytes,
 )
-from workers.options import CommandError, common_options, settings_from
-from workers.publish import publish_trades
-from workers.settings import Settings
-from workers.shutdown import interrupt_on_sigterm
-from workers.signal_client import SignalClient, SignalTimeout
-from workers.status import gather_status
-from workers.supervisor import Supervisor
+from negcase.runtime.settings import Settings
+from negcase.runtime.shutdown import interrupt_on_sigterm
+from negcase.schemas.case import ACTIONS
+from negcase.schemas.signal import SignalRequestError
+from negcase.sim.engine import Market, Situation, SyntheticEngine, held_out_situations, pnl_pct
+from negcase.sim.supervisor import Supervisor
+from negcase.store.archive import Archive
+from negcase.store.checkpoints import CheckpointRegistry
+from negcase.store.connection import connect
+from negcase.store.keys import Keys
+from negcase.store.local_redis import LocalRedis
 
 TICK_S = 0.25
 HELD_OUT_PER_REGIME = 400

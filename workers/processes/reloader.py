@@ -18,18 +18,18 @@ import redis
 import torch
 from torch import nn
 
-from schemas.event import Event
-from store.checkpoints import CheckpointRegistry
-from store.connection import backoff_s
-from store.streams import entries_of
-from workers.model import (
+from negcase.processes.model import (
     CheckpointError,
     ModelSpec,
     build_model,
     load_verified,
     spec_from_settings,
 )
-from workers.settings import Settings
+from negcase.runtime.settings import Settings
+from negcase.schemas.event import Event
+from negcase.store.checkpoints import CheckpointRegistry
+from negcase.store.connection import backoff_s
+from negcase.store.streams import entries_of
 
 
 @dataclass(frozen=True, slots=True)

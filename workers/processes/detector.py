@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import sys
 import time
@@ -12,25 +11,22 @@ from dataclasses import dataclass
 
 import redis
 
-from schemas.trade import TradeDefaults, TradeError, parse_trade
-from store.archive import Archive
-from store.cases import Batch, CaseStore, DeadLetter, version_label
-from store.connection import backoff_s
-from store.health import HealthKey
-from store.keys import DETECTOR_GROUP
-from store.streams import (
+from negcase.processes.losses import negative_case, outcome_of
+from negcase.runtime.metrics import DetectorMetrics
+from negcase.runtime.settings import Settings
+from negcase.runtime.shutdown import StopFlag
+from negcase.schemas.trade import TradeDefaults, TradeError, parse_trade
+from negcase.store.archive import Archive
+from negcase.store.cases import Batch, CaseStore, DeadLetter, version_label
+from negcase.store.connection import backoff_s
+from negcase.store.health import HealthKey
+from negcase.store.keys import DETECTOR_GROUP
+from negcase.store.streams import (
     Entry,
     claim_abandoned,
-    default_consumer_name,
     entries_of,
     own_pending,
 )
-from workers.losses import negative_case, outcome_of
-from workers.metrics import DetectorMetrics
-from workers.metrics import serve as serve_metrics
-from workers.options import common_options, redis_client, settings_from, worker_options
-from workers.settings import Settings
-from workers.shutdown import StopFlag, install_signal_handlers
 
 
 @dataclass(slots=True)
@@ -249,60 +245,3 @@ def _abandoned(in_flight: Future[None] | None) -> None:
 def _trade_id_of(fields: dict[bytes, bytes]) -> str | None:
     raw = fields.get(b"trade_id")
     return raw.decode("utf-8", "replace")[:128] if raw else None
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    """Add `negcase detect`."""
-    parser = sub.add_parser(
-        "detect",
-        parents=[common_options(), worker_options()],
-        help="run a loss detector (consumer group 'detectors' on <ns>:trades)",
-        description=(
-            "Read trade-close events from <ns>:trades in the consumer group 'detectors', turn "
-            "every losing trade into a prioritized negative case (stored in Redis, queued for "
-            "training, archived on disk), copy bad entries to <ns>:trades:dead with the "
-            "reason, and acknowledge each batch only after it is stored. Several detectors "
-            "can run side by side. The first SIGTERM/SIGINT finishes the batch in hand."
-        ),
-    )
-    parser.add_argument(
-        "--consumer",
-        help="consumer name; give a stable one to resume its "
-        "own pending entries after a restart (default host:pid)",
-    )
-    parser.add_argument("--batch-size", type=int, help="entries per read (default 500)")
-    parser.add_argument("--block-ms", type=int, help="how long one read blocks (default 1000)")
-    parser.add_argument(
-        "--claim-idle-ms",
-        type=int,
-        help="claim entries another detector left pending this long (default 30000)",
-    )
-    parser.add_argument("--no-archive", action="store_true", help="do not write the disk archive")
-    parser.add_argument("--burst", action="store_true", help="drain the stream, then exit")
-    parser.set_defaults(run=run_detect)
-
-
-def run_detect(args: argparse.Namespace) -> int:
-    """Run one detector until stopped (or drained, with --burst)."""
-    settings = settings_from(
-        args,
-        batch_size=args.batch_size,
-        block_ms=args.block_ms,
-        claim_idle_ms=args.claim_idle_ms,
-        archive=False if args.no_archive else None,
-    )
-    client = redis_client(settings)
-    archive = Archive(settings.data_dir) if settings.archive else None
-    consumer = args.consumer or default_consumer_name()
-    stop = StopFlag()
-    install_signal_handlers(stop, f"detector {consumer}")
-    detector = LossDetector(client, settings, consumer, archive)
-    serve_metrics(detector.metrics.registry, args.metrics_port)
-    totals = detector.run(stop, burst=args.burst)
-    print(
-        f"detector {consumer}: {totals.entries} entries, {totals.cases_added} cases added, "
-        f"{totals.duplicates} duplicates, {totals.dead_lettered} dead-lettered, "
-        f"{totals.wins} wins",
-        file=sys.stderr,
-    )
-    return 0

@@ -12,10 +12,15 @@ from collections.abc import Sequence
 import numpy as np
 import redis
 
-from schemas.signal import Signal, SignalRequestError, check_features, signal_from_probabilities
-from store.streams import default_consumer_name
-from workers.reloader import Reloader
-from workers.settings import Settings
+from negcase.processes.reloader import Reloader
+from negcase.runtime.settings import Settings
+from negcase.schemas.signal import (
+    Signal,
+    SignalRequestError,
+    check_features,
+    signal_from_probabilities,
+)
+from negcase.store.streams import default_consumer_name
 
 
 class NoModelYet(RuntimeError):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from store.local_redis import LocalRedis, RedisNotFound
-from workers.options import CommandError
-from workers.shutdown import interrupt_on_sigterm
+from negcase.cli.options import CommandError
+from negcase.runtime.shutdown import interrupt_on_sigterm
+from negcase.store.local_redis import LocalRedis, RedisNotFound
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -13,13 +13,13 @@ from typing import Any
 
 import redis
 
-from schemas.case import NegativeCase
-from store.archive import Archive
-from store.cases import CaseStore
-from store.checkpoints import CheckpointInfo, CheckpointMissing, CheckpointRegistry
-from store.keys import Keys
-from store.queue import CaseQueue, queue_counts
-from workers.options import CommandError, common_options, redis_client, settings_from
+from negcase.cli.options import CommandError, common_options, redis_client, settings_from
+from negcase.schemas.case import NegativeCase
+from negcase.store.archive import Archive
+from negcase.store.cases import CaseStore
+from negcase.store.checkpoints import CheckpointInfo, CheckpointMissing, CheckpointRegistry
+from negcase.store.keys import Keys
+from negcase.store.queue import CaseQueue, queue_counts
 
 REQUEUE_CHUNK = 500
 

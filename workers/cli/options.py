@@ -7,8 +7,8 @@ from pathlib import Path
 
 import redis
 
-from store.connection import connect
-from workers.settings import Settings, SettingsError
+from negcase.runtime.settings import Settings, SettingsError
+from negcase.store.connection import connect
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from store.keys import Keys
+from negcase.store.keys import Keys
 
 MAX_BATCH = 5000
 MAX_BLOCK_MS = 20_000

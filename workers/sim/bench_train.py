@@ -1,7 +1,7 @@
 """`negcase bench train`: wall time of one intensive session per priority (default model, one
 CPU thread), and cases/s drained by 1 and by 2 trainer processes sharing one queue.
 
-Runnable alone as `python -m workers.bench_train`."""
+Runnable alone as `python -m negcase.sim.bench_train`."""
 
 from __future__ import annotations
 
@@ -21,17 +21,17 @@ import orjson
 import redis
 import torch
 
-from schemas.case import ACTIONS, NegativeCase
-from store.archive import Archive
-from store.cases import Batch, CaseStore
-from store.connection import connect
-from store.queue import CaseQueue, is_held_out
-from workers.bench_support import bench_redis, drop_namespace
-from workers.options import common_options, settings_from
-from workers.settings import Settings
-from workers.shutdown import StopFlag
-from workers.supervisor import worker_environment
-from workers.trainer import Trainer
+from negcase.cli.options import common_options, settings_from
+from negcase.processes.trainer import Trainer
+from negcase.runtime.settings import Settings
+from negcase.runtime.shutdown import StopFlag
+from negcase.schemas.case import ACTIONS, NegativeCase
+from negcase.sim.bench_support import bench_redis, drop_namespace
+from negcase.sim.supervisor import worker_environment
+from negcase.store.archive import Archive
+from negcase.store.cases import Batch, CaseStore
+from negcase.store.connection import connect
+from negcase.store.queue import CaseQueue, is_held_out
 
 ROOT = Path(__file__).resolve().parent.parent
 PRIORITY_LOSS_PCT = {1: 0.5, 2: 1.5, 3: 3.0, 4: 7.0, 5: 15.0}
@@ -98,7 +98,7 @@ def drain_rate(settings: Settings, trainers: int, cases: int, epochs: int) -> di
                                  for n in range(cases)])  # fmt: skip
     env = {**worker_environment(settings), "NEGCASE_EARLY_STOP_PATIENCE": "0"}
     processes = [
-        subprocess.Popen([sys.executable, "-m", "workers.cli", "train", "--burst"],
+        subprocess.Popen([sys.executable, "-m", "negcase", "train", "--burst"],
                          cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
         for _ in range(trainers)
     ]  # fmt: skip
@@ -180,8 +180,8 @@ def run_bench_train(args: argparse.Namespace) -> int:
 
 
 def main() -> int:
-    """`python -m workers.bench_train [flags]`, until `negcase bench train` is wired."""
-    parser = argparse.ArgumentParser(prog="python -m workers.bench_train")
+    """`python -m negcase.sim.bench_train [flags]`, until `negcase bench train` is wired."""
+    parser = argparse.ArgumentParser(prog="python -m negcase.sim.bench_train")
     register(parser.add_subparsers(dest="target", required=True))
     args = parser.parse_args(["train", *sys.argv[1:]])
     return args.run(args)

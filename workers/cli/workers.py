@@ -1,0 +1,182 @@
+"""`negcase detect`, `negcase train` and `negcase serve`: the command lines of the worker
+processes. The processes themselves live in negcase.processes and never import the CLI."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from negcase.cli.options import common_options, redis_client, settings_from, worker_options
+from negcase.processes.detector import LossDetector
+from negcase.processes.inference import InferenceWorker
+from negcase.processes.reloader import Reloader, configure_torch_for_serving
+from negcase.processes.trainer import Trainer
+from negcase.runtime.metrics import serve as serve_metrics
+from negcase.runtime.shutdown import StopFlag, install_signal_handlers
+from negcase.store.archive import Archive
+from negcase.store.streams import default_consumer_name
+
+
+def register_detect(sub: argparse._SubParsersAction) -> None:
+    """Add `negcase detect`."""
+    parser = sub.add_parser(
+        "detect",
+        parents=[common_options(), worker_options()],
+        help="run a loss detector (consumer group 'detectors' on <ns>:trades)",
+        description=(
+            "Read trade-close events from <ns>:trades in the consumer group 'detectors', turn "
+            "every losing trade into a prioritized negative case (stored in Redis, queued for "
+            "training, archived on disk), copy bad entries to <ns>:trades:dead with the "
+            "reason, and acknowledge each batch only after it is stored. Several detectors "
+            "can run side by side. The first SIGTERM/SIGINT finishes the batch in hand."
+        ),
+    )
+    parser.add_argument(
+        "--consumer",
+        help="consumer name; give a stable one to resume its "
+        "own pending entries after a restart (default host:pid)",
+    )
+    parser.add_argument("--batch-size", type=int, help="entries per read (default 500)")
+    parser.add_argument("--block-ms", type=int, help="how long one read blocks (default 1000)")
+    parser.add_argument(
+        "--claim-idle-ms",
+        type=int,
+        help="claim entries another detector left pending this long (default 30000)",
+    )
+    parser.add_argument("--no-archive", action="store_true", help="do not write the disk archive")
+    parser.add_argument("--burst", action="store_true", help="drain the stream, then exit")
+    parser.set_defaults(run=run_detect)
+
+
+def run_detect(args: argparse.Namespace) -> int:
+    """Run one detector until stopped (or drained, with --burst)."""
+    settings = settings_from(
+        args,
+        batch_size=args.batch_size,
+        block_ms=args.block_ms,
+        claim_idle_ms=args.claim_idle_ms,
+        archive=False if args.no_archive else None,
+    )
+    client = redis_client(settings)
+    archive = Archive(settings.data_dir) if settings.archive else None
+    consumer = args.consumer or default_consumer_name()
+    stop = StopFlag()
+    install_signal_handlers(stop, f"detector {consumer}")
+    detector = LossDetector(client, settings, consumer, archive)
+    serve_metrics(detector.metrics.registry, args.metrics_port)
+    totals = detector.run(stop, burst=args.burst)
+    print(
+        f"detector {consumer}: {totals.entries} entries, {totals.cases_added} cases added, "
+        f"{totals.duplicates} duplicates, {totals.dead_lettered} dead-lettered, "
+        f"{totals.wins} wins",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def register_train(sub: argparse._SubParsersAction) -> None:
+    """Add `negcase train`."""
+    parser = sub.add_parser(
+        "train",
+        parents=[common_options(), worker_options()],
+        help="run a training worker (claims cases from <ns>:queue, publishes checkpoints)",
+        description=(
+            "Claim the worst negative cases from <ns>:queue under a lease, train the model "
+            "intensively on them mixed with a replay of earlier cases, and publish the result "
+            "as a new checkpoint if it is not worse on the held-out cases (rebasing onto any "
+            "checkpoint another trainer published meanwhile). Any number of trainers can run. "
+            "The first SIGTERM/SIGINT hands the cases in hand back to the queue and exits."
+        ),
+    )
+    parser.add_argument("--burst", action="store_true", help="drain the queue, then exit")
+    parser.add_argument("--batch", type=int, help="cases per claim and session (default 1)")
+    parser.add_argument("--model", help="package.module:factory building your own nn.Module")
+    parser.add_argument("--name", help="trainer name in leases and events (default host:pid)")
+    parser.add_argument("--lease-s", type=float, help="lease length in seconds (default 30)")
+    parser.set_defaults(run=run_train)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Run one trainer until stopped (or drained, with --burst)."""
+    settings = settings_from(
+        args, cases_per_claim=args.batch, model_factory=args.model, lease_s=args.lease_s
+    )
+    # One thread per trainer: N trainers on N cores scale instead of fighting over cores.
+    torch.set_num_threads(1)
+    client = redis_client(settings)
+    archive = Archive(settings.data_dir) if settings.archive else None
+    name = args.name or f"trainer-{default_consumer_name()}"
+    stop = StopFlag()
+    install_signal_handlers(stop, name)
+    trainer = Trainer(client, settings, name, archive)
+    serve_metrics(trainer.metrics.registry, args.metrics_port)
+    outcomes = trainer.run(stop, burst=args.burst)
+    summary = ", ".join(f"{count} {outcome}" for outcome, count in sorted(outcomes.items()))
+    print(f"{name}: stopped after {summary or 'no sessions'}", file=sys.stderr)
+    return 0
+
+
+def register_serve(sub: argparse._SubParsersAction) -> None:
+    """Add `negcase serve`."""
+    parser = sub.add_parser(
+        "serve",
+        parents=[common_options(), worker_options()],
+        help="run an inference worker (consumer group 'inference' on <ns>:signals:requests)",
+        description=(
+            "Answer signal requests from <ns>:signals:requests in the consumer group "
+            "'inference': read a batch, run one forward pass of the live model, push every "
+            "reply to <ns>:signals:reply:<request_id> in one round trip. A thread follows "
+            "<ns>:checkpoints and swaps in each new checkpoint after verifying it; a batch "
+            "is always answered by one model version. The model is built from this worker's "
+            "own settings (--model / NEGCASE_MODEL_FACTORY, NEGCASE_HIDDEN_SIZES, "
+            "NEGCASE_FEATURE_COUNT), which must match what the trainers were given. Several "
+            "workers can run side by side. The first SIGTERM/SIGINT finishes the batch in hand."
+        ),
+    )
+    parser.add_argument(
+        "--consumer", help="consumer name, also shown in replies and events (default host:pid)"
+    )
+    parser.add_argument("--batch-size", type=int, help="requests per read (default 256)")
+    parser.add_argument("--block-ms", type=int, help="how long one read blocks (default 1000)")
+    parser.add_argument("--burst", action="store_true", help="answer what is queued, then exit")
+    parser.add_argument(
+        "--model",
+        help=(
+            "package.module:factory building your own nn.Module (env NEGCASE_MODEL_FACTORY); "
+            "give it the same factory as `negcase train --model`: a checkpoint whose "
+            "model_spec differs from this worker's is refused"
+        ),
+    )
+    parser.set_defaults(run=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Run one inference worker until stopped (or drained, with --burst)."""
+    settings = settings_from(
+        args, serve_batch_size=args.batch_size, block_ms=args.block_ms, model_factory=args.model
+    )
+    configure_torch_for_serving()
+    client = redis_client(settings)
+    consumer = args.consumer or default_consumer_name()
+    stop = StopFlag()
+    install_signal_handlers(stop, f"serve {consumer}")
+    reloader = Reloader(client, settings, consumer).start()
+    # Serve only after the first look at `latest`: a worker started after several
+    # publishes answers with the newest version from its first reply on.
+    while not reloader.synced.wait(0.1):
+        if stop.is_set():
+            return 0
+    worker = InferenceWorker(client, settings, consumer, reloader)
+    serve_metrics(worker.metrics.registry, args.metrics_port)
+    totals = worker.run(stop, burst=args.burst)
+    reloader.stop()
+    live = reloader.live
+    print(
+        f"serve {consumer}: {totals.signals} signals, {totals.errors} error replies, "
+        f"{totals.dead} unanswerable, {totals.batches} batches, last version "
+        f"{None if live is None else live.version}",
+        file=sys.stderr,
+    )
+    return 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -12,13 +11,13 @@ from dataclasses import dataclass
 import redis
 
 from negcase.processes.losses import negative_case, outcome_of
+from negcase.runtime.loop import BURST_POLL_S, WorkerLoop
 from negcase.runtime.metrics import DetectorMetrics
 from negcase.runtime.settings import Settings
 from negcase.runtime.shutdown import StopFlag
 from negcase.schemas.trade import TradeDefaults, TradeError, parse_trade
 from negcase.store.archive import Archive
 from negcase.store.cases import Batch, CaseStore, DeadLetter, version_label
-from negcase.store.connection import backoff_s
 from negcase.store.health import HealthKey
 from negcase.store.keys import DETECTOR_GROUP
 from negcase.store.streams import (
@@ -65,6 +64,7 @@ class LossDetector:
         self.totals = DetectorTotals()
         self.metrics = DetectorMetrics()
         self.health = HealthKey(client, self.keys, "detector", settings.health_ttl_s)
+        self._in_flight: Future[None] | None = None  # the batch being stored, if any
 
     def run(self, stop: StopFlag, burst: bool = False) -> DetectorTotals:
         """Work until `stop` is set (or, in burst mode, until the stream is drained).
@@ -73,54 +73,43 @@ class LossDetector:
         a second thread while batch N+1 is read and assessed, so the two overlap. At most one
         batch is in flight, and a batch's entries stay pending until it is stored.
         """
-        failures = 0
-        recovered = False
-        next_claim_s = 0.0
-        in_flight: Future[None] | None = None
+        loop = WorkerLoop(
+            "detector",
+            stop,
+            burst=burst,
+            idle_s=BURST_POLL_S if burst else 0.0,
+            health=self.health,
+            health_info=lambda: {"consumer": self.consumer, "entries": self.totals.entries},
+            on_connect=self._recover,
+            chore=self._claim_abandoned,
+            chore_every_s=self.settings.claim_idle_ms / 2000,
+            on_lost=self._abandon_in_flight,
+            # Another detector may hold entries: wait for its ack, or to claim them.
+            drained=lambda: not self._pending_elsewhere(),
+        )
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="detector-store") as storer:
-            while not stop.is_set():
-                try:
-                    self.health.refresh(consumer=self.consumer, entries=self.totals.entries)
-                    if not recovered or time.monotonic() >= next_claim_s:
-                        in_flight = _settled(in_flight)
-                        if not recovered:
-                            self._recover()
-                            recovered = True
-                        for entries in self._claim_abandoned():
-                            self.handle(entries)
-                        next_claim_s = time.monotonic() + self.settings.claim_idle_ms / 2000
-                    entries = self._read_new(block=not burst)
-                    if entries:
-                        batch = self.assess(entries)
-                        _settled(in_flight)
-                        in_flight = storer.submit(self.store, batch, len(entries))
-                    else:
-                        in_flight = _settled(in_flight)
-                        if burst:
-                            if not self._pending_elsewhere():
-                                break
-                            # Another detector holds entries: wait for its ack, or to claim them.
-                            stop.wait(0.05)
-                    failures = 0
-                except (redis.ConnectionError, redis.TimeoutError) as error:
-                    # What was in flight stays pending and is read again after reconnecting.
-                    in_flight = _abandoned(in_flight)
-                    delay = backoff_s(failures)
-                    failures += 1
-                    print(f"detector: Redis unreachable ({error}); retry in {delay:.2f}s",
-                          file=sys.stderr)  # fmt: skip
-                    recovered = False
-                    stop.wait(delay)
-            _settled(in_flight)
+            loop.run(lambda: self._step(storer, block=not burst))
+            self._in_flight = _settled(self._in_flight)
         if self.archive is not None:
             self.archive.flush_index()
-        with contextlib.suppress(redis.RedisError):
-            self.health.clear()
         return self.totals
+
+    def _step(self, storer: ThreadPoolExecutor, block: bool) -> bool:
+        """Read and assess a batch, then store it in `storer` while the next one is read.
+        Returns whether there was a batch."""
+        entries = self._read_new(block)
+        if not entries:
+            self._in_flight = _settled(self._in_flight)
+            return False
+        batch = self.assess(entries)
+        _settled(self._in_flight)
+        self._in_flight = storer.submit(self.store, batch, len(entries))
+        return True
 
     def _recover(self) -> None:
         """Create the group if needed, catch the archive index up, and handle our own pending
         entries first: a restart under the same name resumes where the last run stopped."""
+        self._in_flight = _settled(self._in_flight)
         self.ensure_group()
         if self.archive is not None:
             self.archive.reconcile_index()
@@ -212,16 +201,23 @@ class LossDetector:
             self.client, self.keys.trades, DETECTOR_GROUP, self.consumer, self.settings.batch_size
         )
 
-    def _claim_abandoned(self) -> Iterator[list[Entry]]:
-        """Entries another detector read but did not acknowledge for claim_idle_ms."""
-        return claim_abandoned(
+    def _claim_abandoned(self) -> None:
+        """Handle entries another detector read but did not acknowledge for claim_idle_ms."""
+        self._in_flight = _settled(self._in_flight)
+        for entries in claim_abandoned(
             self.client,
             self.keys.trades,
             DETECTOR_GROUP,
             self.consumer,
             self.settings.claim_idle_ms,
             self.settings.batch_size,
-        )
+        ):
+            self.handle(entries)
+
+    def _abandon_in_flight(self) -> None:
+        """Redis is away: what was in flight stays pending and is read again later."""
+        _abandoned(self._in_flight)
+        self._in_flight = None
 
     def _pending_elsewhere(self) -> bool:
         """Whether entries are still pending in the group (burst mode waits for them)."""

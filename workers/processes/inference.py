@@ -3,8 +3,6 @@ model, in batches, while the reloader swaps in every new checkpoint."""
 
 from __future__ import annotations
 
-import contextlib
-import sys
 import time
 from dataclasses import dataclass
 
@@ -12,6 +10,7 @@ import numpy as np
 import redis
 
 from negcase.processes.reloader import LoadedModel, Reloader
+from negcase.runtime.loop import BURST_POLL_S, WorkerLoop
 from negcase.runtime.metrics import InferenceMetrics
 from negcase.runtime.settings import Settings
 from negcase.runtime.shutdown import StopFlag
@@ -23,7 +22,6 @@ from negcase.schemas.signal import (
     request_id_of,
     signal_from_probabilities,
 )
-from negcase.store.connection import backoff_s
 from negcase.store.health import HealthKey
 from negcase.store.signals import DeadRequest, ReplyBatch, SignalStore
 from negcase.store.streams import Entry
@@ -62,46 +60,36 @@ class InferenceWorker:
 
     def run(self, stop: StopFlag, burst: bool = False) -> ServeTotals:
         """Answer requests until `stop` is set (or, in burst mode, until none are left)."""
-        failures = 0
-        ready = False
-        next_claim_s = 0.0
-        while not stop.is_set():
-            try:
-                self._refresh_health()
-                if not ready:
-                    self.store.ensure_group()
-                    ready = True
-                if time.monotonic() >= next_claim_s:
-                    self._answer_abandoned()
-                    next_claim_s = time.monotonic() + self.settings.claim_idle_ms / 2000
-                entries = self.store.read_new(
-                    self.consumer,
-                    self.settings.serve_batch_size,
-                    None if burst else self.settings.block_ms,
-                )
-                if entries:
-                    self.handle(entries)
-                elif burst and self.store.pending() == 0:
-                    break
-                elif burst:
-                    stop.wait(0.05)  # another worker holds requests: wait for it, or claim
-                failures = 0
-            except (redis.ConnectionError, redis.TimeoutError) as error:
-                delay = backoff_s(failures)
-                failures += 1
-                print(f"serve: Redis unreachable ({error}); retry in {delay:.2f}s", file=sys.stderr)
-                ready = False
-                stop.wait(delay)
-        with contextlib.suppress(redis.RedisError):
-            self.health.clear()
+        loop = WorkerLoop(
+            "serve",
+            stop,
+            burst=burst,
+            # Another worker may hold requests: wait for it, or to claim them.
+            idle_s=BURST_POLL_S if burst else 0.0,
+            health=self.health,
+            health_info=self._health_info,
+            on_connect=self.store.ensure_group,
+            chore=self._answer_abandoned,
+            chore_every_s=self.settings.claim_idle_ms / 2000,
+            drained=lambda: self.store.pending() == 0,
+        )
+        loop.run(lambda: self._step(block_ms=None if burst else self.settings.block_ms))
         return self.totals
 
-    def _refresh_health(self) -> None:
+    def _step(self, block_ms: int | None) -> bool:
+        """Answer one batch of new requests. Returns whether there was one."""
+        entries = self.store.read_new(self.consumer, self.settings.serve_batch_size, block_ms)
+        if entries:
+            self.handle(entries)
+        return bool(entries)
+
+    def _health_info(self) -> dict[str, object]:
+        # The served-version gauge follows the health key, so an idle worker's is fresh too.
         live = self.reloader.live
         version = None if live is None else live.version
-        self.health.refresh(consumer=self.consumer, version=version, signals=self.totals.signals)
         if version is not None:
             self.metrics.model_version.set(version)
+        return {"consumer": self.consumer, "version": version, "signals": self.totals.signals}
 
     def handle(self, entries: list[Entry]) -> None:
         """Answer a batch with one model version and write every reply in one round trip."""

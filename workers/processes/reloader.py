@@ -8,7 +8,6 @@ model, so the model a batch is using is never written to.
 
 from __future__ import annotations
 
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -25,10 +24,10 @@ from negcase.processes.model import (
     load_verified,
     spec_from_settings,
 )
+from negcase.runtime.loop import WorkerLoop
 from negcase.runtime.settings import Settings
 from negcase.schemas.event import Event
 from negcase.store.checkpoints import CheckpointRegistry
-from negcase.store.connection import backoff_s
 from negcase.store.streams import entries_of
 
 
@@ -68,6 +67,7 @@ class Reloader:
         self.synced = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._last_id = b"0-0"  # the newest announcement read
 
     def start(self) -> Reloader:
         """Follow the announcements in a daemon thread; `synced` is set after the first
@@ -138,42 +138,37 @@ class Reloader:
         return LoadedModel(version, model)
 
     def _follow(self) -> None:
-        failures = 0
-        while not self._stop.is_set():
-            try:
-                last_id = self._last_announcement_id()
-                # Read `latest` after noting the stream position: an announcement that
-                # lands in between is read below, so nothing is missed.
-                self.sync(allow_back=True)
-                self.synced.set()
-                failures = 0
-                self._follow_from(last_id)
-            except (redis.ConnectionError, redis.TimeoutError) as error:
-                self._pause(failures, f"Redis unreachable ({error})")
-                failures += 1
-            except Exception as error:
-                # Anything else (a `latest` that is not a number, say) must not end the
-                # thread: a dead reloader would serve one model forever without a word.
-                self._pause(failures, f"unexpected {error!r}")
-                failures += 1
+        loop = WorkerLoop(
+            f"reloader {self.worker}",
+            self._stop,
+            on_connect=self._catch_up,
+            # Anything else (a `latest` that is not a number, say) must not end the thread:
+            # a dead reloader would serve one model forever without a word.
+            survive_errors=True,
+        )
+        loop.run(self._follow_step)
 
-    def _pause(self, failures: int, why: str) -> None:
-        delay = backoff_s(failures)
-        print(f"reloader {self.worker}: {why}; retry in {delay:.2f}s", file=sys.stderr)
-        self._stop.wait(delay)
+    def _catch_up(self) -> None:
+        """On start and reconnect: note the stream position, then load what `latest` names.
+        Reading `latest` after noting the position means an announcement that lands in
+        between is read by the next step, so nothing is missed."""
+        self._last_id = self._last_announcement_id()
+        self.sync(allow_back=True)
+        self.synced.set()
 
-    def _follow_from(self, last_id: bytes) -> None:
-        while not self._stop.is_set():
-            reply = self.client.xread(
-                {self.keys.checkpoints: last_id}, block=self.settings.block_ms, count=100
-            )
-            entries = entries_of(reply)
-            if not entries:
-                continue
-            last_id = entries[-1][0]
-            # A burst of announcements needs one load: of whatever `latest` is now.
-            rollback = any(fields.get(b"kind") == b"rollback" for _, fields in entries)
-            self.sync(allow_back=rollback)
+    def _follow_step(self) -> bool:
+        """Wait for announcements; a burst of them needs one load, of whatever `latest` is
+        now. Returns whether there were any."""
+        reply = self.client.xread(
+            {self.keys.checkpoints: self._last_id}, block=self.settings.block_ms, count=100
+        )
+        entries = entries_of(reply)
+        if not entries:
+            return False
+        self._last_id = entries[-1][0]
+        rollback = any(fields.get(b"kind") == b"rollback" for _, fields in entries)
+        self.sync(allow_back=rollback)
+        return True
 
     def _last_announcement_id(self) -> bytes:
         newest = self.client.xrevrange(self.keys.checkpoints, count=1)

@@ -37,6 +37,7 @@ from negcase.processes.training import (
     sample_replay,
     train_intensively,
 )
+from negcase.runtime.loop import REDIS_AWAY, WorkerLoop
 from negcase.runtime.metrics import TrainerMetrics
 from negcase.runtime.settings import Settings
 from negcase.runtime.shutdown import StopFlag
@@ -45,7 +46,6 @@ from negcase.schemas.session import TrainingSession
 from negcase.store.archive import Archive
 from negcase.store.cases import CaseStore
 from negcase.store.checkpoints import CheckpointRegistry
-from negcase.store.connection import backoff_s
 from negcase.store.health import HealthKey
 from negcase.store.queue import CaseQueue, Lease, LeaseLost, queue_counts
 from negcase.store.sessions import SessionStore
@@ -134,37 +134,36 @@ class Trainer:
 
     def run(self, stop: StopFlag, burst: bool = False) -> Counter[str]:
         """Work until `stop` is set (in burst mode, until nothing is queued or leased)."""
-        failures = 0
-        while not stop.is_set():
-            try:
-                self.refresh_health()
-                self.queue.reap()
-                leases = self.queue.claim(self.name, self.settings.cases_per_claim)
-                if leases:
-                    self.train_claimed(leases, stop)
-                elif burst and self._drained():
-                    break
-                else:
-                    # In burst mode, wait for other trainers' leases to be acked or to expire.
-                    stop.wait(min(0.25, self.settings.lease_s / 4))
-                failures = 0
-            except (redis.ConnectionError, redis.TimeoutError) as error:
-                # A socket timeout is Redis being away too (redis.TimeoutError is no
-                # ConnectionError): back off and retry, never die of it.
-                delay = backoff_s(failures)
-                failures += 1
-                print(f"{self.name}: Redis unreachable ({error}); retry in {delay:.2f}s",
-                      file=sys.stderr)  # fmt: skip
-                stop.wait(delay)
+        loop = WorkerLoop(
+            self.name,
+            stop,
+            burst=burst,
+            # Nothing to claim: wait for other trainers' leases to be acked or to expire.
+            idle_s=min(0.25, self.settings.lease_s / 4),
+            health=self.health,
+            health_info=self._health_info,
+            drained=self._drained,
+        )
+        loop.run(lambda: self._step(stop))
         if self.archive is not None:
             self.archive.flush_index()
-        with contextlib.suppress(redis.RedisError):
-            self.health.clear()
         return self.outcomes
+
+    def _step(self, stop: StopFlag) -> bool:
+        """Return expired leases, claim the best cases and train on them. Returns whether
+        there were cases to claim."""
+        self.queue.reap()
+        leases = self.queue.claim(self.name, self.settings.cases_per_claim)
+        if leases:
+            self.train_claimed(leases, stop)
+        return bool(leases)
 
     def refresh_health(self) -> None:
         """Refresh this trainer's health key if due (rate-limited; safe from any thread)."""
-        self.health.refresh(name=self.name, sessions=sum(self.outcomes.values()))
+        self.health.refresh(**self._health_info())
+
+    def _health_info(self) -> dict[str, object]:
+        return {"name": self.name, "sessions": sum(self.outcomes.values())}
 
     def train_claimed(self, leases: list[Lease], stop: StopFlag) -> TrainingSession | None:
         """One intensive session on claimed cases; every lease ends acked, given back or
@@ -195,8 +194,8 @@ class Trainer:
                 self.queue.release(leases, self.name)
                 session.outcome, session.error = "failed", f"latest checkpoint: {error.reason}"
                 stop.wait(self.settings.lease_s)
-            except (redis.ConnectionError, redis.TimeoutError):
-                raise  # Redis is away, not the cases' fault: run() backs off
+            except REDIS_AWAY:
+                raise  # Redis is away, not the cases' fault: the loop backs off
             except Exception as error:
                 self.queue.fail(leases, f"{type(error).__name__}: {error}", self.name)
                 session.outcome, session.error = "failed", f"{type(error).__name__}: {error}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -81,3 +82,16 @@ class NegativeCase:
 
 
 _FIELD_NAMES = tuple(f.name for f in fields(NegativeCase))
+
+
+def case_problem(case: NegativeCase, feature_count: int) -> str | None:
+    """Why a case cannot be trained on, or None when it can."""
+    features = case.features
+    if features is None or len(features) != feature_count:
+        found = "none" if features is None else len(features)
+        return f"features: expected {feature_count} numbers, got {found}"
+    if not all(isinstance(x, int | float) and math.isfinite(x) for x in features):
+        return "features: not all finite numbers"
+    if case.what_should_have_been_done not in ACTIONS:
+        return f"label: unknown action {case.what_should_have_been_done!r}"
+    return None

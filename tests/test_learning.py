@@ -11,8 +11,9 @@ import redis
 import torch
 
 from negcase.processes.model import ModelSpec, build_model, load_verified, state_of
+from negcase.processes.publishing import publish_update
 from negcase.processes.trainer import Trainer
-from negcase.processes.training import Examples, Update, measure, publish_update, sample_replay
+from negcase.processes.training import Examples, Update, measure
 from negcase.runtime.settings import Settings
 from negcase.runtime.shutdown import StopFlag
 from negcase.schemas.case import ACTIONS
@@ -20,6 +21,7 @@ from negcase.store.archive import Archive
 from negcase.store.cases import CaseStore
 from negcase.store.checkpoints import CheckpointRegistry
 from negcase.store.queue import is_held_out
+from negcase.store.samples import sample_replay
 from negcase.store.sessions import SessionStore
 from tests.training_cases import add_cases, assert_conserved, rule_cases
 

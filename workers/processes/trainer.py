@@ -24,30 +24,28 @@ from negcase.processes.model import (
     state_of,
     verified_state,
 )
+from negcase.processes.publishing import publish_update
 from negcase.processes.training import (
     Examples,
-    HeldOutSet,
     TrainingInterrupted,
     Update,
-    case_problem,
     improvements,
     measure,
     measurement_dict,
-    publish_update,
-    sample_replay,
     train_intensively,
 )
 from negcase.runtime.loop import REDIS_AWAY, WorkerLoop
 from negcase.runtime.metrics import TrainerMetrics
 from negcase.runtime.settings import Settings
 from negcase.runtime.shutdown import StopFlag
-from negcase.schemas.case import NegativeCase
+from negcase.schemas.case import NegativeCase, case_problem
 from negcase.schemas.session import TrainingSession
 from negcase.store.archive import Archive
 from negcase.store.cases import CaseStore
 from negcase.store.checkpoints import CheckpointRegistry
 from negcase.store.health import HealthKey
 from negcase.store.queue import CaseQueue, Lease, LeaseLost, queue_counts
+from negcase.store.samples import HeldOutSet, sample_replay
 from negcase.store.sessions import SessionStore
 
 State = dict[str, torch.Tensor]

@@ -1,0 +1,89 @@
+"""Publishing a trained update: under the publish lock, rebase it onto whatever is latest
+now, gate it against the held-out cases, and compare-and-set it in; retry when latest moved."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from negcase.processes.model import rebased, sha256_hex, verified_state, weights_bytes
+from negcase.processes.training import (
+    Examples,
+    Measurement,
+    Update,
+    gate_reason,
+    measure_state,
+    measurement_dict,
+)
+from negcase.store.checkpoints import CheckpointRegistry, PublishConflict
+from negcase.store.queue import Lease
+
+MAX_PUBLISH_TRIES = 10
+
+
+@dataclass(slots=True)
+class PublishResult:
+    """What became of an update: published as `version`, or refused with `rejected_reason`."""
+
+    version: int | None = None
+    parent_version: int | None = None
+    rejected_reason: str | None = None
+    rebases: int = 0
+    heldout_before: Measurement | None = None
+    heldout_after: Measurement | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def publish_update(
+    registry: CheckpointRegistry,
+    update: Update,
+    scratch: nn.Module,
+    feature_count: int,
+    heldout: Examples,
+    tolerance: float,
+    meta: dict[str, Any],
+    leases: Sequence[Lease] = (),
+    trainer: str = "",
+) -> PublishResult:
+    """Gate and publish an update on top of whatever is latest now. When another trainer
+    published since `update.base_version`, the update is rebased (latest + trained - base)
+    and gated again against latest. `scratch` is a model of the right shape to measure with.
+    Raises LeaseLost when a lease is no longer held."""
+    result = PublishResult()
+    with registry.publish_lock():
+        for _ in range(MAX_PUBLISH_TRIES):
+            parent = registry.fetch_latest()
+            if parent is None or parent.version == update.base_version:
+                parent_state, candidate = update.base_state, update.trained_state
+            else:
+                parent_state = verified_state(parent, scratch, feature_count)
+                candidate = rebased(parent_state, update.trained_state, update.base_state)
+                result.rebases += 1
+            parent_version = None if parent is None else parent.version
+            result.parent_version = parent_version
+            result.heldout_before = measure_state(scratch, parent_state, heldout)
+            result.heldout_after = measure_state(scratch, candidate, heldout)
+            result.rejected_reason = gate_reason(
+                result.heldout_before, result.heldout_after, tolerance
+            )
+            if result.rejected_reason:
+                return result
+            weights = weights_bytes(candidate)
+            metrics = {
+                **meta.get("metrics", {}),
+                "heldout_before": measurement_dict(result.heldout_before),
+                "heldout_after": measurement_dict(result.heldout_after),
+                "rebases": result.rebases,
+            }
+            result.meta = {**meta, "metrics": metrics, "trainer": trainer}
+            try:
+                result.version = registry.publish(
+                    weights, sha256_hex(weights), result.meta, parent_version, leases, trainer
+                )
+                return result
+            except PublishConflict:
+                continue  # a rollback or an expired lock: rebase on the new latest
+    raise RuntimeError(f"latest kept moving: gave up after {MAX_PUBLISH_TRIES} tries")

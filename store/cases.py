@@ -10,6 +10,7 @@ from itertools import chain
 import msgpack
 import redis
 
+from negcase.schemas import event as events
 from negcase.schemas.case import NegativeCase
 from negcase.schemas.event import Event
 from negcase.store.keys import DETECTOR_GROUP, Keys
@@ -103,14 +104,10 @@ class CaseStore:
                 _score_arg(case),
                 version_label(case.model_version),
                 case.loss_percentage,
-                _packed_event(case_added_event(case, consumer, now_ms)),
+                _packed_event(events.case_added(case, consumer, now_ms)),
             ]
         for dead in batch.dead_letters:
-            args += [
-                packed_dead_letter(dead.fields, dead.field, dead.reason, entry_id=dead.entry_id,
-                                   consumer=consumer, at_ms=str(now_ms)),
-                _packed_event(dead_lettered_event(dead, consumer, now_ms)),
-            ]  # fmt: skip
+            args += _dead_letter_args(dead, consumer, now_ms)
         for name, by in batch.counters.items():
             args += [name, by]
         args += batch.handled_ids
@@ -151,43 +148,21 @@ def _score_arg(case: NegativeCase) -> str:
     return repr(score)
 
 
+def _dead_letter_args(dead: DeadLetter, consumer: str, now_ms: int) -> list[bytes]:
+    """record_batch.lua's two arguments for a dead letter: its copy and its event."""
+    copy = packed_dead_letter(
+        dead.fields,
+        dead.field,
+        dead.reason,
+        entry_id=dead.entry_id,
+        consumer=consumer,
+        at_ms=str(now_ms),
+    )
+    event = events.dead_lettered(
+        dead.entry_id.decode(), dead.trade_id, dead.field, dead.reason, consumer, now_ms
+    )
+    return [copy, _packed_event(event)]
+
+
 def _packed_event(event: Event) -> bytes:
     return msgpack.packb(list(chain.from_iterable(event.to_fields().items())))
-
-
-def case_added_event(case: NegativeCase, worker: str, now_ms: int) -> Event:
-    """The case_added event for a new case."""
-    return Event(
-        "case_added",
-        now_ms,
-        {
-            "case_id": case.case_id,
-            "trade_id": case.trade_id,
-            "symbol": case.symbol,
-            "side": case.side,
-            "priority": case.training_priority,
-            "loss_pct": round(case.loss_percentage, 4),
-            "loss_amount": round(case.loss_amount, 4),
-            "epochs": case.training_epochs,
-            "should_have": case.what_should_have_been_done,
-            "trainable": int(case.trainable),
-            "model_version": case.model_version,
-            "worker": worker,
-            "lesson": case.lesson_learned,
-        },
-    )
-
-
-def dead_lettered_event(dead: DeadLetter, worker: str, now_ms: int) -> Event:
-    """The dead_lettered event for an entry that failed validation."""
-    return Event(
-        "dead_lettered",
-        now_ms,
-        {
-            "entry_id": dead.entry_id.decode(),
-            "trade_id": dead.trade_id,
-            "field": dead.field,
-            "reason": dead.reason,
-            "worker": worker,
-        },
-    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import redis
 
+from negcase.schemas import event as events
 from negcase.schemas.event import Event
 from negcase.schemas.session import TrainingSession
 from negcase.store.archive import Archive
@@ -28,33 +29,11 @@ class SessionStore:
 
     def started(self, session: TrainingSession, now_ms: int) -> None:
         """Store a session that begins, with a training_started event."""
-        details = {
-            "session_id": session.session_id,
-            "trainer": session.trainer,
-            "cases": ",".join(session.case_ids),
-            "base_version": session.base_version,
-            "epochs": session.epochs_planned,
-            "inference_paused": "false",
-        }
-        self._write(session, Event("training_started", now_ms, details), stat=None)
+        self._write(session, events.training_started(session, now_ms), stat=None)
 
     def completed(self, session: TrainingSession, now_ms: int) -> None:
         """Store a finished session (Redis, then the archive) with a training_completed event."""
-        details = {
-            "session_id": session.session_id,
-            "trainer": session.trainer,
-            "cases": ",".join(session.case_ids),
-            "outcome": session.outcome,
-            "epochs": session.epochs_completed,
-            "loss_improvement": session.loss_improvement,
-            "accuracy_improvement": session.accuracy_improvement,
-            "version": session.published_version,
-            "rejected_reason": session.rejected_reason,
-            "error": session.error,
-            "duration_s": session.duration_s,
-            "summary": session.summary(),
-        }
-        self._write(session, Event("training_completed", now_ms, details), stat=session.outcome)
+        self._write(session, events.training_completed(session, now_ms), stat=session.outcome)
         if self.archive is not None:
             self.archive.write_json(
                 self.archive.sessions_dir, f"{session.session_id}.json", session.to_dict()

@@ -14,7 +14,7 @@ import redis
 
 from negcase.cli.status import gather_status
 from negcase.cli.status_view import render_status
-from negcase.cli.tail import FORMATTERS, format_event
+from negcase.cli.tail import format_event
 from negcase.client.trades import publish_trades
 from negcase.processes.detector import LossDetector
 from negcase.processes.inference import InferenceWorker
@@ -24,6 +24,7 @@ from negcase.processes.trainer import Trainer
 from negcase.runtime.settings import Settings
 from negcase.runtime.shutdown import StopFlag
 from negcase.schemas.case import case_id_for
+from negcase.schemas.event import CATALOGUE as FORMATTERS
 from negcase.schemas.event import EVENT_TYPES, Event
 from negcase.schemas.signal import request_fields
 from negcase.store.checkpoints import CheckpointRegistry

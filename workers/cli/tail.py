@@ -1,132 +1,25 @@
-"""`negcase tail`: one readable line per event on `<ns>:events`."""
+"""`negcase tail`: one readable line per event on `<ns>:events` (the lines and the event types
+are the catalogue's, schemas/event.py)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import orjson
 import redis
 
 from negcase.cli.options import common_options, redis_client, settings_from
-from negcase.schemas.event import EVENT_TYPES, Event
+from negcase.schemas.event import EVENT_TYPES, Event, event_line
 from negcase.store.keys import Keys
 
 
-def _case_added(d: dict[str, str]) -> str:
-    line = (
-        f"NEGATIVE CASE ADDED: {d.get('case_id')} | {d.get('symbol')} {d.get('side')} | "
-        f"Loss: ${float(d.get('loss_amount', 0)):.2f} ({float(d.get('loss_pct', 0)):.1f}%) | "
-        f"Priority: {d.get('priority')} | Should have: {d.get('should_have')}"
-    )
-    if d.get("trainable") == "0":
-        return f"{line} | no features: archived, not queued"
-    return f"{line} | Epochs: {d.get('epochs')}"
-
-
-def _dead_lettered(d: dict[str, str]) -> str:
-    return (
-        f"DEAD LETTER: entry {d.get('entry_id')} | trade {d.get('trade_id', '?')} | "
-        f"{d.get('field')}: {d.get('reason')}"
-    )
-
-
-def _training_started(d: dict[str, str]) -> str:
-    return (
-        f"INTENSIVE TRAINING STARTED: {d.get('trainer')} | Cases: {d.get('cases')} | "
-        f"Epochs: {d.get('epochs')} | Base: {_version(d.get('base_version'))} | "
-        f"Session: {d.get('session_id')}"
-    )
-
-
-def _training_completed(d: dict[str, str]) -> str:
-    # `summary` is TrainingSession.summary(): epochs and the held-out improvements.
-    summary = d.get("summary") or f"INTENSIVE TRAINING COMPLETED: Epochs: {d.get('epochs')}"
-    outcome = d.get("outcome")
-    if outcome == "published":
-        result = f"Published: {_version(d.get('version'))}"
-    elif outcome == "rejected":
-        result = f"Rejected by gate: {d.get('rejected_reason')}"
-    else:
-        result = f"{str(outcome).capitalize()}: {d.get('error', '-')}"
-    return f"{summary} | {result} | {d.get('trainer')} in {float(d.get('duration_s', 0)):.2f}s"
-
-
-def _checkpoint_published(d: dict[str, str]) -> str:
-    return (
-        f"CHECKPOINT PUBLISHED: {_version(d.get('version'))} "
-        f"(parent {_version(d.get('parent_version'))}) | by {d.get('trainer') or '?'} | "
-        f"sha256 {d.get('sha256', '')[:12]}"
-    )
-
-
-def _rollback(d: dict[str, str]) -> str:
-    return (
-        f"ROLLBACK: latest is {_version(d.get('version'))} again "
-        f"(was {_version(d.get('previous_version'))}) | sha256 {d.get('sha256', '')[:12]}"
-    )
-
-
-def _checkpoint_loaded(d: dict[str, str]) -> str:
-    return (
-        f"CHECKPOINT LOADED: {_version(d.get('version'))} on {d.get('worker')} "
-        f"(was serving {_version(d.get('serving_version'))}) | "
-        f"Reload: {float(d.get('reload_ms', 0)):.1f} ms"
-    )
-
-
-def _checkpoint_rejected(d: dict[str, str]) -> str:
-    return (
-        f"CHECKPOINT REJECTED: {_version(d.get('version'))} on {d.get('worker')} | "
-        f"{d.get('reason')} | still serving {_version(d.get('serving_version'))}"
-    )
-
-
-def _lease_expired(d: dict[str, str]) -> str:
-    return (
-        f"LEASE EXPIRED: {d.get('case_id')} | held by {d.get('worker')} | "
-        f"Attempts: {d.get('attempts')}"
-    )
-
-
-def _case_dead(d: dict[str, str]) -> str:
-    # A case the reaper kills names no worker: its holder is in the error.
-    by = f" | by {d['worker']}" if "worker" in d else ""
-    return (
-        f"CASE DEAD: {d.get('case_id')} | Attempts: {d.get('attempts')}{by} | "
-        f"Last error: {d.get('error')}"
-    )
-
-
-def _version(raw: str | None) -> str:
-    """`v3`, or `none` for a field that is absent or empty (no model yet)."""
-    return f"v{raw}" if raw else "none"
-
-
-FORMATTERS: dict[str, Callable[[dict[str, str]], str]] = {
-    "case_added": _case_added,
-    "dead_lettered": _dead_lettered,
-    "training_started": _training_started,
-    "training_completed": _training_completed,
-    "checkpoint_published": _checkpoint_published,
-    "rollback": _rollback,
-    "checkpoint_loaded": _checkpoint_loaded,
-    "checkpoint_rejected": _checkpoint_rejected,
-    "lease_expired": _lease_expired,
-    "case_dead": _case_dead,
-}
-
-
 def format_event(event: Event) -> str:
-    """One readable line per event."""
+    """One readable line per event, after its time of day."""
     stamp = time.strftime("%H:%M:%S", time.localtime(event.at_ms / 1000))
-    formatter = FORMATTERS.get(event.type)
-    if formatter is not None:
-        return f"{stamp} {formatter(event.details)}"
-    details = " | ".join(f"{k}: {v}" for k, v in event.details.items())
-    return f"{stamp} {event.type.upper().replace('_', ' ')}: {details}"
+    return f"{stamp} {event_line(event)}"
 
 
 def follow_events(

@@ -26,6 +26,7 @@ from negcase.processes.model import (
 )
 from negcase.runtime.loop import WorkerLoop
 from negcase.runtime.settings import Settings
+from negcase.schemas import event as events
 from negcase.schemas.event import Event
 from negcase.store.checkpoints import CheckpointRegistry
 from negcase.store.streams import entries_of
@@ -116,11 +117,19 @@ class Reloader:
                 error.reason if isinstance(error, CheckpointError) else f"v{version}: {error!r}"
             )
             self.rejected.add(version)
-            self._announce("checkpoint_rejected", version, previous, reason=reason)
+            self._announce(
+                events.checkpoint_rejected(
+                    self.worker, version, _version_of(previous), reason, _now_ms()
+                )
+            )
             return None
         self.live = loaded
         reload_ms = (time.perf_counter() - started_s) * 1000
-        self._announce("checkpoint_loaded", version, previous, reload_ms=round(reload_ms, 3))
+        self._announce(
+            events.checkpoint_loaded(
+                self.worker, version, _version_of(previous), reload_ms, _now_ms()
+            )
+        )
         return loaded
 
     def _verified(self, version: int) -> LoadedModel:
@@ -174,23 +183,21 @@ class Reloader:
         newest = self.client.xrevrange(self.keys.checkpoints, count=1)
         return newest[0][0] if newest else b"0-0"
 
-    def _announce(self, kind: str, version: int, previous: LoadedModel | None, **details) -> None:
-        event = Event(
-            kind,
-            int(time.time() * 1000),
-            {
-                "worker": self.worker,
-                "version": version,
-                "serving_version": None if previous is None else previous.version,
-                **details,
-            },
-        )
+    def _announce(self, event: Event) -> None:
         self.client.xadd(
             self.keys.events,
             event.to_fields(),
             maxlen=self.settings.events_maxlen,
             approximate=True,
         )
+
+
+def _version_of(loaded: LoadedModel | None) -> int | None:
+    return None if loaded is None else loaded.version
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 def _check_spec(version: int, meta: object, spec: ModelSpec) -> None:

@@ -129,7 +129,6 @@ def steady_latency(
     run_settings = settings.with_overrides(namespace=namespace, data_dir=log_dir / "archive")
     keys = run_settings.keys
     client.xgroup_create(keys.trades, DETECTOR_GROUP, id="0", mkstream=True)
-    client.xadd(keys.events, {"type": "bench_start"})
     supervisor = Supervisor(run_settings, log_dir)
     sent_at: dict[bytes, float] = {}
     latencies_ms: list[float] = []

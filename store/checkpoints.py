@@ -101,8 +101,8 @@ class CheckpointRegistry:
         self.archive = archive
         self.keep = max(1, keep)
         self.events_maxlen = events_maxlen
-        self._publish = script(client, "publish_checkpoint", prelude="lease")
-        self._rollback = script(client, "rollback_checkpoint")
+        self._publish = script(client, "publish_checkpoint", "clock", "lease")
+        self._rollback = script(client, "rollback_checkpoint", "clock")
 
     def latest_version(self) -> int | None:
         """The version `latest` points at, or None before the first publish."""

@@ -16,10 +16,6 @@ local threshold, held_out_stat = tonumber(ARGV[4]), ARGV[5]
 local now_ms = redis_now_ms()
 local deadline = now_ms + lease_ms
 
-local function held_out(case_id)
-  return threshold > 0 and tonumber(string.sub(redis.sha1hex(case_id), 1, 8), 16) < threshold
-end
-
 local reply = {}
 local leased_count = 0
 -- Each pass removes what it picked from the queue, so this ends.
@@ -29,7 +25,7 @@ while leased_count < count do
   for j = 1, #picked, 2 do
     local case_id, score = picked[j], picked[j + 1]
     redis.call('ZREM', queue, case_id)
-    if held_out(case_id) then
+    if held_out(case_id, threshold) then
       if redis.call('SADD', done, case_id) == 1 then
         redis.call('HINCRBY', stats, held_out_stat, 1)
       end

@@ -105,12 +105,12 @@ class CaseQueue:
         self.max_attempts = max_attempts
         self.events_maxlen = events_maxlen
         self.heldout_threshold = heldout_threshold(heldout_share)
-        self._claim = script(client, "claim", prelude="lease")
-        self._heartbeat = script(client, "heartbeat", prelude="lease")
-        self._ack = script(client, "ack", prelude="lease")
-        self._give_back = script(client, "give_back", prelude="lease")
-        self._reap = script(client, "reap", prelude="lease")
-        self._requeue = script(client, "requeue")
+        self._claim = script(client, "claim", "clock", "held_out")
+        self._heartbeat = script(client, "heartbeat", "clock", "lease")
+        self._ack = script(client, "ack", "clock", "lease")
+        self._give_back = script(client, "give_back", "clock")
+        self._reap = script(client, "reap", "clock")
+        self._requeue = script(client, "requeue", "held_out")
 
     def claim(self, worker: str, count: int = 1) -> list[Lease]:
         """Lease the best `count` queued cases that are not held out (fewer when the queue

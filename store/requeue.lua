@@ -13,10 +13,6 @@ local queue, leased, done, dead, rejected, attempts, cases =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
 local threshold = tonumber(ARGV[1])
 
-local function held_out(case_id)
-  return threshold > 0 and tonumber(string.sub(redis.sha1hex(case_id), 1, 8), 16) < threshold
-end
-
 local queued = 0
 for i = 2, #ARGV, 3 do
   local case_id, score, blob = ARGV[i], ARGV[i + 1], ARGV[i + 2]
@@ -24,7 +20,7 @@ for i = 2, #ARGV, 3 do
     redis.call('SET', KEYS[7 + (i + 1) / 3], blob, 'NX')
     redis.call('SADD', cases, case_id)
   end
-  local stays_done = held_out(case_id) and redis.call('SISMEMBER', done, case_id) == 1
+  local stays_done = held_out(case_id, threshold) and redis.call('SISMEMBER', done, case_id) == 1
   if not stays_done and redis.call('ZSCORE', leased, case_id) == false then
     redis.call('ZADD', queue, score, case_id)
     redis.call('SREM', done, case_id)

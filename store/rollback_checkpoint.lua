@@ -14,8 +14,7 @@ if redis.call('EXISTS', checkpoint) == 0 then
   redis.call('ZADD', versions, version, version)
 end
 
-local time = redis.call('TIME')
-local now_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+local now_ms = redis_now_ms()
 local previous = redis.call('GET', latest) or ''
 local sha256 = redis.call('HGET', checkpoint, 'sha256')
 redis.call('SET', latest, version)

@@ -16,9 +16,8 @@ def _source(name: str) -> str:
     return (_FOLDER / f"{name}.lua").read_text()
 
 
-def script(client: redis.Redis, name: str, prelude: str | None = None) -> Script:
-    """The script `<name>.lua` registered on `client`, after `<prelude>.lua` when given (Redis
-    scripts cannot import: shared functions travel as source). redis-py's Script runs it by
-    SHA and reloads it after a NOSCRIPT (a restarted or failed-over Redis)."""
-    source = _source(name) if prelude is None else _source(prelude) + _source(name)
-    return client.register_script(source)
+def script(client: redis.Redis, name: str, *preludes: str) -> Script:
+    """The script `<name>.lua` registered on `client`, after each `<prelude>.lua` given, in
+    order (Redis scripts cannot import: shared functions travel as source). redis-py's
+    Script runs it by SHA and reloads it after a NOSCRIPT (a restarted or failed-over Redis)."""
+    return client.register_script("".join(_source(part) for part in (*preludes, name)))

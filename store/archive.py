@@ -1,14 +1,13 @@
 """The on-disk archive under testcases/negative/: cases, sessions, models, case_index.json.
 
-Every file is written atomically (temp file in the same folder, data synced, then renamed),
-so a reader never sees half a file. Cases are msgpack, sessions and metadata JSON: nothing
+Every file is written whole (store/files.py: temp file in the same folder, data synced, then
+named), so a reader never sees half a file. Cases are msgpack, sessions and metadata JSON: nothing
 here is pickle, and nothing read back can run code.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import fcntl
 import os
 import time
@@ -20,45 +19,17 @@ from typing import Any
 import orjson
 
 from negcase.schemas.case import NegativeCase
+from negcase.store.files import (
+    fsync_folder,
+    give_name,
+    sync_filesystem_of,
+    temp_name,
+    write_atomic,
+)
 
 INDEX_NAME = "case_index.json"
 # Batches with more case files than this are synced with one syncfs instead of per file.
 SYNCFS_FROM_FILES = 16
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that a crash leaves the old file or the new one, never half."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_folder(path.parent)
-
-
-def fsync_folder(folder: Path) -> None:
-    """Make a folder's entries (a rename, a link, an unlink) durable."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _sync_filesystem_of(folder: Path) -> None:
-    """Make every file written so far under `folder`'s filesystem durable, in one call.
-
-    One syncfs(2) per batch costs about what one fsync does, where an fsync per case file
-    would cost a disk flush each.
-    """
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        if _libc.syncfs(fd) != 0:
-            os.sync()
-    finally:
-        os.close(fd)
 
 
 class Archive:
@@ -100,24 +71,23 @@ class Archive:
         for case, blob in zip(cases, blobs, strict=True):
             first_of_each.setdefault(case.case_id, blob)
         folder = str(self.cases_dir)
-        pid = os.getpid()
         temps, fds = [], []
         try:
             for case_id, blob in first_of_each.items():
-                tmp = f"{folder}/.{case_id}.{pid}.tmp"
+                final = f"{folder}/{case_id}.msgpack"
+                tmp = temp_name(final)
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
                 fds.append(fd)
                 os.write(fd, blob)
-                temps.append((tmp, f"{folder}/{case_id}.msgpack"))
+                temps.append((tmp, final))
             self._make_durable(fds)
         finally:
             for fd in fds:
                 os.close(fd)
         for tmp, final in temps:
-            # link() refuses to replace: a redelivered trade never rewrites its case.
+            # Never replaced: a redelivered trade never rewrites its case.
             with contextlib.suppress(FileExistsError):
-                os.link(tmp, final)
-            os.unlink(tmp)
+                give_name(tmp, final, replace=False)
         fsync_folder(self.cases_dir)
         for case in cases:
             self._unindexed.setdefault(case.case_id, _index_entry(case))
@@ -130,7 +100,7 @@ class Archive:
         per file, though it also waits for whatever else is dirty on the filesystem (it was
         seen to take over a second behind another process's writes)."""
         if len(fds) > SYNCFS_FROM_FILES:
-            _sync_filesystem_of(self.cases_dir)
+            sync_filesystem_of(self.cases_dir)
             return
         if self._syncer is None:
             self._syncer = ThreadPoolExecutor(SYNCFS_FROM_FILES, thread_name_prefix="fdatasync")

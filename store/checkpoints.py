@@ -10,38 +10,29 @@ Redis layout (DESIGN.md, "Checkpoints and hot reload"):
   <ns>:ckpt:lock        held by the one trainer that rebases and publishes right now
   <ns>:checkpoints      stream: kind (published|rollback), version, parent_version, sha256, at_ms
 
-Archive layout (models/): v<N>.safetensors and v<N>.json, each created once and never
-replaced. The weights are written before the publish script runs, the metadata under a
-hidden name (.v<N>.json.unpublished) that is renamed to v<N>.json only once the script said
-`published`: a trainer killed in between leaves files that listings and rollback ignore.
+The archive's models/ folder, where every version is kept, is store/model_files.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-import re
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import orjson
 import redis
 from redis.exceptions import LockError
 
-from negcase.store.archive import Archive, fsync_folder
+from negcase.store.archive import Archive
 from negcase.store.keys import Keys
-from negcase.store.queue import Lease, LeaseLost
+from negcase.store.leases import Lease, LeaseLost, fence_args
+from negcase.store.model_files import ModelFiles
 from negcase.store.scripts import script
 
 ANNOUNCEMENTS_MAXLEN = 10_000
-UNPUBLISHED_SUFFIX = ".unpublished"
-# Any file of a version in models/: final, unpublished metadata, or a temp file.
-_VERSION_FILE = re.compile(r"^\.?v(\d+)\.")
 
 
 class PublishConflict(Exception):
@@ -54,11 +45,6 @@ class PublishConflict(Exception):
 
 class CheckpointMissing(LookupError):
     """No checkpoint of that version, in Redis or in the archive."""
-
-
-class ArchiveConflict(FileExistsError):
-    """The archive already has a file for the version being published; it is never replaced
-    (two lineages writing one models/ folder, or a version counter that went backwards)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +67,8 @@ class CheckpointInfo:
     in_redis: bool
 
 
-def _int_or_none(raw: bytes | str | None) -> int | None:
+def version_of(raw: bytes | str | None) -> int | None:
+    """A version as Redis or a script reply holds it (decimal text), or None when unset."""
     return None if raw in (None, b"", "") else int(raw)
 
 
@@ -98,7 +85,7 @@ class CheckpointRegistry:
     ) -> None:
         self.client = client
         self.keys = keys
-        self.archive = archive
+        self.files = None if archive is None else ModelFiles(archive.models_dir)
         self.keep = max(1, keep)
         self.events_maxlen = events_maxlen
         self._publish = script(client, "publish_checkpoint", "clock", "lease")
@@ -106,7 +93,7 @@ class CheckpointRegistry:
 
     def latest_version(self) -> int | None:
         """The version `latest` points at, or None before the first publish."""
-        return _int_or_none(self.client.get(self.keys.latest))
+        return version_of(self.client.get(self.keys.latest))
 
     def fetch(self, version: int) -> StoredCheckpoint | None:
         """A checkpoint from Redis (unverified), or None when it is not there."""
@@ -169,9 +156,9 @@ class CheckpointRegistry:
             "created_at_ms": int(time.time() * 1000),
         }
         meta_json = orjson.dumps(full_meta)
-        self._archive(version, weights, sha256, full_meta)
+        if self.files is not None:
+            self.files.write_unpublished(version, weights, sha256, full_meta)
         stale = self._stale_versions()
-        fences = [part for lease in leases for part in (lease.case_id, lease.token)]
         status, detail = self._publish(
             keys=[
                 self.keys.latest,
@@ -194,16 +181,19 @@ class CheckpointRegistry:
                 self.events_maxlen,
                 trainer,
                 len(leases),
-                *fences,
+                *fence_args(leases),
                 *stale,
             ],
         )
+        if self.files is not None:
+            if status == b"published":
+                self.files.confirm(version)
+            else:
+                self.files.discard(version)
         if status == b"published":
-            self._confirm_archived(version)
             return version
-        self._unarchive(version)
         if status == b"conflict":
-            raise PublishConflict(_int_or_none(detail))
+            raise PublishConflict(version_of(detail))
         raise LeaseLost(detail.decode())
 
     def rollback(self, version: int) -> int | None:
@@ -233,7 +223,7 @@ class CheckpointRegistry:
         )
         if status == b"missing":
             raise CheckpointMissing(f"v{version} was trimmed from Redis while rolling back")
-        return _int_or_none(previous)
+        return version_of(previous)
 
     def fetch_anywhere(self, version: int) -> StoredCheckpoint:
         """A version from Redis, else from the archive; CheckpointMissing if neither has it."""
@@ -250,7 +240,7 @@ class CheckpointRegistry:
             for version, (meta, sha256) in zip(versions, pipe.execute(), strict=True)
             if meta is not None
         }
-        for version, meta in self._archived_metas():
+        for version, meta in self.files.metas() if self.files is not None else ():
             if version not in infos:
                 infos[version] = CheckpointInfo(version, meta, meta.get("sha256", ""), False)
         return [infos[version] for version in sorted(infos)]
@@ -268,98 +258,17 @@ class CheckpointRegistry:
             return
         newest = self.client.zrevrange(self.keys.versions, 0, 0)
         used = [
-            self._newest_archived(),
+            0 if self.files is None else self.files.newest_version(),
             self.latest_version() or 0,
             int(newest[0]) if newest else 0,
         ]
         if max(used) > 0:
             self.client.set(counter, max(used), nx=True)
 
-    def _newest_archived(self) -> int:
-        if self.archive is None:
-            return 0
-        found = (_VERSION_FILE.match(name) for name in os.listdir(self.archive.models_dir))
-        return max((int(match[1]) for match in found if match), default=0)
-
-    def _archive(self, version: int, weights: bytes, sha256: str, meta: dict[str, Any]) -> None:
-        """Write the weights and the not-yet-published metadata; ArchiveConflict if either
-        exists already (nothing is overwritten, and what this call made is removed)."""
-        if self.archive is None:
-            return
-        folder = self.archive.models_dir
-        meta_json = orjson.dumps(
-            {**meta, "sha256": sha256}, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS
-        )
-        created: list[Path] = []
-        for name, data in ((f"v{version}.safetensors", weights),
-                           (f".v{version}.json{UNPUBLISHED_SUFFIX}", meta_json)):  # fmt: skip
-            try:
-                _create_new(folder / name, data)
-            except FileExistsError:
-                for path in created:
-                    path.unlink()
-                raise ArchiveConflict(
-                    f"{folder / name} exists: the archive already has checkpoint v{version} "
-                    f"and it is never replaced (is another lineage writing {folder}?)"
-                ) from None
-            created.append(folder / name)
-        fsync_folder(folder)
-
-    def _confirm_archived(self, version: int) -> None:
-        """Give a published version's metadata its final name, which listings trust."""
-        if self.archive is None:
-            return
-        folder = self.archive.models_dir
-        unpublished = folder / f".v{version}.json{UNPUBLISHED_SUFFIX}"
-        try:
-            os.link(unpublished, folder / f"v{version}.json")  # link(): never replaces
-        except FileExistsError:
-            # Published all the same; the caller's update is in. Say so, keep both files.
-            print(f"warning: {folder}/v{version}.json exists; published v{version}'s "
-                  f"metadata stays in {unpublished.name}", file=sys.stderr)  # fmt: skip
-            return
-        unpublished.unlink()
-        fsync_folder(folder)
-
-    def _unarchive(self, version: int) -> None:
-        """Remove the files of a version that was never published."""
-        if self.archive is None:
-            return
-        folder = self.archive.models_dir
-        for name in (f"v{version}.safetensors", f".v{version}.json{UNPUBLISHED_SUFFIX}"):
-            (folder / name).unlink(missing_ok=True)
-
     def _read_archived(self, version: int) -> StoredCheckpoint:
-        missing = CheckpointMissing(f"no checkpoint v{version} in Redis or in the archive")
-        if self.archive is None:
-            raise missing
-        folder = self.archive.models_dir
-        try:
-            meta = orjson.loads((folder / f"v{version}.json").read_bytes())
-            weights = (folder / f"v{version}.safetensors").read_bytes()
-        except FileNotFoundError:
-            raise missing from None
+        found = None if self.files is None else self.files.read(version)
+        if found is None:
+            raise CheckpointMissing(f"no checkpoint v{version} in Redis or in the archive")
+        meta, weights = found
         sha256 = meta.pop("sha256", "")
         return StoredCheckpoint(version, meta, weights, sha256)
-
-    def _archived_metas(self) -> Iterator[tuple[int, dict[str, Any]]]:
-        if self.archive is None:
-            return
-        for path in self.archive.models_dir.glob("v*.json"):
-            version = path.stem[1:]
-            if version.isdigit():
-                yield int(version), orjson.loads(path.read_bytes())
-
-
-def _create_new(path: Path, data: bytes) -> None:
-    """Write a file that must not exist yet: whole (temp file, fsync) and never over another
-    (link() fails with FileExistsError where rename() would replace)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    try:
-        os.link(tmp, path)
-    finally:
-        tmp.unlink()

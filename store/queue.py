@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import redis
 
 from negcase.schemas.case import NegativeCase
 from negcase.store.keys import Keys
+from negcase.store.leases import Lease, LeaseLost, fence_args
 from negcase.store.scripts import script
 
 # Score layout (higher is claimed first), exact in a double's 53-bit mantissa:
@@ -60,30 +60,6 @@ def priority_of_score(score: float) -> int:
 def score_range(priority: int) -> tuple[float, str]:
     """ZCOUNT/ZRANGEBYSCORE bounds (min, exclusive max) of one priority's scores."""
     return priority * _PRIORITY_UNIT, f"({(priority + 1) * _PRIORITY_UNIT}"
-
-
-@dataclass(frozen=True, slots=True)
-class Lease:
-    """A claimed case: the fencing token that proves it is ours, and when the lease ends."""
-
-    case_id: str
-    token: int
-    attempts: int
-    score: float
-    deadline_ms: int
-
-    @property
-    def priority(self) -> int:
-        """The case's training priority (1-5), read from its queue score."""
-        return priority_of_score(self.score)
-
-
-class LeaseLost(Exception):
-    """A lease expired or was taken over: its holder may not ack, publish or give it back."""
-
-    def __init__(self, case_id: str) -> None:
-        super().__init__(f"lease on {case_id} is no longer held")
-        self.case_id = case_id
 
 
 class CaseQueue:
@@ -145,7 +121,7 @@ class CaseQueue:
             return []
         lost = self._heartbeat(
             keys=[self.keys.leased, self.keys.leases],
-            args=[self.lease_ms, *_fences(leases)],
+            args=[self.lease_ms, *fence_args(leases)],
         )
         return [case_id.decode() for case_id in lost]
 
@@ -234,14 +210,10 @@ class CaseQueue:
                 "1" if counted else "0",
                 error[:2000],
                 worker,
-                *_fences(leases),
+                *fence_args(leases),
             ],
         )
         return {flat[i].decode(): flat[i + 1].decode() for i in range(0, len(flat), 2)}
-
-
-def _fences(leases: Sequence[Lease]) -> list[str | int]:
-    return [part for lease in leases for part in (lease.case_id, lease.token)]
 
 
 def queue_counts(client: redis.Redis, keys: Keys) -> dict[str, int]:

@@ -18,12 +18,13 @@ from negcase.processes.model import (
 from negcase.runtime.settings import Settings
 from negcase.store.archive import Archive
 from negcase.store.checkpoints import (
-    ArchiveConflict,
     CheckpointMissing,
     CheckpointRegistry,
     PublishConflict,
 )
-from negcase.store.queue import CaseQueue, Lease, LeaseLost
+from negcase.store.leases import Lease, LeaseLost
+from negcase.store.model_files import ArchiveConflict
+from negcase.store.queue import CaseQueue
 
 SPEC = ModelSpec(feature_count=8, hidden_sizes=(8,))
 

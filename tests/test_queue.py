@@ -9,7 +9,8 @@ import pytest
 import redis
 
 from negcase.runtime.settings import Settings
-from negcase.store.queue import HELD_OUT_STAT, CaseQueue, LeaseLost, is_held_out
+from negcase.store.leases import LeaseLost
+from negcase.store.queue import HELD_OUT_STAT, CaseQueue, is_held_out
 from tests.conftest import wait_until
 from tests.training_cases import add_cases, assert_conserved, make_case
 

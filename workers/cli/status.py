@@ -19,6 +19,7 @@ from redis.client import Pipeline
 from negcase.cli.options import CommandError, common_options, redis_client, settings_from
 from negcase.cli.status_view import render_status
 from negcase.store.cases import RATE_BUCKET_S, RATE_WINDOW_S, rate_bucket_s, version_label
+from negcase.store.checkpoints import version_of
 from negcase.store.health import live_workers
 from negcase.store.keys import DETECTOR_GROUP, INFERENCE_GROUP, Keys
 from negcase.store.queue import priority_of_score, queue_counts, score_range
@@ -73,7 +74,7 @@ def gather_status(client: redis.Redis, keys: Keys) -> dict[str, Any]:
         "rates_per_s": _rates([first[f"rate:{i}"] for i in range(_rate_buckets())]),
         "counters": {k: v for k, v in sorted(counters.items()) if not k.startswith("model:")},
         "models": per_model_version(counters),
-        "latest_checkpoint": _int_or_none(first["latest"]),
+        "latest_checkpoint": version_of(first["latest"]),
         "checkpoints": _checkpoint_rows(first["versions"], second),
         "workers": _worker_rows(workers, now_ms),
         "workers_alive": _alive_by_kind(workers),
@@ -322,10 +323,6 @@ def _version_order(label: str) -> tuple[int, int]:
 def _number(raw: bytes) -> float:
     value = float(raw)
     return int(value) if value.is_integer() else value
-
-
-def _int_or_none(raw: bytes | None) -> int | None:
-    return None if raw is None else int(raw)
 
 
 def _text(value: bytes | str) -> str:

@@ -19,7 +19,7 @@ from negcase.processes.training import (
     measurement_dict,
 )
 from negcase.store.checkpoints import CheckpointRegistry, PublishConflict
-from negcase.store.queue import Lease
+from negcase.store.leases import Lease
 
 MAX_PUBLISH_TRIES = 10
 

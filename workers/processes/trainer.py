@@ -44,7 +44,8 @@ from negcase.store.archive import Archive
 from negcase.store.cases import CaseStore
 from negcase.store.checkpoints import CheckpointRegistry
 from negcase.store.health import HealthKey
-from negcase.store.queue import CaseQueue, Lease, LeaseLost, queue_counts
+from negcase.store.leases import Lease, LeaseLost
+from negcase.store.queue import CaseQueue, queue_counts
 from negcase.store.samples import HeldOutSet, sample_replay
 from negcase.store.sessions import SessionStore
 

@@ -101,7 +101,6 @@ def training_started(session: TrainingSession, now_ms: int) -> Event:
         "cases": ",".join(session.case_ids),
         "base_version": session.base_version,
         "epochs": session.epochs_planned,
-        "inference_paused": "false",
     }
     return Event("training_started", now_ms, details)
 
@@ -292,7 +291,6 @@ CATALOGUE: dict[str, EventType] = {
                 **_SESSION_FIELDS,
                 "base_version": "the checkpoint it starts from (absent before the first)",
                 "epochs": "planned epochs",
-                "inference_paused": "always false: training never pauses serving",
             },
             _training_started_line,
         ),

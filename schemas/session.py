@@ -31,7 +31,6 @@ class TrainingSession:
     loss_improvement: float | None = None
     accuracy_improvement: float | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
-    inference_paused: bool = False
     training_active: bool = True
     duration_s: float | None = None
     outcome: str | None = None

@@ -7,13 +7,13 @@ import argparse
 import sys
 import time
 from collections.abc import Iterable, Iterator
-from itertools import islice
 from pathlib import Path
-from typing import Any
 
 import redis
 
 from negcase.cli.options import CommandError, common_options, redis_client, settings_from
+from negcase.cli.status_view import before_after
+from negcase.runtime.chunks import chunks
 from negcase.schemas.case import NegativeCase
 from negcase.store.archive import Archive
 from negcase.store.cases import CaseStore
@@ -85,21 +85,14 @@ def _row(info: CheckpointInfo, latest: int | None) -> str:
         "%Y-%m-%d %H:%M:%S", time.localtime(meta.get("created_at_ms", 0) / 1000)
     )
     parent = meta.get("parent_version")
+    loss = before_after(before, after, "loss", "{:.4f}", missing="n/a", arrow="->")
+    accuracy = before_after(before, after, "accuracy", "{:.1%}", missing="n/a", arrow="->")
     return (
         f"{'*' if info.version == latest else ' '} {info.version:>7} "
         f"{'-' if parent is None else parent:>6} {created:19} {len(meta.get('case_ids', [])):>5} "
-        f"{_change(before, after, 'loss', '{:.4f}'):>17} "
-        f"{_change(before, after, 'accuracy', '{:.1%}'):>15} "
+        f"{loss:>17} {accuracy:>15} "
         f"{'redis' if info.in_redis else 'disk':6} {meta.get('trainer', '')}"
     )
-
-
-def _change(
-    before: dict[str, Any] | None, after: dict[str, Any] | None, name: str, fmt: str
-) -> str:
-    if not before or not after:
-        return "n/a"
-    return f"{fmt.format(before[name])}->{fmt.format(after[name])}"
 
 
 def run_rollback(args: argparse.Namespace) -> int:
@@ -133,7 +126,7 @@ def run_retrain_all(args: argparse.Namespace) -> int:
     else:
         cases = _stored_cases(client, keys)
     queued = skipped = 0
-    for chunk in _chunks(cases, REQUEUE_CHUNK):
+    for chunk in chunks(cases, REQUEUE_CHUNK):
         trainable = [case for case in chunk if case.trainable]
         skipped += len(chunk) - len(trainable)
         queued += queue.requeue(trainable, restore=bool(args.from_archive))
@@ -149,11 +142,5 @@ def run_retrain_all(args: argparse.Namespace) -> int:
 def _stored_cases(client: redis.Redis, keys: Keys) -> Iterator[NegativeCase]:
     store = CaseStore(client, keys)
     ids = (case_id.decode() for case_id in client.sscan_iter(keys.cases, count=REQUEUE_CHUNK))
-    for chunk in _chunks(ids, REQUEUE_CHUNK):
+    for chunk in chunks(ids, REQUEUE_CHUNK):
         yield from store.get_many(chunk)
-
-
-def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
-    iterator = iter(items)
-    while chunk := list(islice(iterator, size)):
-        yield chunk

@@ -105,18 +105,33 @@ def _render_checkpoints(status: dict[str, Any]) -> list[str]:
     for row in status["checkpoints"]:
         metrics, parent = row["metrics"], row["parent_version"]
         before, after = metrics.get("heldout_before") or {}, metrics.get("heldout_after") or {}
-        rows.append([
-            f"  v{row['version']}", "-" if parent is None else f"v{parent}", row["trainer"] or "-",
-            row["cases"], _change(before, after, "loss", "{:.3f}"),
-            _change(before, after, "accuracy", "{:.1%}"), served_by.get(str(row["version"]), "-"),
-        ])  # fmt: skip
+        version = row["version"]
+        rows.append(
+            [
+                f"  v{version}",
+                "-" if parent is None else f"v{parent}",
+                row["trainer"] or "-",
+                row["cases"],
+                before_after(before, after, "loss", "{:.3f}"),
+                before_after(before, after, "accuracy", "{:.1%}"),
+                served_by.get(str(version), "-"),
+            ]
+        )
     return [title, *_table(rows, "<<<><<<")]
 
 
-def _change(before: dict[str, float], after: dict[str, float], name: str, form: str) -> str:
-    if name not in before or name not in after:
-        return "-"
-    return f"{form.format(before[name])} -> {form.format(after[name])}"
+def before_after(
+    before: dict[str, Any] | None,
+    after: dict[str, Any] | None,
+    name: str,
+    form: str,
+    missing: str = "-",
+    arrow: str = " -> ",
+) -> str:
+    """`before -> after` of one measurement (`form` formats each), or `missing`."""
+    if not before or not after or name not in before or name not in after:
+        return missing
+    return f"{form.format(before[name])}{arrow}{form.format(after[name])}"
 
 
 def _render_workers(status: dict[str, Any]) -> list[str]:

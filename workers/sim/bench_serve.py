@@ -308,15 +308,3 @@ def run_bench_serve(args: argparse.Namespace) -> int:
     print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() if args.json
           else render(result))  # fmt: skip
     return 0
-
-
-def main() -> int:
-    """`python -m negcase.sim.bench_serve`, until the lead wires `register` into `negcase bench`."""
-    parser = argparse.ArgumentParser(prog="negcase bench")
-    register(parser.add_subparsers(dest="target", required=True))
-    args = parser.parse_args(["serve", *sys.argv[1:]])
-    return args.run(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import redis
 
+from negcase.runtime.chunks import chunks
 from negcase.runtime.settings import Settings
 from negcase.store.local_redis import LocalRedis
 
@@ -32,16 +33,5 @@ def bench_redis(settings: Settings) -> Iterator[str]:
 
 def drop_namespace(client: redis.Redis, namespace: str) -> None:
     """Delete every key of a bench namespace."""
-    for chunk in _chunks(client.scan_iter(match=f"{namespace}:*", count=1000), 500):
+    for chunk in chunks(client.scan_iter(match=f"{namespace}:*", count=1000), 500):
         client.unlink(*chunk)
-
-
-def _chunks(items: Iterator[bytes], size: int) -> Iterator[list[bytes]]:
-    chunk: list[bytes] = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk

@@ -1,7 +1,5 @@
 """`negcase bench train`: wall time of one intensive session per priority (default model, one
-CPU thread), and cases/s drained by 1 and by 2 trainer processes sharing one queue.
-
-Runnable alone as `python -m negcase.sim.bench_train`."""
+CPU thread), and cases/s drained by 1 and by 2 trainer processes sharing one queue."""
 
 from __future__ import annotations
 
@@ -177,15 +175,3 @@ def run_bench_train(args: argparse.Namespace) -> int:
     print(orjson.dumps(result, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS).decode()
           if args.json else render(result))  # fmt: skip
     return 0
-
-
-def main() -> int:
-    """`python -m negcase.sim.bench_train [flags]`, until `negcase bench train` is wired."""
-    parser = argparse.ArgumentParser(prog="python -m negcase.sim.bench_train")
-    register(parser.add_subparsers(dest="target", required=True))
-    args = parser.parse_args(["train", *sys.argv[1:]])
-    return args.run(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

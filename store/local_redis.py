@@ -66,6 +66,20 @@ class LocalRedis:
         """redis:// URL of the running server."""
         return f"redis://127.0.0.1:{self.port}/0"
 
+    def _options(self) -> list[str]:
+        """redis-server's command-line options: `--name value` for each."""
+        options = {
+            "port": str(self.port),
+            "bind": "127.0.0.1",
+            "dir": str(self.data_dir.resolve()),
+            "appendonly": "yes",
+            "save": "",
+            "daemonize": "no",
+            "loglevel": "warning",
+            "logfile": "redis.log",
+        }
+        return [part for name, value in options.items() for part in (f"--{name}", value)]
+
     def start(self, timeout_s: float = 10.0) -> LocalRedis:
         """Start the server and wait until it answers PING. A free port is picked if none
         was given; if another process takes it first, another is tried."""
@@ -73,24 +87,14 @@ class LocalRedis:
         for _ in range(5):
             self.port = self.requested_port or free_port()
             self.process = subprocess.Popen(
-                [
-                    redis_server_binary(),
-                    "--port", str(self.port),
-                    "--bind", "127.0.0.1",
-                    "--dir", str(self.data_dir.resolve()),
-                    "--appendonly", "yes",
-                    "--save", "",
-                    "--daemonize", "no",
-                    "--loglevel", "warning",
-                    "--logfile", "redis.log",
-                ],
+                [redis_server_binary(), *self._options()],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
                 # Its own session: a Ctrl-C at the terminal stops the command that started
                 # it, which then stops its workers before this server.
                 start_new_session=True,
                 preexec_fn=die_with_parent,
-            )  # fmt: skip
+            )
             if self._wait_ready(timeout_s):
                 return self
             self.stop()

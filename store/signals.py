@@ -97,5 +97,6 @@ class SignalStore:
             args += [name, by]
         args += batch.handled_ids
         reply_keys = [keys.reply(request_id) for request_id, _ in batch.replies]
-        self._reply_batch(keys=[keys.requests, keys.stats, keys.requests_dead, *reply_keys],
-                          args=args)  # fmt: skip
+        self._reply_batch(
+            keys=[keys.requests, keys.stats, keys.requests_dead, *reply_keys], args=args
+        )

@@ -70,8 +70,10 @@ def run_checkpoints(args: argparse.Namespace) -> int:
     if not infos:
         print("no checkpoints yet")
         return 0
-    print(f"{'':1} {'version':>7} {'parent':>6} {'created':19} {'cases':>5} "
-          f"{'held-out loss':>17} {'held-out acc':>15} {'where':6} trainer")  # fmt: skip
+    print(
+        f"{'':1} {'version':>7} {'parent':>6} {'created':19} {'cases':>5} "
+        f"{'held-out loss':>17} {'held-out acc':>15} {'where':6} trainer"
+    )
     for info in infos:
         print(_row(info, latest))
     return 0
@@ -99,9 +101,12 @@ def run_rollback(args: argparse.Namespace) -> int:
     """Move latest back to a version."""
     settings = settings_from(args)
     registry = CheckpointRegistry(
-        redis_client(settings), settings.keys, Archive(settings.data_dir),
-        settings.keep_checkpoints, settings.events_maxlen,
-    )  # fmt: skip
+        redis_client(settings),
+        settings.keys,
+        Archive(settings.data_dir),
+        settings.keep_checkpoints,
+        settings.events_maxlen,
+    )
     try:
         previous = registry.rollback(args.version)
     except CheckpointMissing as error:
@@ -116,9 +121,12 @@ def run_retrain_all(args: argparse.Namespace) -> int:
     client = redis_client(settings)
     keys = settings.keys
     queue = CaseQueue(
-        client, keys, settings.lease_s, settings.max_attempts,
+        client,
+        keys,
+        settings.lease_s,
+        settings.max_attempts,
         heldout_share=settings.heldout_share,
-    )  # fmt: skip
+    )
     if args.from_archive:
         if not args.from_archive.is_dir():
             raise CommandError(f"{args.from_archive}: no such archive folder")

@@ -223,17 +223,19 @@ def _lease_rows(
             continue
         # The claim script packs it with Redis's cmsgpack: strings come as msgpack str.
         lease = msgpack.unpackb(record, raw=False)
-        rows.append({
-            "case_id": _text(case_id),
-            "worker": lease["worker"],
-            "attempts": lease["attempts"],
-            "priority": priority_of_score(float(lease["score"])),
-            "token": lease["token"],
-            "deadline_ms": int(deadline_ms),
-            "deadline_in_s": round((deadline_ms - now_ms) / 1000, 3),
-            # As the scripts judge it: a lease holds while its deadline is ahead of TIME.
-            "expired": deadline_ms <= now_ms,
-        })  # fmt: skip
+        rows.append(
+            {
+                "case_id": _text(case_id),
+                "worker": lease["worker"],
+                "attempts": lease["attempts"],
+                "priority": priority_of_score(float(lease["score"])),
+                "token": lease["token"],
+                "deadline_ms": int(deadline_ms),
+                "deadline_in_s": round((deadline_ms - now_ms) / 1000, 3),
+                # As the scripts judge it: a lease holds while its deadline is ahead of TIME.
+                "expired": deadline_ms <= now_ms,
+            }
+        )
     return rows
 
 
@@ -244,14 +246,16 @@ def _checkpoint_rows(versions: list[bytes], second: dict[str, Any]) -> list[dict
         version = int(raw)
         # None when it was trimmed between the two round trips.
         meta = orjson.loads(second[f"meta:{version}"] or b"{}")
-        rows.append({
-            "version": version,
-            "parent_version": meta.get("parent_version"),
-            "created_at_ms": meta.get("created_at_ms"),
-            "trainer": meta.get("trainer"),
-            "cases": len(meta.get("case_ids") or ()),
-            "metrics": meta.get("metrics") or {},
-        })  # fmt: skip
+        rows.append(
+            {
+                "version": version,
+                "parent_version": meta.get("parent_version"),
+                "created_at_ms": meta.get("created_at_ms"),
+                "trainer": meta.get("trainer"),
+                "cases": len(meta.get("case_ids") or ()),
+                "metrics": meta.get("metrics") or {},
+            }
+        )
     return rows
 
 
@@ -371,9 +375,10 @@ def run_health(args: argparse.Namespace) -> int:
         return 1
     host = socket.gethostname() if args.this_host else None
     workers = [
-        w for w in live_workers(client, settings.keys)
+        w
+        for w in live_workers(client, settings.keys)
         if (not args.kind or w.get("kind") in args.kind) and (host is None or w.get("host") == host)
-    ]  # fmt: skip
+    ]
     for worker in workers:
         print(orjson.dumps(worker).decode())
     if not workers:

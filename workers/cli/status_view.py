@@ -36,12 +36,18 @@ def _render_streams(status: dict[str, Any]) -> list[str]:
     for section in ("trades", "signals"):
         s = status[section]
         idle_ms = s["oldest_pending_idle_ms"]
-        rows.append([
-            f"  {section}", s["group"], s["stream_length"], s["pending"],
-            "-" if idle_ms is None else f"{idle_ms / 1000:.1f}s",
-            "-" if s["lag"] is None else f"{s['lag']}{'+' if s['lag_capped'] else ''}",
-            s["consumers"], s["dead_letters"],
-        ])  # fmt: skip
+        rows.append(
+            [
+                f"  {section}",
+                s["group"],
+                s["stream_length"],
+                s["pending"],
+                "-" if idle_ms is None else f"{idle_ms / 1000:.1f}s",
+                "-" if s["lag"] is None else f"{s['lag']}{'+' if s['lag_capped'] else ''}",
+                s["consumers"],
+                s["dead_letters"],
+            ]
+        )
         reasons += [f"  latest dead {section}: {_clip(r)}" for r in s["latest_dead_reasons"]]
     return _table(rows, "<<") + reasons
 
@@ -85,11 +91,16 @@ def _render_leases(leases: list[dict[str, Any]], held: int) -> list[str]:
         return ["leases  none held"]
     rows = [["  case", "worker", "priority", "attempts", "deadline", ""]]
     for lease in leases:
-        rows.append([
-            f"  {lease['case_id']}", lease["worker"], f"P{lease['priority']}", lease["attempts"],
-            f"{lease['deadline_in_s']:+.1f}s",
-            "expired, waiting for the reaper" if lease["expired"] else "",
-        ])  # fmt: skip
+        rows.append(
+            [
+                f"  {lease['case_id']}",
+                lease["worker"],
+                f"P{lease['priority']}",
+                lease["attempts"],
+                f"{lease['deadline_in_s']:+.1f}s",
+                "expired, waiting for the reaper" if lease["expired"] else "",
+            ]
+        )
     return [f"leases  {held} held, soonest deadline first", *_table(rows, "<<>>><")]
 
 
@@ -139,10 +150,15 @@ def _render_workers(status: dict[str, Any]) -> list[str]:
     rows = [["  kind", "name", "host:pid", "serves", "beat"]]
     for worker in status["workers"]:
         version = worker["version"]
-        rows.append([
-            f"  {worker['kind']}", worker["name"], f"{worker['host']}:{worker['pid']}",
-            "-" if version is None else f"v{version}", f"{worker['beat_age_s']:.1f}s ago",
-        ])  # fmt: skip
+        rows.append(
+            [
+                f"  {worker['kind']}",
+                worker["name"],
+                f"{worker['host']}:{worker['pid']}",
+                "-" if version is None else f"v{version}",
+                f"{worker['beat_age_s']:.1f}s ago",
+            ]
+        )
     return [f"workers alive  {alive}", *(_table(rows, "<<<<>") if status["workers"] else [])]
 
 
@@ -150,11 +166,16 @@ def _render_models(models: dict[str, dict[str, float]]) -> list[str]:
     rows = [["per model version", "trades", "losses", "loss rate", "mean loss", "signals"]]
     for version, row in models.items():
         traded = row["trades"] > 0
-        rows.append([
-            f"  {version}", row["trades"], row["losses"],
-            f"{row['loss_rate']:.1%}" if traded else "-",
-            f"{row['mean_loss_pct']:.2f}%" if traded else "-", row["signals"],
-        ])  # fmt: skip
+        rows.append(
+            [
+                f"  {version}",
+                row["trades"],
+                row["losses"],
+                f"{row['loss_rate']:.1%}" if traded else "-",
+                f"{row['mean_loss_pct']:.2f}%" if traded else "-",
+                row["signals"],
+            ]
+        )
     return _table(rows, "<")
 
 

@@ -171,10 +171,9 @@ class LossDetector:
                 continue
             except Exception as error:
                 # A bug met by some input: keep the entry, with the error, for a person to see.
-                batch.dead_letters.append(DeadLetter(
-                    entry_id, fields, "entry", f"could not be handled: {error!r}",
-                    _trade_id_of(fields),
-                ))  # fmt: skip
+                reason = f"could not be handled: {error!r}"
+                dead = DeadLetter(entry_id, fields, "entry", reason, _trade_id_of(fields))
+                batch.dead_letters.append(dead)
                 continue
             if case is not None:
                 batch.add_case(case)

@@ -112,17 +112,24 @@ class Trainer:
         self.name = name
         self.archive = archive
         self.queue = CaseQueue(
-            client, self.keys, settings.lease_s, settings.max_attempts, settings.events_maxlen,
+            client,
+            self.keys,
+            settings.lease_s,
+            settings.max_attempts,
+            settings.events_maxlen,
             settings.heldout_share,
-        )  # fmt: skip
+        )
         self.registry = CheckpointRegistry(
             client, self.keys, archive, settings.keep_checkpoints, settings.events_maxlen
         )
         self.sessions = SessionStore(client, self.keys, archive, settings.events_maxlen)
         self.heldout = HeldOutSet(
-            client, self.keys, settings.heldout_size, settings.feature_count,
+            client,
+            self.keys,
+            settings.heldout_size,
+            settings.feature_count,
             settings.heldout_share,
-        )  # fmt: skip
+        )
         self.spec = spec_from_settings(settings)
         self.scratch = build_model(self.spec)  # verifies and measures checkpoints
         self.rng = random.Random(f"{settings.seed}:{name}")
@@ -172,9 +179,12 @@ class Trainer:
         if not leases:
             return None
         with Heartbeat(
-            self.queue, leases, self.settings.lease_s / 3, self.refresh_health,
+            self.queue,
+            leases,
+            self.settings.lease_s / 3,
+            self.refresh_health,
             self.health.every_s,
-        ) as heartbeat:  # fmt: skip
+        ) as heartbeat:
             session = self._start_session(leases, cases)
             try:
                 self._train(
@@ -203,15 +213,13 @@ class Trainer:
 
     def _usable(self, leases: list[Lease]) -> tuple[list[Lease], list[NegativeCase]]:
         """The leases whose cases can be trained; the others fail with the reason."""
-        found = {case.case_id: case for case in CaseStore(self.client, self.keys).get_many(
-            lease.case_id for lease in leases
-        )}  # fmt: skip
+        stored = CaseStore(self.client, self.keys).get_many(lease.case_id for lease in leases)
+        found = {case.case_id: case for case in stored}
         good: list[tuple[Lease, NegativeCase]] = []
         for lease in leases:
             case = found.get(lease.case_id)
-            problem = "case not found" if case is None else case_problem(
-                case, self.settings.feature_count
-            )  # fmt: skip
+            fc = self.settings.feature_count
+            problem = "case not found" if case is None else case_problem(case, fc)
             if problem:
                 self.queue.fail([lease], problem, self.name)
             else:
@@ -232,17 +240,27 @@ class Trainer:
         session.base_version = base_version
         heldout_cases = [case for case in self.heldout.cases() if case.case_id not in case_ids]
         replay_cases = sample_replay(
-            self.client, self.keys, settings.replay_size, case_ids | self.heldout.ids(), fc,
-            self.rng, settings.heldout_share,
-        )  # fmt: skip
+            self.client,
+            self.keys,
+            settings.replay_size,
+            case_ids | self.heldout.ids(),
+            fc,
+            self.rng,
+            settings.heldout_share,
+        )
         new, heldout = Examples.of(cases, fc), Examples.of(heldout_cases, fc)
         model = build_model(self.spec)
         model.load_state_dict(base_state)
         case_before = measure(model, new)
         epochs, early = train_intensively(
-            model, new, Examples.of(replay_cases, fc), session.epochs_planned,
-            settings.learning_rate, settings.early_stop_patience, should_stop,
-        )  # fmt: skip
+            model,
+            new,
+            Examples.of(replay_cases, fc),
+            session.epochs_planned,
+            settings.learning_rate,
+            settings.early_stop_patience,
+            should_stop,
+        )
         case_after = measure(model, new)
         session.epochs_completed, session.stopped_early = epochs, early
         meta = {
@@ -260,18 +278,28 @@ class Trainer:
         }
         update = Update(base_version, base_state, state_of(model))
         result = publish_update(
-            self.registry, update, self.scratch, fc, heldout, settings.gate_tolerance, meta,
-            leases, self.name,
-        )  # fmt: skip
+            self.registry,
+            update,
+            self.scratch,
+            fc,
+            heldout,
+            settings.gate_tolerance,
+            meta,
+            leases,
+            self.name,
+        )
         self._ack(leases, cases, result.rejected_reason)
         session.outcome = "rejected" if result.rejected_reason else "published"
         session.published_version = result.version
         session.rejected_reason = result.rejected_reason
         session.rebases = result.rebases
         session.cases_trained = len(cases)
-        session.metrics = {**meta["metrics"], "parent_version": result.parent_version,
-                           "heldout_before": measurement_dict(result.heldout_before),
-                           "heldout_after": measurement_dict(result.heldout_after)}  # fmt: skip
+        session.metrics = {
+            **meta["metrics"],
+            "parent_version": result.parent_version,
+            "heldout_before": measurement_dict(result.heldout_before),
+            "heldout_after": measurement_dict(result.heldout_after),
+        }
         session.loss_improvement, session.accuracy_improvement = improvements(
             result.heldout_before, result.heldout_after
         )
@@ -331,8 +359,10 @@ class Trainer:
         self.metrics.sessions.labels(session.outcome or "unknown").inc()
         self.metrics.session_seconds.observe(session.duration_s)
         self.metrics.epochs.inc(session.epochs_completed)
-        print(f"{self.name}: {session.outcome} {','.join(session.case_ids)}: "
-              f"{session.summary()}", file=sys.stderr)  # fmt: skip
+        print(
+            f"{self.name}: {session.outcome} {','.join(session.case_ids)}: {session.summary()}",
+            file=sys.stderr,
+        )
 
     def _drained(self) -> bool:
         counts = queue_counts(self.client, self.keys)

@@ -102,9 +102,9 @@ def train_intensively(
         )
         case_loss = per_example[:n_cases].mean()
         replay_loss = per_example[n_cases:].mean() if len(replay) else None
-        loss = case_loss if replay_loss is None else (
-            CASE_WEIGHT * case_loss + (1 - CASE_WEIGHT) * replay_loss
-        )  # fmt: skip
+        loss = case_loss
+        if replay_loss is not None:
+            loss = CASE_WEIGHT * case_loss + (1 - CASE_WEIGHT) * replay_loss
         # backprop and update
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

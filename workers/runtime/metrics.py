@@ -38,8 +38,9 @@ class TrainerMetrics:
 
     def __post_init__(self) -> None:
         r = self.registry
-        self.sessions = Counter("negcase_trainer_sessions", "Training sessions", ["outcome"],
-                                registry=r)  # fmt: skip
+        self.sessions = Counter(
+            "negcase_trainer_sessions", "Training sessions", ["outcome"], registry=r
+        )
         self.session_seconds = Histogram(
             "negcase_trainer_session_seconds", "Wall time of a training session", registry=r
         )
@@ -54,10 +55,10 @@ class InferenceMetrics:
 
     def __post_init__(self) -> None:
         r = self.registry
-        self.requests = Counter("negcase_inference_requests", "Signal requests answered",
-                                ["result"], registry=r)  # fmt: skip
+        self.requests = Counter(
+            "negcase_inference_requests", "Signal requests answered", ["result"], registry=r
+        )
         self.batch_seconds = Histogram(
             "negcase_inference_batch_seconds", "Forward pass + reply time per batch", registry=r
         )
-        self.model_version = Gauge("negcase_inference_model_version", "Version served",
-                                   registry=r)  # fmt: skip
+        self.model_version = Gauge("negcase_inference_model_version", "Version served", registry=r)

@@ -48,8 +48,10 @@ def bench_trade(i: int, prefix: str) -> dict[bytes, bytes]:
         "features": FEATURES,
         "technical_indicators": {"rsi": 61.2, "macd": -0.41},
     }
-    return {k.encode(): v if isinstance(v, bytes) else v.encode()
-            for k, v in encode_trade(trade, "flat").items()}  # fmt: skip
+    return {
+        k.encode(): v if isinstance(v, bytes) else v.encode()
+        for k, v in encode_trade(trade, "flat").items()
+    }
 
 
 def fill_stream(client: redis.Redis, keys: Keys, events: list[dict[bytes, bytes]]) -> None:
@@ -135,12 +137,21 @@ def steady_latency(
     total = int(rate * duration_s)
     losses = total // 2
     observer = threading.Thread(
-        target=_observe_cases, args=(connect(run_settings.redis_url or ""), keys, sent_at,
-                                     latencies_ms, losses, duration_s + 30), daemon=True
-    )  # fmt: skip
+        target=_observe_cases,
+        args=(
+            connect(run_settings.redis_url or ""),
+            keys,
+            sent_at,
+            latencies_ms,
+            losses,
+            duration_s + 30,
+        ),
+        daemon=True,
+    )
     archive_flag = () if archive else ("--no-archive",)
-    supervisor.start("bench-detector", "detect", "--consumer", "bench", "--block-ms", "100",
-                     *archive_flag)  # fmt: skip
+    supervisor.start(
+        "bench-detector", "detect", "--consumer", "bench", "--block-ms", "100", *archive_flag
+    )
     try:
         _wait_for_consumer(client, keys)
         observer.start()
@@ -213,8 +224,9 @@ def _percentile(sorted_values: list[float], pct: float) -> float:
     return round(sorted_values[index], 3)
 
 
-def run_ingest_bench(settings: Settings, events_n: int, repeats: int, rate: float,
-                     duration_s: float) -> dict[str, Any]:  # fmt: skip
+def run_ingest_bench(
+    settings: Settings, events_n: int, repeats: int, rate: float, duration_s: float
+) -> dict[str, Any]:
     """Every ingest figure of issue 2 in one run."""
     events = [bench_trade(i, "tp") for i in range(events_n)]
     payload_bytes = statistics.mean(sum(len(k) + len(v) for k, v in e.items()) for e in events)
@@ -307,6 +319,9 @@ def run_ingest(args: argparse.Namespace) -> int:
     result = run_ingest_bench(
         settings_from(args), args.events, args.repeats, args.rate, args.duration
     )
-    print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() if args.json
-          else render_ingest(result))  # fmt: skip
+    print(
+        orjson.dumps(result, option=orjson.OPT_INDENT_2).decode()
+        if args.json
+        else render_ingest(result)
+    )
     return 0

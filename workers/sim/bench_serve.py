@@ -150,8 +150,11 @@ def reload_latency(
     """Per publish: from just before `latest` moves to the first reply by the new version,
     for each worker (`per_worker`) and for the last of them (`all_workers`)."""
     registry = CheckpointRegistry(client, settings.keys)
-    meta = {"feature_count": settings.feature_count,
-            "model_spec": spec_from_settings(settings).to_dict(), "trainer": "bench"}  # fmt: skip
+    meta = {
+        "feature_count": settings.feature_count,
+        "model_spec": spec_from_settings(settings).to_dict(),
+        "trainer": "bench",
+    }
     prober = SignalClient(client, settings.namespace)
     _wait_for_workers(client, settings.keys, prober, workers)
     per_worker, all_workers = [], []
@@ -256,8 +259,11 @@ def _seeded_blob(settings: Settings, seed: int) -> bytes:
 
 
 def _meta(settings: Settings) -> dict[str, Any]:
-    return {"feature_count": settings.feature_count,
-            "model_spec": spec_from_settings(settings).to_dict(), "trainer": "bench"}  # fmt: skip
+    return {
+        "feature_count": settings.feature_count,
+        "model_spec": spec_from_settings(settings).to_dict(),
+        "trainer": "bench",
+    }
 
 
 def render(result: dict[str, Any]) -> str:
@@ -305,6 +311,7 @@ def register(bench_sub: argparse._SubParsersAction) -> None:
 def run_bench_serve(args: argparse.Namespace) -> int:
     """Run the serve bench and print its figures."""
     result = run_serve_bench(settings_from(args), args.requests, args.drain, args.publishes)
-    print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() if args.json
-          else render(result))  # fmt: skip
+    print(
+        orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() if args.json else render(result)
+    )
     return 0

@@ -41,12 +41,26 @@ def bench_case(n: int, priority: int, epochs: int, feature_count: int) -> Negati
     label = ACTIONS[0] if features[0] + features[1] > 0.3 else ACTIONS[1]
     loss = PRIORITY_LOSS_PCT[priority]
     return NegativeCase(
-        case_id=f"nc-bench-{n:06d}", trade_id=f"bench-{n}", symbol="ETH/USDT", side="BUY",
-        entry_price=100.0, exit_price=100.0 - loss, quantity=1.0, leverage=1.0, fee_rate=0.0,
-        move_pct=-loss, pnl_pct=-loss, loss_percentage=loss, loss_amount=loss,
-        what_should_have_been_done=label, lesson_learned="bench", training_priority=priority,
-        training_epochs=epochs, created_at_ms=1_700_000_000_000 + n, features=features,
-    )  # fmt: skip
+        case_id=f"nc-bench-{n:06d}",
+        trade_id=f"bench-{n}",
+        symbol="ETH/USDT",
+        side="BUY",
+        entry_price=100.0,
+        exit_price=100.0 - loss,
+        quantity=1.0,
+        leverage=1.0,
+        fee_rate=0.0,
+        move_pct=-loss,
+        pnl_pct=-loss,
+        loss_percentage=loss,
+        loss_amount=loss,
+        what_should_have_been_done=label,
+        lesson_learned="bench",
+        training_priority=priority,
+        training_epochs=epochs,
+        created_at_ms=1_700_000_000_000 + n,
+        features=features,
+    )
 
 
 def add_cases(client: redis.Redis, settings: Settings, cases: list[NegativeCase]) -> None:
@@ -70,21 +84,27 @@ def session_times(settings: Settings, history: int) -> dict[int, dict[str, float
     trainer = Trainer(client, full, "bench", Archive(settings.data_dir))
     results = {}
     # Timed cases must be trainable: a held-out case is never claimed for training.
-    numbers = (n for n in itertools.count(history)
-               if not is_held_out(f"nc-bench-{n:06d}", settings.heldout_share))  # fmt: skip
+    numbers = (
+        n
+        for n in itertools.count(history)
+        if not is_held_out(f"nc-bench-{n:06d}", settings.heldout_share)
+    )
     for n, (number, priority) in enumerate(zip(numbers, [1, 1, 2, 3, 4, 5], strict=False)):
         # the first run warms torch up
-        add_cases(client, settings, [bench_case(number, priority,
-                                                settings.epochs_for(priority), fc)])  # fmt: skip
+        add_cases(
+            client, settings, [bench_case(number, priority, settings.epochs_for(priority), fc)]
+        )
         leases = trainer.queue.claim("bench")
         started = time.perf_counter()
         with contextlib.redirect_stderr(io.StringIO()):
             session = trainer.train_claimed(leases, StopFlag())
         elapsed = time.perf_counter() - started
         if n:
-            results[priority] = {"seconds": round(elapsed, 3),
-                                 "epochs": session.epochs_completed,
-                                 "outcome": session.outcome}  # fmt: skip
+            results[priority] = {
+                "seconds": round(elapsed, 3),
+                "epochs": session.epochs_completed,
+                "outcome": session.outcome,
+            }
     return results
 
 
@@ -92,14 +112,19 @@ def drain_rate(settings: Settings, trainers: int, cases: int, epochs: int) -> di
     """Cases/s drained by `trainers` processes: from the first training_started to the last
     training_completed, so that process start-up (importing torch) is not counted."""
     client = connect(settings.redis_url or "")
-    add_cases(client, settings, [bench_case(n, 3, epochs, settings.feature_count)
-                                 for n in range(cases)])  # fmt: skip
+    add_cases(
+        client, settings, [bench_case(n, 3, epochs, settings.feature_count) for n in range(cases)]
+    )
     env = {**worker_environment(settings), "NEGCASE_EARLY_STOP_PATIENCE": "0"}
     processes = [
-        subprocess.Popen([sys.executable, "-m", "negcase", "train", "--burst"],
-                         cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
+        subprocess.Popen(
+            [sys.executable, "-m", "negcase", "train", "--burst"],
+            cwd=ROOT,
+            env=env,
+            stderr=subprocess.DEVNULL,
+        )
         for _ in range(trainers)
-    ]  # fmt: skip
+    ]
     for process in processes:
         process.wait()
     stamps = {b"training_started": [], b"training_completed": []}
@@ -120,8 +145,9 @@ def run_train_bench(settings: Settings, cases: int, epochs: int) -> dict[str, An
             runs = [("sessions", None), ("drain_1", 1), ("drain_2", 2)]
             for name, trainers in runs:
                 namespace = f"negcase-bench-{name}"
-                run = settings.with_overrides(redis_url=url, namespace=namespace,
-                                              data_dir=folder / name)  # fmt: skip
+                run = settings.with_overrides(
+                    redis_url=url, namespace=namespace, data_dir=folder / name
+                )
                 try:
                     if trainers is None:
                         result[name] = session_times(run, history=200)
@@ -141,8 +167,10 @@ def render(result: dict[str, Any]) -> str:
     """The figures as text."""
     lines = ["train bench: one session per priority, default model, 1 CPU thread, replay on"]
     for priority, figures in result["sessions"].items():
-        lines.append(f"  priority {priority}: {figures['epochs']:>5} epochs in "
-                     f"{figures['seconds']:.3f} s ({figures['outcome']})")  # fmt: skip
+        lines.append(
+            f"  priority {priority}: {figures['epochs']:>5} epochs in "
+            f"{figures['seconds']:.3f} s ({figures['outcome']})"
+        )
     for name in ("drain_1", "drain_2"):
         figures = result[name]
         lines.append(
@@ -172,6 +200,9 @@ def register(bench_sub: argparse._SubParsersAction) -> None:
 def run_bench_train(args: argparse.Namespace) -> int:
     """Run the train bench and print its figures."""
     result = run_train_bench(settings_from(args), args.cases, args.epochs)
-    print(orjson.dumps(result, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS).decode()
-          if args.json else render(result))  # fmt: skip
+    print(
+        orjson.dumps(result, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS).decode()
+        if args.json
+        else render(result)
+    )
     return 0

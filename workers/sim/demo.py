@@ -188,16 +188,23 @@ def held_out_loss_rate(
 def live_loss_rates(models: dict[str, dict[str, float]], first: int) -> dict[str, Any]:
     """Loss rate on the engine's own trades: the first model against the latest one that
     made enough trades to say."""
-    versions = sorted(int(v) for v, row in models.items()
-                      if v != "none" and row.get("trades", 0) >= MIN_TRADES_FOR_RATE)  # fmt: skip
+    versions = sorted(
+        int(v)
+        for v, row in models.items()
+        if v != "none" and row.get("trades", 0) >= MIN_TRADES_FOR_RATE
+    )
     latest = versions[-1] if versions else None
 
     def row(version: int | None) -> dict[str, Any] | None:
         if version is None or str(version) not in models:
             return None
         r = models[str(version)]
-        return {"version": version, "trades": r.get("trades", 0), "losses": r.get("losses", 0),
-                "loss_rate": r["loss_rate"]}  # fmt: skip
+        return {
+            "version": version,
+            "trades": r.get("trades", 0),
+            "losses": r.get("losses", 0),
+            "loss_rate": r["loss_rate"],
+        }
 
     return {"first": row(first), "latest": row(latest)}
 
@@ -364,9 +371,11 @@ def run_demo(args: argparse.Namespace) -> int:
         run_id = time.strftime("%Y%m%d%H%M%S")
         market = Market(feature_count=settings.feature_count, seed=args.seed)
         trading = TradingEngine(
-            client, settings, SyntheticEngine(market, prefix=f"demo-{run_id}"),
+            client,
+            settings,
+            SyntheticEngine(market, prefix=f"demo-{run_id}"),
             SignalClient(client, settings.namespace, settings.feature_count),
-        )  # fmt: skip
+        )
         tally = EventTally(settings.keys)
         started = time.monotonic()
         try:
@@ -406,8 +415,11 @@ def run_demo(args: argparse.Namespace) -> int:
             ),
         }
         summary = summarize(status, trading, tally, held_out, first_version, duration_s, exit_codes)
-        print(orjson.dumps(summary, option=orjson.OPT_INDENT_2).decode() if args.json
-              else render_summary(summary))  # fmt: skip
+        print(
+            orjson.dumps(summary, option=orjson.OPT_INDENT_2).decode()
+            if args.json
+            else render_summary(summary)
+        )
         return 0 if all(code == 0 for code in exit_codes.values()) else 1
 
 

@@ -35,18 +35,42 @@ def test_every_command_explains_itself():
 
 def test_publish_detect_status_tail(settings):
     # given trades published from flags and from JSON lines on stdin
-    loss = negcase(settings, "publish", "--trade-id", "t1", "--symbol", "ETH/USDT", "--side",
-                   "BUY", "--entry", "3000", "--exit", "2970", "--features",
-                   "[0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8]")  # fmt: skip
+    loss = negcase(
+        settings,
+        "publish",
+        "--trade-id",
+        "t1",
+        "--symbol",
+        "ETH/USDT",
+        "--side",
+        "BUY",
+        "--entry",
+        "3000",
+        "--exit",
+        "2970",
+        "--features",
+        "[0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8]",
+    )
     assert loss.returncode == 0, loss.stderr
     lines = "\n".join(
-        json.dumps(t) for t in [
-            {"trade_id": "t2", "symbol": "BTC/USDT", "side": "SELL", "entry_price": 100,
-             "exit_price": 90},
-            {"trade_id": "t3", "symbol": "BTC/USDT", "side": "SELL", "entry_price": -1,
-             "exit_price": 90},
+        json.dumps(t)
+        for t in [
+            {
+                "trade_id": "t2",
+                "symbol": "BTC/USDT",
+                "side": "SELL",
+                "entry_price": 100,
+                "exit_price": 90,
+            },
+            {
+                "trade_id": "t3",
+                "symbol": "BTC/USDT",
+                "side": "SELL",
+                "entry_price": -1,
+                "exit_price": 90,
+            },
         ]
-    )  # fmt: skip
+    )
     batch = negcase(settings, "publish", "--file", "-", "--encoding", "json", input_text=lines)
     assert batch.returncode == 0 and "published 2" in batch.stdout
     # when a detector drains the stream
@@ -77,8 +101,10 @@ def test_tail_filters_by_type(settings):
 def test_health_follows_a_running_worker(settings, spawn, client):
     assert negcase(settings, "health", "--kind", "detector").returncode == 1
     detector = spawn("detect", "--block-ms", "100")
-    wait_until(lambda: negcase(settings, "health", "--kind", "detector").returncode == 0,
-               what="the detector's health key")  # fmt: skip
+    wait_until(
+        lambda: negcase(settings, "health", "--kind", "detector").returncode == 0,
+        what="the detector's health key",
+    )
     detector.terminate()
     assert detector.wait(30) == 0
     assert negcase(settings, "health", "--kind", "detector").returncode == 1
@@ -100,8 +126,11 @@ def test_mistakes_get_one_clear_line_and_exit_2(settings, args, message):
 def test_an_unreachable_redis_is_a_clear_error(settings):
     result = subprocess.run(
         [sys.executable, "-m", "negcase", "status", "--redis-url", "redis://127.0.0.1:1/0"],
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2
     assert "cannot reach Redis at redis://127.0.0.1:1/0" in result.stderr
 

@@ -18,11 +18,24 @@ pytestmark = pytest.mark.slow
 def test_the_demo_learns_from_its_losses_and_stops_everything(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("NEGCASE_")}
     demo = subprocess.Popen(
-        [sys.executable, "-m", "negcase", "demo", "--duration", "25", "--json",
-         "--data-dir", str(tmp_path / "negative")],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "negcase",
+            "demo",
+            "--duration",
+            "25",
+            "--json",
+            "--data-dir",
+            str(tmp_path / "negative"),
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
         start_new_session=True,
-    )  # fmt: skip
+    )
     try:
         stdout, stderr = demo.communicate(timeout=240)
     finally:

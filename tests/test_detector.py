@@ -223,12 +223,16 @@ def test_each_encoding_reaches_the_queue(client, settings, encoding):
 
 def test_numbers_in_range_whose_product_is_not_are_dead_lettered(client, settings):
     # given a batch where two entries overflow the P&L and one is an ordinary loss
-    publish_trades(client, settings.keys, [
-        losing("huge-leverage", leverage=1e308, exit_price=1),
-        losing("absurd-but-finite", leverage=1e300),
-        losing("tiny-to-huge", entry_price=1e-300, exit_price=1e300, side="SELL"),
-        losing("ordinary"),
-    ])  # fmt: skip
+    publish_trades(
+        client,
+        settings.keys,
+        [
+            losing("huge-leverage", leverage=1e308, exit_price=1),
+            losing("absurd-but-finite", leverage=1e300),
+            losing("tiny-to-huge", entry_price=1e-300, exit_price=1e300, side="SELL"),
+            losing("ordinary"),
+        ],
+    )
     # when drained, the detector survives, keeps the ordinary loss, and explains the others
     drain(client, settings)
     assert client.sismember(settings.keys.cases, case_id_for("ordinary"))

@@ -23,10 +23,16 @@ def test_every_event_written_keeps_to_the_catalogue(client, settings) -> None:
     keys = settings.keys
     # given every producer at work: the detector, a trainer, the registry's publish and
     # rollback, a reloader, a failed case and an expired lease on its last attempt
-    detect(client, settings, [
-        trade("big", 2550, model_version=1), trade("mid", 2910), trade("small", 2985),
-        {**trade("bad", 2970), "entry_price": 0},
-    ])  # fmt: skip
+    detect(
+        client,
+        settings,
+        [
+            trade("big", 2550, model_version=1),
+            trade("mid", 2910),
+            trade("small", 2985),
+            {**trade("bad", 2970), "entry_price": 0},
+        ],
+    )
     trainer = Trainer(client, settings, "t1", None)
     trainer.train_claimed(trainer.queue.claim("t1"), StopFlag())
     second = publish_checkpoint(client, settings, 2, 0.6)

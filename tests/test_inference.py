@@ -108,10 +108,13 @@ def test_negcase_predict_prints_the_reply(client, settings, spawn):
 
 def run_predict(settings, features: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "negcase", "predict", "--features", features,
-         "--timeout-s", "30"],
-        cwd=ROOT, env=worker_env(settings), capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        [sys.executable, "-m", "negcase", "predict", "--features", features, "--timeout-s", "30"],
+        cwd=ROOT,
+        env=worker_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_serve_model_names_the_factory_that_train_model_names(client, settings, spawn):

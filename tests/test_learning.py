@@ -70,11 +70,15 @@ def test_the_gate_refuses_a_harmful_update_and_says_why(client, settings) -> Non
     # The same market situations, every label wrong, trained hard with nothing to replay.
     # (Only ids the rule trains: a flipped case held out would be a wrong-label judge.)
     flipped = [
-        dataclasses.replace(case, case_id=f"nc-bad-{n:03d}", training_epochs=300,
-                            what_should_have_been_done=ACTIONS[(case.label + 1) % 3])
+        dataclasses.replace(
+            case,
+            case_id=f"nc-bad-{n:03d}",
+            training_epochs=300,
+            what_should_have_been_done=ACTIONS[(case.label + 1) % 3],
+        )
         for n, case in enumerate(good)
         if not is_held_out(f"nc-bad-{n:03d}", settings.heldout_share)
-    ]  # fmt: skip
+    ]
     add_cases(client, settings, flipped)
     harmful = settings.with_overrides(cases_per_claim=40, replay_size=0, early_stop_patience=0)
 
@@ -88,9 +92,10 @@ def test_the_gate_refuses_a_harmful_update_and_says_why(client, settings) -> Non
     reason = client.hget(settings.keys.rejected, "nc-bad-000").decode()
     assert reason.startswith("held-out loss rose")
     [completed] = [
-        fields for _, fields in client.xrange(settings.keys.events)
+        fields
+        for _, fields in client.xrange(settings.keys.events)
         if fields[b"type"] == b"training_completed" and b"nc-bad-000" in fields[b"cases"]
-    ]  # fmt: skip
+    ]
     assert completed[b"outcome"] == b"rejected" and completed[b"rejected_reason"].decode() == reason
     # Trained is trained: the count moves in Redis and in the archive, published or not.
     [stored] = CaseStore(client, settings.keys).get_many(["nc-bad-000"])
@@ -104,20 +109,25 @@ def test_concurrent_publishers_both_land_through_rebase(client, settings) -> Non
     base = state_of(build_model(spec))
     meta = {"feature_count": 8, "model_spec": spec.to_dict(), "case_ids": []}
     no_heldout = Examples.of([], 8)
-    first = publish_update(registry, Update(None, base, base), build_model(spec), 8, no_heldout,
-                           0.02, meta)  # fmt: skip
-    deltas = [{name: torch.full_like(value, step) for name, value in base.items()}
-              for step in (0.25, 0.5)]  # fmt: skip
+    first = publish_update(
+        registry, Update(None, base, base), build_model(spec), 8, no_heldout, 0.02, meta
+    )
+    deltas = [
+        {name: torch.full_like(value, step) for name, value in base.items()} for step in (0.25, 0.5)
+    ]
     updates = [
         Update(first.version, base, {name: base[name] + delta[name] for name in base})
         for delta in deltas
     ]
     results = []
     threads = [
-        threading.Thread(target=lambda u=update: results.append(publish_update(
-            registry, u, build_model(spec), 8, no_heldout, 0.02, meta)))
+        threading.Thread(
+            target=lambda u=update: results.append(
+                publish_update(registry, u, build_model(spec), 8, no_heldout, 0.02, meta)
+            )
+        )
         for update in updates
-    ]  # fmt: skip
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:

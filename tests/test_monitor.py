@@ -44,8 +44,14 @@ def small(settings: Settings) -> Settings:
 
 
 def trade(trade_id: str, exit_price: float, features: bool = True, **extra) -> dict:
-    fields = {"trade_id": trade_id, "symbol": "ETH/USDT", "side": "BUY",
-              "entry_price": 3000, "exit_price": exit_price, **extra}  # fmt: skip
+    fields = {
+        "trade_id": trade_id,
+        "symbol": "ETH/USDT",
+        "side": "BUY",
+        "entry_price": 3000,
+        "exit_price": exit_price,
+        **extra,
+    }
     return {**fields, "features": FEATURES} if features else fields
 
 
@@ -59,8 +65,11 @@ def publish_checkpoint(client: redis.Redis, settings: Settings, seed: int, loss:
     """Publish a seeded model with the metrics a trainer records; its version."""
     registry = CheckpointRegistry(client, settings.keys)
     weights = weights_bytes(state_of(seeded_model(settings, seed)))
-    metrics = {"heldout_before": {"loss": 0.7, "accuracy": 0.5},
-               "heldout_after": {"loss": loss, "accuracy": 0.6}, "epochs": 10}  # fmt: skip
+    metrics = {
+        "heldout_before": {"loss": 0.7, "accuracy": 0.5},
+        "heldout_after": {"loss": loss, "accuracy": 0.6},
+        "epochs": 10,
+    }
     meta = {**checkpoint_meta(settings), "case_ids": ["nc-a"], "metrics": metrics}
     return registry.publish(weights, sha256_hex(weights), meta, registry.latest_version())
 
@@ -108,13 +117,19 @@ def test_status_answers_what_an_operator_asks_first(client, settings) -> None:
     settings = small(settings)
     keys = settings.keys
     # given a case at each priority, a featureless loss, a win and a malformed trade, detected
-    detect(client, settings, [
-        *(trade(f"p{p}", exit_price, model_version=1 if p in (5, 1) else None)
-          for p, exit_price in EXIT_BY_PRIORITY.items()),
-        trade("bare", 2940, features=False),
-        trade("win", 3030, model_version=1),
-        {**trade("bad", 2970), "entry_price": 0},
-    ])  # fmt: skip
+    detect(
+        client,
+        settings,
+        [
+            *(
+                trade(f"p{p}", exit_price, model_version=1 if p in (5, 1) else None)
+                for p, exit_price in EXIT_BY_PRIORITY.items()
+            ),
+            trade("bare", 2940, features=False),
+            trade("win", 3030, model_version=1),
+            {**trade("bad", 2970), "entry_price": 0},
+        ],
+    )
     # and a detector that died holding one entry, with one more not yet delivered
     publish_trades(client, keys, [trade("late-1", 2970), trade("late-2", 2970)], "flat")
     client.xreadgroup(DETECTOR_GROUP, "detector-dead", {keys.trades: ">"}, count=1)
@@ -139,8 +154,13 @@ def test_status_answers_what_an_operator_asks_first(client, settings) -> None:
     # then the queue adds up, by state and by priority, with the reasons for dead and rejected
     cases = status["cases"]
     assert {k: cases[k] for k in ("queued", "leased", "done", "dead", "rejected", "total")} == {
-        "queued": 1, "leased": 2, "done": 1, "dead": 1, "rejected": 1, "total": 5
-    }  # fmt: skip
+        "queued": 1,
+        "leased": 2,
+        "done": 1,
+        "dead": 1,
+        "rejected": 1,
+        "total": 5,
+    }
     assert cases["conserved"] and cases["without_features"] == 1
     assert cases["queued_by_priority"] == {"5": 0, "4": 0, "3": 0, "2": 0, "1": 1}
     assert cases["rejected_reasons"] == {case_id_for("p5"): "held-out loss rose 0.61 -> 0.70"}
@@ -148,8 +168,10 @@ def test_status_answers_what_an_operator_asks_first(client, settings) -> None:
     # and the leases by deadline: the expired one first, waiting for the reaper
     expired, live = status["leases"]
     assert (expired["case_id"], expired["worker"], expired["priority"]) == (
-        case_id_for("p2"), "trainer-b", 2
-    )  # fmt: skip
+        case_id_for("p2"),
+        "trainer-b",
+        2,
+    )
     assert expired["expired"] and expired["deadline_in_s"] <= 0
     assert (live["case_id"], live["worker"], live["attempts"]) == (
         case_id_for("p3"),
@@ -200,10 +222,17 @@ def test_tail_has_a_readable_line_for_every_event_type(client, settings) -> None
     settings = small(settings)
     keys = settings.keys
     # given cases, a dead letter, a trained and published case, and a rollback
-    detect(client, settings, [
-        trade("big", 2550), trade("mid", 2910), trade("small", 2985),
-        trade("bare", 2940, features=False), {**trade("bad", 2970), "entry_price": 0},
-    ])  # fmt: skip
+    detect(
+        client,
+        settings,
+        [
+            trade("big", 2550),
+            trade("mid", 2910),
+            trade("small", 2985),
+            trade("bare", 2940, features=False),
+            {**trade("bad", 2970), "entry_price": 0},
+        ],
+    )
     trainer = Trainer(client, settings, "t1", None)
     trainer.train_claimed(trainer.queue.claim("t1"), StopFlag())
     registry = CheckpointRegistry(client, keys)

@@ -25,13 +25,17 @@ def queue_for(
 
 def test_claims_by_priority_then_loss_then_age(client, settings) -> None:
     hour_ms = 3_600_000
-    add_cases(client, settings, [
-        make_case(1, [0.0] * 8, priority=2, loss_pct=1.5),
-        make_case(2, [0.0] * 8, priority=5, loss_pct=11.0, created_at_ms=2 * hour_ms),
-        make_case(3, [0.0] * 8, priority=5, loss_pct=30.0, created_at_ms=2 * hour_ms),
-        make_case(4, [0.0] * 8, priority=5, loss_pct=11.0, created_at_ms=hour_ms),  # older
-        make_case(5, [0.0] * 8, priority=3, loss_pct=4.0),
-    ])  # fmt: skip
+    add_cases(
+        client,
+        settings,
+        [
+            make_case(1, [0.0] * 8, priority=2, loss_pct=1.5),
+            make_case(2, [0.0] * 8, priority=5, loss_pct=11.0, created_at_ms=2 * hour_ms),
+            make_case(3, [0.0] * 8, priority=5, loss_pct=30.0, created_at_ms=2 * hour_ms),
+            make_case(4, [0.0] * 8, priority=5, loss_pct=11.0, created_at_ms=hour_ms),  # older
+            make_case(5, [0.0] * 8, priority=3, loss_pct=4.0),
+        ],
+    )
     queue = queue_for(client, settings)
 
     order = [lease.case_id[-1] for lease in queue.claim("t1", count=5)]
@@ -157,8 +161,9 @@ def test_requeue_restores_cases_into_an_empty_redis(client, settings) -> None:
 
 def test_held_out_cases_are_never_leased_they_go_to_done_untrained(client, settings) -> None:
     # given 200 cases, oldest (best) first, and a rule holding out about a tenth of them by id
-    cases = [make_case(n, [0.0] * 8, created_at_ms=1_700_000_000_000 + n * 10_000)
-             for n in range(200)]  # fmt: skip
+    cases = [
+        make_case(n, [0.0] * 8, created_at_ms=1_700_000_000_000 + n * 10_000) for n in range(200)
+    ]
     held_out = {case.case_id for case in cases if is_held_out(case.case_id, 0.1)}
     assert 5 < len(held_out) < 40 and "nc-test-00004" in held_out
     add_cases(client, settings, cases)

@@ -138,8 +138,12 @@ def test_one_batch_is_answered_by_one_forward_pass_of_the_given_model(client, se
     assert replies["bad-1"]["error"] == {"field": "features", "reason": "expected 8 numbers, got 2"}
     assert [dead.field for dead in batch.dead] == ["request_id"]
     assert batch.handled_ids == [b"1-0", b"2-0", b"3-0", b"4-0"]
-    assert batch.counters == {"signals": 2, "signal_errors": 1, "signals_dead": 1,
-                              "model:7:signals": 2}  # fmt: skip
+    assert batch.counters == {
+        "signals": 2,
+        "signal_errors": 1,
+        "signals_dead": 1,
+        "model:7:signals": 2,
+    }
 
 
 def test_without_a_model_every_request_gets_the_no_model_error(client, settings):

@@ -83,8 +83,9 @@ def test_trainers_drain_the_queue_each_case_claimed_once(client, settings, spawn
 
 def test_a_killed_trainers_case_is_reclaimed_after_its_lease(client, settings, spawn) -> None:
     add_cases(client, settings, [make_case(1, [1.0] * 8, epochs=ENDLESS_EPOCHS)])
-    victim = spawn("train", "--name", "victim",
-                   env=trainer_env(settings, 1.0, NEGCASE_EARLY_STOP_PATIENCE="0"))  # fmt: skip
+    victim = spawn(
+        "train", "--name", "victim", env=trainer_env(settings, 1.0, NEGCASE_EARLY_STOP_PATIENCE="0")
+    )
     wait_training_started(client, settings)
     victim.send_signal(signal.SIGKILL)
     victim.communicate()
@@ -101,8 +102,9 @@ def test_a_trainer_paused_past_its_lease_can_neither_publish_nor_ack(
     client, settings, spawn
 ) -> None:
     add_cases(client, settings, [make_case(1, [1.0] * 8, epochs=ENDLESS_EPOCHS)])
-    paused = spawn("train", "--name", "paused",
-                   env=trainer_env(settings, 1.0, NEGCASE_EARLY_STOP_PATIENCE="0"))  # fmt: skip
+    paused = spawn(
+        "train", "--name", "paused", env=trainer_env(settings, 1.0, NEGCASE_EARLY_STOP_PATIENCE="0")
+    )
     wait_training_started(client, settings)
     paused.send_signal(signal.SIGSTOP)
     time.sleep(2.5)  # well past the 1 s lease
@@ -197,8 +199,12 @@ def trainer_health(client: redis.Redis, settings: Settings) -> dict | None:
 def test_a_trainer_busy_longer_than_its_health_ttl_stays_healthy(client, settings, spawn) -> None:
     # given a trainer in a session that outlasts its 2 s health TTL many times over
     add_cases(client, settings, [make_case(1, [1.0] * 8, epochs=ENDLESS_EPOCHS)])
-    trainer = spawn("train", "--name", "busy", env=trainer_env(
-        settings, 30.0, NEGCASE_EARLY_STOP_PATIENCE="0", NEGCASE_HEALTH_TTL_S="2"))  # fmt: skip
+    trainer = spawn(
+        "train",
+        "--name",
+        "busy",
+        env=trainer_env(settings, 30.0, NEGCASE_EARLY_STOP_PATIENCE="0", NEGCASE_HEALTH_TTL_S="2"),
+    )
     wait_training_started(client, settings)
     [started] = events(client, settings, "training_started")
 

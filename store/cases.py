@@ -127,6 +127,15 @@ class CaseStore:
         )
         return int(added), int(duplicates)
 
+    def add(self, cases: Iterable[NegativeCase], worker: str, events_maxlen: int = 10_000) -> int:
+        """Store and queue cases made without a trade (tools, tests, benchmarks) through the
+        detector's batch write. Returns how many were new."""
+        batch = Batch()
+        for case in cases:
+            batch.add_case(case)
+        added, _ = self.record_batch(batch, worker, events_maxlen, events_maxlen)
+        return added
+
     def get(self, case_id: str) -> NegativeCase | None:
         """One case from Redis, or None."""
         blob = self.client.get(self.keys.case(case_id))

@@ -9,7 +9,8 @@ import redis
 
 from negcase.runtime.settings import Settings
 from negcase.schemas.case import ACTIONS, NegativeCase
-from negcase.store.cases import Batch, CaseStore
+from negcase.sim.engine import synthetic_case
+from negcase.store.cases import CaseStore
 from negcase.store.queue import queue_counts
 
 
@@ -40,26 +41,16 @@ def make_case(
     """A case numbered `n`, labelled `action` (the hidden rule's when not given)."""
     action = action or (hidden_rule(features) if features else "HOLD")
     assert action in ACTIONS
-    return NegativeCase(
-        case_id=f"nc-test-{n:05d}",
-        trade_id=f"t{n}",
-        symbol="ETH/USDT",
-        side="BUY",
-        entry_price=100.0,
-        exit_price=100.0 - loss_pct,
-        quantity=1.0,
-        leverage=1.0,
-        fee_rate=0.0,
-        move_pct=-loss_pct,
-        pnl_pct=-loss_pct,
-        loss_percentage=loss_pct,
-        loss_amount=loss_pct,
-        what_should_have_been_done=action,
-        lesson_learned="test case",
-        training_priority=priority,
-        training_epochs=epochs,
-        created_at_ms=created_at_ms + n,
-        features=features,
+    return synthetic_case(
+        f"nc-test-{n:05d}",
+        f"t{n}",
+        features,
+        action,
+        priority,
+        epochs,
+        loss_pct,
+        created_at_ms + n,
+        "test case",
     )
 
 
@@ -71,10 +62,7 @@ def rule_cases(count: int, seed: int = 1, start: int = 0, **kwargs: object) -> l
 
 def add_cases(client: redis.Redis, settings: Settings, cases: list[NegativeCase]) -> None:
     """Store and queue cases the way the loss detector does."""
-    batch = Batch()
-    for case in cases:
-        batch.add_case(case)
-    CaseStore(client, settings.keys).record_batch(batch, "test", 10_000, 10_000)
+    CaseStore(client, settings.keys).add(cases, "test")
 
 
 def assert_conserved(client: redis.Redis, settings: Settings) -> dict[str, int]:

@@ -25,9 +25,10 @@ from negcase.runtime.settings import Settings
 from negcase.runtime.shutdown import StopFlag
 from negcase.schemas.case import ACTIONS, NegativeCase
 from negcase.sim.bench_support import bench_redis, drop_namespace
+from negcase.sim.engine import synthetic_case
 from negcase.sim.supervisor import worker_environment
 from negcase.store.archive import Archive
-from negcase.store.cases import Batch, CaseStore
+from negcase.store.cases import CaseStore
 from negcase.store.connection import connect
 from negcase.store.queue import CaseQueue, is_held_out
 
@@ -40,35 +41,22 @@ def bench_case(n: int, priority: int, epochs: int, feature_count: int) -> Negati
     features = [((n * 7919 + i * 104729) % 2000) / 1000 - 1 for i in range(feature_count)]
     label = ACTIONS[0] if features[0] + features[1] > 0.3 else ACTIONS[1]
     loss = PRIORITY_LOSS_PCT[priority]
-    return NegativeCase(
-        case_id=f"nc-bench-{n:06d}",
-        trade_id=f"bench-{n}",
-        symbol="ETH/USDT",
-        side="BUY",
-        entry_price=100.0,
-        exit_price=100.0 - loss,
-        quantity=1.0,
-        leverage=1.0,
-        fee_rate=0.0,
-        move_pct=-loss,
-        pnl_pct=-loss,
-        loss_percentage=loss,
-        loss_amount=loss,
-        what_should_have_been_done=label,
-        lesson_learned="bench",
-        training_priority=priority,
-        training_epochs=epochs,
-        created_at_ms=1_700_000_000_000 + n,
-        features=features,
+    return synthetic_case(
+        f"nc-bench-{n:06d}",
+        f"bench-{n}",
+        features,
+        label,
+        priority,
+        epochs,
+        loss,
+        1_700_000_000_000 + n,
+        "bench",
     )
 
 
 def add_cases(client: redis.Redis, settings: Settings, cases: list[NegativeCase]) -> None:
     """Store and queue cases through the detector's batch write."""
-    batch = Batch()
-    for case in cases:
-        batch.add_case(case)
-    CaseStore(client, settings.keys).record_batch(batch, "bench", 10_000, 10_000)
+    CaseStore(client, settings.keys).add(cases, "bench")
 
 
 def session_times(settings: Settings, history: int) -> dict[int, dict[str, float]]:

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from negcase.schemas.case import NegativeCase
+
 SYMBOLS = {"BTC/USDT": 65_000.0, "ETH/USDT": 3_000.0, "SOL/USDT": 150.0, "BNB/USDT": 600.0}
 LEVERAGES = (1.0, 2.0, 3.0, 5.0, 10.0)
 FEE_RATE = 0.0004
@@ -148,3 +150,39 @@ def held_out_situations(market_seed: int, feature_count: int, per_regime: int) -
     regime, never traded in the demo: the same for every model judged on it."""
     market = Market(feature_count=feature_count, seed=market_seed, stream_seed=market_seed + 10_007)
     return [market.situation(regime) for regime in range(market.regimes) for _ in range(per_regime)]
+
+
+def synthetic_case(
+    case_id: str,
+    trade_id: str,
+    features: list[float] | None,
+    label: str,
+    priority: int,
+    epochs: int,
+    loss_pct: float,
+    created_at_ms: int,
+    lesson: str,
+) -> NegativeCase:
+    """A case made without a trade (for tests and benchmarks): a BUY of one unit at 100 that
+    lost `loss_pct`, without leverage or fees, that should have been `label`."""
+    return NegativeCase(
+        case_id=case_id,
+        trade_id=trade_id,
+        symbol="ETH/USDT",
+        side="BUY",
+        entry_price=100.0,
+        exit_price=100.0 - loss_pct,
+        quantity=1.0,
+        leverage=1.0,
+        fee_rate=0.0,
+        move_pct=-loss_pct,
+        pnl_pct=-loss_pct,
+        loss_percentage=loss_pct,
+        loss_amount=loss_pct,
+        what_should_have_been_done=label,
+        lesson_learned=lesson,
+        training_priority=priority,
+        training_epochs=epochs,
+        created_at_ms=created_at_ms,
+        features=features,
+    )

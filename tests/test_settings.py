@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from negcase.runtime.settings import Settings, SettingsError
+from negcase.runtime.settings import Settings, SettingsError, explain
 from negcase.store.connection import backoff_s
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
@@ -69,3 +69,26 @@ def test_backoff_grows_to_a_cap_with_jitter():
 def test_readme_documents_every_setting():
     missing = [f.name for f in fields(Settings) if f"NEGCASE_{f.name.upper()}" not in README]
     assert missing == []
+
+
+def test_a_misspelled_variable_is_an_error_naming_the_closest_setting():
+    with pytest.raises(
+        SettingsError,
+        match=r"NEGCASE_FEATURES_COUNT: no such setting \(did you "
+        r"mean NEGCASE_FEATURE_COUNT\?\)",
+    ):
+        Settings.from_env({"NEGCASE_FEATURES_COUNT": "4", "NEGCASE_NAMESPACE": "x"})
+    with pytest.raises(SettingsError, match="NEGCASE_ZZZ: no such setting"):
+        Settings.from_env({"NEGCASE_ZZZ": "1"})
+
+
+def test_explain_says_where_each_value_came_from():
+    rows = {
+        name: (value, source)
+        for name, value, source in explain(
+            {"NEGCASE_LEASE_S": "12"}, {"namespace": "ops", "data_dir": None}
+        )
+    }
+    assert rows["lease_s"] == (12.0, "env")
+    assert rows["namespace"] == ("ops", "flag")
+    assert rows["batch_size"] == (500, "default") and rows["data_dir"][1] == "default"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
@@ -10,8 +11,11 @@ from typing import Any
 
 from negcase.store.keys import Keys
 
+ENV_PREFIX = "NEGCASE_"
 MAX_BATCH = 5000
 MAX_BLOCK_MS = 20_000
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_FORMATS = ("text", "json")
 
 
 class SettingsError(ValueError):
@@ -108,21 +112,17 @@ class Settings:
     # Health keys.
     health_ttl_s: int = 15
 
+    # Diagnostics on stderr: the lowest level written, and text for people or JSON lines.
+    log_level: str = "INFO"
+    log_format: str = "text"
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
-        """Read every NEGCASE_<FIELD> that is set; the rest keep their defaults."""
+        """Read every NEGCASE_<FIELD> that is set; the rest keep their defaults. A NEGCASE_*
+        variable that names no setting is an error (a misspelling would be ignored)."""
         environ = os.environ if environ is None else environ
-        values: dict[str, Any] = {}
-        for f in fields(cls):
-            name = f"NEGCASE_{f.name.upper()}"
-            if name not in environ:
-                continue
-            parse = _PARSERS[str(f.type)]
-            try:
-                values[f.name] = parse(environ[name])
-            except ValueError as error:
-                raise SettingsError(f"{name}={environ[name]!r}: {error}") from None
-        return cls(**values).validated()
+        check_variable_names(environ)
+        return cls(**_env_values(environ)).validated()
 
     def with_overrides(self, **overrides: Any) -> Settings:
         """A copy with the given fields replaced; None means 'not given' and keeps the value."""
@@ -149,7 +149,22 @@ class Settings:
             raise SettingsError("heldout_share: must be at least 0 and below 1")
         if self.default_leverage < 1 or self.default_fee_rate < 0:
             raise SettingsError("default_leverage >= 1 and default_fee_rate >= 0 are required")
+        if self.log_level.upper() not in LOG_LEVELS:
+            raise SettingsError(
+                f"log_level: one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}"
+            )
+        if self.log_format not in LOG_FORMATS:
+            raise SettingsError(f"log_format: text or json, got {self.log_format!r}")
         return self
+
+    def differences(self) -> dict[str, Any]:
+        """The settings whose value is not the default, by field name."""
+        default = Settings()
+        return {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if getattr(self, f.name) != getattr(default, f.name)
+        }
 
     @property
     def keys(self) -> Keys:
@@ -174,3 +189,53 @@ class Settings:
     def epochs_for(self, priority: int) -> int:
         """Training epochs for a case of this priority (1-5)."""
         return round(self.base_epochs[priority - 1] * self.epoch_multiplier)
+
+
+def variable_of(name: str) -> str:
+    """The environment variable a setting reads: NEGCASE_<FIELD_NAME>."""
+    return f"{ENV_PREFIX}{name.upper()}"
+
+
+VARIABLES = {variable_of(f.name): f for f in fields(Settings)}
+
+
+def check_variable_names(environ: Mapping[str, str]) -> None:
+    """SettingsError naming every NEGCASE_* variable that is no setting, with the closest
+    valid name: NEGCASE_FEATURES_COUNT=4 must not quietly leave the feature count at 8."""
+    unknown = sorted(n for n in environ if n.startswith(ENV_PREFIX) and n not in VARIABLES)
+    if not unknown:
+        return
+    problems = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, VARIABLES, n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        problems.append(f"{name}: no such setting{hint}")
+    raise SettingsError("; ".join(problems) + " (the README's Configuration table lists them)")
+
+
+def _env_values(environ: Mapping[str, str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for name, f in VARIABLES.items():
+        if name not in environ:
+            continue
+        try:
+            values[f.name] = _PARSERS[str(f.type)](environ[name])
+        except ValueError as error:
+            raise SettingsError(f"{name}={environ[name]!r}: {error}") from None
+    return values
+
+
+def explain(
+    environ: Mapping[str, str] | None = None, flags: Mapping[str, Any] | None = None
+) -> list[tuple[str, Any, str]]:
+    """Each setting's effective value and where it came from ('default', 'env' or 'flag'),
+    in field order: what `negcase config` prints."""
+    environ = os.environ if environ is None else environ
+    given = {name: value for name, value in (flags or {}).items() if value is not None}
+    settings = Settings.from_env(environ).with_overrides(**given)
+    from_env = _env_values(environ)
+    rows = []
+    for f in fields(Settings):
+        source = "flag" if f.name in given else "env" if f.name in from_env else "default"
+        rows.append((f.name, getattr(settings, f.name), source))
+    return rows

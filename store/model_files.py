@@ -8,9 +8,9 @@ a trainer killed in between leaves files that listings and rollback ignore.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,8 @@ from typing import Any
 import orjson
 
 from negcase.store.files import fsync_folder, write_atomic
+
+log = logging.getLogger(__name__)
 
 UNPUBLISHED_SUFFIX = ".unpublished"
 # Any file of a version in models/: final, unpublished metadata, or a temp file.
@@ -69,10 +71,11 @@ class ModelFiles:
             os.link(unpublished, self._meta(version))  # link(): never replaces
         except FileExistsError:
             # Published all the same; the caller's update is in. Say so, keep both files.
-            print(
-                f"warning: {self._meta(version)} exists; published v{version}'s "
-                f"metadata stays in {unpublished.name}",
-                file=sys.stderr,
+            log.warning(
+                "%s exists; published v%d's metadata stays in %s",
+                self._meta(version),
+                version,
+                unpublished.name,
             )
             return
         unpublished.unlink()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -11,11 +12,12 @@ from dataclasses import dataclass
 import redis
 
 from negcase.processes.losses import negative_case, outcome_of
+from negcase.runtime.logging import Progress
 from negcase.runtime.loop import BURST_POLL_S, WorkerLoop
 from negcase.runtime.metrics import DetectorMetrics
 from negcase.runtime.settings import Settings
 from negcase.runtime.shutdown import StopFlag
-from negcase.schemas.trade import TradeDefaults, TradeError, parse_trade
+from negcase.schemas.trade import TradeDefaults, TradeError, parse_trade, trade_id_hint
 from negcase.store.archive import Archive
 from negcase.store.cases import Batch, CaseStore, DeadLetter, version_label
 from negcase.store.health import HealthKey
@@ -26,6 +28,8 @@ from negcase.store.streams import (
     entries_of,
     own_pending,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -65,6 +69,7 @@ class LossDetector:
         self.metrics = DetectorMetrics()
         self.health = HealthKey(client, self.keys, "detector", settings.health_ttl_s)
         self._in_flight: Future[None] | None = None  # the batch being stored, if any
+        self.progress = Progress(log, "stored")
 
     def run(self, stop: StopFlag, burst: bool = False) -> DetectorTotals:
         """Work until `stop` is set (or, in burst mode, until the stream is drained).
@@ -100,6 +105,8 @@ class LossDetector:
         entries = self._read_new(block)
         if not entries:
             self._in_flight = _settled(self._in_flight)
+            # A quiet spell, and no batch is being stored: say what the last busy one did.
+            self.progress.flush_if_due()
             return False
         batch = self.assess(entries)
         _settled(self._in_flight)
@@ -152,6 +159,15 @@ class LossDetector:
         metrics.cases.inc(added)
         metrics.duplicates.inc(duplicates)
         metrics.dead.inc(len(batch.dead_letters))
+        self.progress.add(
+            {
+                "entries": entry_count,
+                "cases added": added,
+                "duplicates": duplicates,
+                "dead-lettered": len(batch.dead_letters),
+                "wins": batch.counters.get("wins", 0),
+            }
+        )
 
     def assess(self, entries: list[Entry]) -> Batch:
         """Pure computation: what each entry becomes. No I/O."""
@@ -166,13 +182,13 @@ class LossDetector:
                 case = negative_case(trade, outcome, settings, now_ms) if outcome.is_loss else None
             except TradeError as error:
                 batch.dead_letters.append(
-                    DeadLetter(entry_id, fields, error.field, error.reason, _trade_id_of(fields))
+                    DeadLetter(entry_id, fields, error.field, error.reason, trade_id_hint(fields))
                 )
                 continue
             except Exception as error:
                 # A bug met by some input: keep the entry, with the error, for a person to see.
                 reason = f"could not be handled: {error!r}"
-                dead = DeadLetter(entry_id, fields, "entry", reason, _trade_id_of(fields))
+                dead = DeadLetter(entry_id, fields, "entry", reason, trade_id_hint(fields))
                 batch.dead_letters.append(dead)
                 continue
             if case is not None:
@@ -235,8 +251,3 @@ def _abandoned(in_flight: Future[None] | None) -> None:
     if in_flight is not None:
         with contextlib.suppress(redis.RedisError):
             in_flight.result()
-
-
-def _trade_id_of(fields: dict[bytes, bytes]) -> str | None:
-    raw = fields.get(b"trade_id")
-    return raw.decode("utf-8", "replace")[:128] if raw else None

@@ -3,6 +3,7 @@ model, in batches, while the reloader swaps in every new checkpoint."""
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -10,6 +11,7 @@ import numpy as np
 import redis
 
 from negcase.processes.reloader import LoadedModel, Reloader
+from negcase.runtime.logging import Progress
 from negcase.runtime.loop import BURST_POLL_S, WorkerLoop
 from negcase.runtime.metrics import InferenceMetrics
 from negcase.runtime.settings import Settings
@@ -25,6 +27,8 @@ from negcase.schemas.signal import (
 from negcase.store.health import HealthKey
 from negcase.store.signals import DeadRequest, ReplyBatch, SignalStore
 from negcase.store.streams import Entry
+
+log = logging.getLogger(__name__)
 
 NO_MODEL_REASON = "no checkpoint published yet"
 DELETED_REASON = "deleted before it was answered (the stream was trimmed)"
@@ -57,6 +61,7 @@ class InferenceWorker:
         self.totals = ServeTotals()
         self.metrics = InferenceMetrics()
         self.health = HealthKey(client, settings.keys, "inference", settings.health_ttl_s)
+        self.progress = Progress(log, "answered")
 
     def run(self, stop: StopFlag, burst: bool = False) -> ServeTotals:
         """Answer requests until `stop` is set (or, in burst mode, until none are left)."""
@@ -81,6 +86,8 @@ class InferenceWorker:
         entries = self.store.read_new(self.consumer, self.settings.serve_batch_size, block_ms)
         if entries:
             self.handle(entries)
+        else:
+            self.progress.flush_if_due()  # a quiet spell: say what the last busy one did
         return bool(entries)
 
     def _health_info(self) -> dict[str, object]:
@@ -96,6 +103,15 @@ class InferenceWorker:
         started = time.perf_counter()
         batch = self.answer(entries, self.reloader.live)
         self.store.write(batch)
+        counters = batch.counters
+        self.progress.add(
+            {
+                "batches": 1,
+                "signals": counters.get("signals", 0),
+                "error replies": counters.get("signal_errors", 0),
+                "unanswerable": len(batch.dead),
+            }
+        )
         self.metrics.batch_seconds.observe(time.perf_counter() - started)
 
     def answer(self, entries: list[Entry], loaded: LoadedModel | None) -> ReplyBatch:

@@ -8,6 +8,7 @@ model, so the model a batch is using is never written to.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ from negcase.schemas import event as events
 from negcase.schemas.event import Event
 from negcase.store.checkpoints import CheckpointRegistry
 from negcase.store.streams import entries_of
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +120,7 @@ class Reloader:
                 error.reason if isinstance(error, CheckpointError) else f"v{version}: {error!r}"
             )
             self.rejected.add(version)
+            log.warning(f"{self.worker} refused v{version}, serving {_label(previous)}: {reason}")
             self._announce(
                 events.checkpoint_rejected(
                     self.worker, version, _version_of(previous), reason, _now_ms()
@@ -125,6 +129,7 @@ class Reloader:
             return None
         self.live = loaded
         reload_ms = (time.perf_counter() - started_s) * 1000
+        log.info(f"{self.worker} loaded v{version} in {reload_ms:.1f} ms (was {_label(previous)})")
         self._announce(
             events.checkpoint_loaded(
                 self.worker, version, _version_of(previous), reload_ms, _now_ms()
@@ -214,6 +219,10 @@ def _check_spec(version: int, meta: object, spec: ModelSpec) -> None:
             "(give serve the same NEGCASE_MODEL_FACTORY / --model, NEGCASE_HIDDEN_SIZES and "
             "NEGCASE_FEATURE_COUNT as train)"
         )
+
+
+def _label(loaded: LoadedModel | None) -> str:
+    return "no model" if loaded is None else f"v{loaded.version}"
 
 
 def configure_torch_for_serving() -> None:

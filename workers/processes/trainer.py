@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
 import random
-import sys
 import threading
 import time
 import uuid
@@ -45,11 +45,12 @@ from negcase.store.cases import CaseStore
 from negcase.store.checkpoints import CheckpointRegistry
 from negcase.store.health import HealthKey
 from negcase.store.leases import Lease, LeaseLost
-from negcase.store.queue import CaseQueue, queue_counts
+from negcase.store.queue import CaseQueue, priority_of_score, queue_counts
 from negcase.store.samples import HeldOutSet, sample_replay
 from negcase.store.sessions import SessionStore
 
 State = dict[str, torch.Tensor]
+log = logging.getLogger(__name__)
 
 
 class Heartbeat:
@@ -348,6 +349,12 @@ class Trainer:
             epochs_planned=max(case.training_epochs for case in cases),
         )
         self.sessions.started(session, now_ms)
+        priorities = ",".join(str(priority_of_score(lease.score)) for lease in leases)
+        base = "none" if session.base_version is None else f"v{session.base_version}"
+        log.info(
+            f"{self.name} claimed {', '.join(session.case_ids)} (priority {priorities}): session "
+            f"{session.session_id}, {session.epochs_planned} epochs, base {base}"
+        )
         return session
 
     def _complete_session(self, session: TrainingSession) -> None:
@@ -359,10 +366,8 @@ class Trainer:
         self.metrics.sessions.labels(session.outcome or "unknown").inc()
         self.metrics.session_seconds.observe(session.duration_s)
         self.metrics.epochs.inc(session.epochs_completed)
-        print(
-            f"{self.name}: {session.outcome} {','.join(session.case_ids)}: {session.summary()}",
-            file=sys.stderr,
-        )
+        result = f", v{session.published_version}" if session.published_version else ""
+        log.info(f"{self.name}: session {session.session_id}: {session.summary()}{result}")
 
     def _drained(self) -> bool:
         counts = queue_counts(self.client, self.keys)

@@ -6,8 +6,8 @@ in it, so each of them holds only what it does with one pass."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
-import sys
 import time
 from collections.abc import Callable
 from typing import Protocol
@@ -22,6 +22,8 @@ from negcase.store.health import HealthKey
 REDIS_AWAY = (redis.ConnectionError, redis.TimeoutError)
 # In burst mode reads do not block: how long to wait for other workers' pending work.
 BURST_POLL_S = 0.05
+
+log = logging.getLogger(__name__)
 
 
 class Stoppable(Protocol):
@@ -101,6 +103,9 @@ class WorkerLoop:
                     if self.burst and self.drained():
                         break
                     self.stop.wait(self.idle_s)
+                if failures:
+                    log.info("%s: Redis reachable again after %d failed attempts", self.name,
+                             failures)  # fmt: skip
                 failures = 0
             except REDIS_AWAY as error:
                 self.on_lost()
@@ -117,5 +122,5 @@ class WorkerLoop:
 
     def _pause(self, failures: int, why: str) -> None:
         delay = backoff_s(failures)
-        print(f"{self.name}: {why}; retry in {delay:.2f}s", file=sys.stderr)
+        log.warning("%s: %s; retry in %.2fs", self.name, why, delay)
         self.stop.wait(delay)

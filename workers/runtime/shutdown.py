@@ -3,11 +3,13 @@ hand; a second one exits at once (the rq convention)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
-import sys
 import threading
 from types import FrameType
+
+log = logging.getLogger("negcase.shutdown")
 
 
 class StopFlag:
@@ -34,12 +36,12 @@ def install_signal_handlers(stop: StopFlag, name: str) -> None:
 
     def handle(signum: int, _frame: FrameType | None) -> None:
         if stop.is_set():
-            print(f"{name}: second {signal.Signals(signum).name}, exiting now", file=sys.stderr)
+            log.warning("%s: second %s, exiting now", name, signal.Signals(signum).name)
             os._exit(128 + signum)
-        print(
-            f"{name}: {signal.Signals(signum).name}, finishing the work in hand "
-            "(send it again to exit now)",
-            file=sys.stderr,
+        log.info(
+            "%s: %s, finishing the work in hand (send it again to exit now)",
+            name,
+            signal.Signals(signum).name,
         )
         stop.set()
 

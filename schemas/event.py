@@ -185,13 +185,15 @@ def _training_started_line(d: dict[str, str]) -> str:
 
 
 def _training_completed_line(d: dict[str, str]) -> str:
-    # `summary` is TrainingSession.summary(): epochs and the held-out improvements.
-    summary = d.get("summary") or f"INTENSIVE TRAINING COMPLETED: Epochs: {d.get('epochs')}"
+    # `summary` is TrainingSession.summary(): how the session ended, epochs, improvements.
     outcome = d.get("outcome")
+    summary = d.get("summary") or f"TRAINING {str(outcome).upper()}: Epochs: {d.get('epochs')}"
     if outcome == "published":
         result = f"Published: {_version(d.get('version'))}"
     elif outcome == "rejected":
-        result = f"Rejected by gate: {d.get('rejected_reason')}"
+        result = f"Reason: {d.get('rejected_reason')}"
+    elif outcome == "interrupted":
+        result = "Cases handed back to the queue"
     else:
         result = f"{str(outcome).capitalize()}: {d.get('error', '-')}"
     return f"{summary} | {result} | {d.get('trainer')} in {float(d.get('duration_s', 0)):.2f}s"
@@ -399,6 +401,46 @@ def event_line(event: Event) -> str:
         return kind.line(event.details)
     details = " | ".join(f"{k}: {v}" for k, v in event.details.items())
     return f"{event.type.upper().replace('_', ' ')}: {details}"
+
+
+# Detail fields that hold numbers: a stream keeps every field as text, so `tail --json` reads
+# their type here to print them as JSON numbers.
+NUMBER_FIELDS = frozenset(
+    {
+        "accuracy_improvement",
+        "attempts",
+        "base_version",
+        "duration_s",
+        "epochs",
+        "loss_amount",
+        "loss_improvement",
+        "loss_pct",
+        "model_version",
+        "parent_version",
+        "previous_version",
+        "priority",
+        "reload_ms",
+        "serving_version",
+        "trainable",
+        "version",
+    }
+)
+
+
+def event_json(event: Event) -> dict[str, Any]:
+    """An event as JSON data: type, at_ms and its details, numbers as numbers."""
+    details = {name: _typed(name, value) for name, value in event.details.items()}
+    return {"type": event.type, "at_ms": event.at_ms, **details}
+
+
+def _typed(name: str, value: str) -> Any:
+    if name not in NUMBER_FIELDS:
+        return value
+    try:
+        number = float(value)
+    except ValueError:  # an older or newer writer's text: shown as it is
+        return value
+    return int(number) if number.is_integer() and "." not in value else number
 
 
 def _text(value: Any) -> str:

@@ -11,6 +11,14 @@ import msgpack
 # refused the update (the cases are done-but-rejected); "lease_lost" means another worker
 # owns the cases now; "interrupted" means the trainer was stopped and handed them back.
 OUTCOMES = ("published", "rejected", "lease_lost", "interrupted", "failed")
+# How each outcome reads in logs and `negcase tail`: only a published session completed.
+_HEADLINES = {
+    "published": "INTENSIVE TRAINING COMPLETED",
+    "rejected": "TRAINING REJECTED BY THE GATE",
+    "interrupted": "TRAINING INTERRUPTED",
+    "lease_lost": "TRAINING ABANDONED (lease lost)",
+    "failed": "TRAINING FAILED",
+}
 
 
 @dataclass(slots=True)
@@ -40,9 +48,14 @@ class TrainingSession:
     rebases: int = 0
 
     def summary(self) -> str:
-        """The line `negcase tail` shows for a finished session."""
+        """The line `negcase tail` shows for a finished session: how it ended first, then
+        epochs, and the held-out improvements when a model was measured."""
+        headline = _HEADLINES.get(self.outcome or "", "TRAINING ENDED")
+        epochs = f"Epochs: {self.epochs_completed} of {self.epochs_planned}"
+        if self.outcome not in ("published", "rejected"):
+            return f"{headline}: {epochs}"
         return (
-            f"INTENSIVE TRAINING COMPLETED: Epochs: {self.epochs_completed} | "
+            f"{headline}: {epochs} | "
             f"Loss improvement: {_percent(self.loss_improvement)} | "
             f"Accuracy improvement: {_percent(self.accuracy_improvement)}"
         )

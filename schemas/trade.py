@@ -127,6 +127,24 @@ def decode_entry(fields: Mapping[bytes, bytes], max_entry_bytes: int) -> dict[st
     return _decode_flat(fields)
 
 
+def trade_id_hint(fields: Mapping[bytes, bytes]) -> str | None:
+    """The trade_id an entry carries, in any encoding, as text (at most 128 characters), or
+    None: for naming a dead letter, even one whose other fields are wrong."""
+    raw: object = fields.get(b"trade_id")
+    if raw is None and len(fields) == 1:
+        ((name, value),) = fields.items()
+        try:
+            if name == b"json":
+                raw = orjson.loads(value).get("trade_id")
+            elif name == b"msgpack":
+                raw = msgpack.unpackb(value, raw=False, strict_map_key=False).get("trade_id")
+        except Exception:  # not a map, not decodable: the entry names no trade
+            return None
+    if isinstance(raw, bytes):
+        raw = raw.decode("utf-8", "replace")
+    return str(raw)[:128] if raw not in (None, "", b"") else None
+
+
 def _decode_json(value: bytes) -> dict[str, Any]:
     try:
         obj = orjson.loads(value)

@@ -152,6 +152,12 @@ class Keys:
         return self._key("health", worker)
 
     @property
+    def demo(self) -> str:
+        """Marks a namespace `negcase demo` owns (JSON: host, pid, started_at_ms): a demo only
+        runs in a namespace that is empty or holds this mark."""
+        return self._key("demo")
+
+    @property
     def workers(self) -> str:
         """Sorted set of worker ids by when their health key expires (ms): who to look up."""
         return self._key("workers")

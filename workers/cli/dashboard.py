@@ -1,9 +1,11 @@
-"""`negcase dashboard`: one small live web page (server-sent events, no build step)."""
+"""`negcase dashboard`: one small live web page (server-sent events, no build step), the
+deployment's Prometheus gauges at /metrics, and /healthz and /readyz for health checks."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import threading
 import time
 from http import HTTPStatus
@@ -13,12 +15,16 @@ from typing import Any
 
 import orjson
 import redis
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
 
-from negcase.cli.options import common_options, redis_client, settings_from
+from negcase.cli.cluster_metrics import ClusterCollector
+from negcase.cli.options import connection_options, logging_options, redis_client, settings_from
 from negcase.cli.status import gather_status
 from negcase.cli.tail import format_event
 from negcase.runtime.shutdown import StopFlag, install_signal_handlers
 from negcase.schemas.event import Event
+from negcase.store.connection import redacted
 from negcase.store.health import HealthKey
 from negcase.store.keys import Keys
 
@@ -34,6 +40,8 @@ TRAINING_TYPES = {
     "case_dead",
 }
 RECENT_EVENTS = 1000
+
+log = logging.getLogger("negcase.dashboard")
 
 
 def snapshot(client: redis.Redis, keys: Keys) -> dict[str, Any]:
@@ -53,15 +61,25 @@ def snapshot(client: redis.Redis, keys: Keys) -> dict[str, Any]:
 
 def make_handler(client: redis.Redis, keys: Keys, interval_s: float, stop: threading.Event) -> type:
     """A request handler bound to one Redis client and namespace."""
+    registry = CollectorRegistry()
+    registry.register(ClusterCollector(client, keys))
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            if self.path in ("/", "/index.html"):
+            path = self.path.split("?", 1)[0]
+            if path in ("/", "/index.html"):
                 self._send(HTTPStatus.OK, "text/html; charset=utf-8", PAGE)
-            elif self.path == "/snapshot.json":
+            elif path == "/snapshot.json":
                 self._send(HTTPStatus.OK, "application/json", orjson.dumps(snapshot(client, keys)))
-            elif self.path == "/events":
+            elif path == "/events":
                 self._stream()
+            elif path == "/metrics":
+                encoder, content_type = choose_encoder(self.headers.get("Accept"))
+                self._send(HTTPStatus.OK, content_type, encoder(registry))
+            elif path == "/healthz":
+                self._send(HTTPStatus.OK, "text/plain", b"ok\n")
+            elif path == "/readyz":
+                self._readiness()
             else:
                 self._send(HTTPStatus.NOT_FOUND, "text/plain", b"not found\n")
 
@@ -71,6 +89,16 @@ def make_handler(client: redis.Redis, keys: Keys, interval_s: float, stop: threa
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
+
+        def _readiness(self) -> None:
+            """Ready while Redis answers: the page and the gauges need it."""
+            try:
+                client.ping()
+            except redis.RedisError as error:
+                body = f"not ready: Redis does not answer ({error})\n".encode()
+                self._send(HTTPStatus.SERVICE_UNAVAILABLE, "text/plain", body)
+                return
+            self._send(HTTPStatus.OK, "text/plain", b"ready\n")
 
         def _stream(self) -> None:
             self.send_response(HTTPStatus.OK)
@@ -100,13 +128,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add `negcase dashboard`."""
     parser = sub.add_parser(
         "dashboard",
-        parents=[common_options()],
+        parents=[connection_options(), logging_options()],
         help="serve a live web page of the pipeline on localhost",
         description=(
             "Serve one page with the live numbers (trades, wins, losses, cases by priority, "
             "queue and leases, dead letters, checkpoints), a chart of the loss rate by model "
             "version, the newest cases with their lessons, and the training log. Updates "
-            "arrive by server-sent events; /snapshot.json has the same data."
+            "arrive by server-sent events; /snapshot.json has the same data. /metrics has the "
+            "deployment's Prometheus gauges (queue, lag, pending, served versions, loss rate "
+            "per version), /healthz and /readyz answer health checks."
         ),
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
@@ -125,6 +155,12 @@ def run_dashboard(args: argparse.Namespace) -> int:
     server.daemon_threads = True
     health = HealthKey(client, settings.keys, "dashboard", settings.health_ttl_s)
     print(f"dashboard on http://{args.host}:{server.server_address[1]}/", flush=True)
+    log.info(
+        "dashboard on port %d, namespace %s, Redis %s",
+        server.server_address[1],
+        settings.namespace,
+        redacted(settings.redis_url or "redis://127.0.0.1:6379/0"),
+    )
     serving = threading.Thread(target=server.serve_forever, daemon=True)
     serving.start()
     flag = StopFlag()

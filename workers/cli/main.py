@@ -1,13 +1,23 @@
-"""The `negcase` command: one subcommand per job, each in the module that does the job."""
+"""The `negcase` command: one subcommand per job, each in the module that does the job.
+
+Building the parser imports no torch: the commands that need it (workers, demo, benches)
+import it inside their run functions, so `--help`, `status`, `health`, `tail` and `case`
+start in a fraction of a second (compose runs `health` in every container every 10 s).
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
+from negcase import __version__
 from negcase.cli import (
+    cases,
     checkpoints,
+    config,
+    consumers,
     dashboard,
     predict,
     publish,
@@ -16,7 +26,7 @@ from negcase.cli import (
     tail,
     workers,
 )
-from negcase.cli.options import CommandError
+from negcase.cli.options import CommandError, setup_logging
 from negcase.sim import bench, demo
 
 REGISTRARS = [
@@ -28,8 +38,11 @@ REGISTRARS = [
     publish.register,
     status.register,
     tail.register,
+    cases.register,
+    consumers.register,
     dashboard.register,
     checkpoints.register,
+    config.register,
     redis_server.register,
     bench.register,
 ]
@@ -47,10 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         epilog=(
             "Every command reads NEGCASE_REDIS_URL (redis://, rediss://, unix://; default "
-            "redis://127.0.0.1:6379/0) and NEGCASE_NAMESPACE (default negcase). "
-            "Run `negcase demo` to see the whole loop on a local Redis."
+            "redis://127.0.0.1:6379/0) and NEGCASE_NAMESPACE (default negcase); `negcase "
+            "config` shows every setting. Run `negcase demo` to see the whole loop on a local "
+            "Redis."
         ),
     )
+    parser.add_argument("--version", action="version", version=f"negcase {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for register in REGISTRARS:
         register(sub)
@@ -62,10 +77,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        setup_logging(args)
         return int(args.run(args) or 0)
     except CommandError as error:
         print(f"negcase {args.command}: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader went away (`negcase config | head`): not an error worth a traceback.
+        # Point stdout at /dev/null so that flushing it at exit does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""What every subcommand shares: the connection flags, settings, and the error it reports."""
+"""What subcommands share: the flag groups (each command takes only those it uses), settings
+from the environment and flags, the Redis client, logging, and the error they report."""
 
 from __future__ import annotations
 
@@ -7,18 +8,21 @@ from pathlib import Path
 
 import redis
 
-from negcase.runtime.settings import Settings, SettingsError
-from negcase.store.connection import connect
+from negcase.runtime.logging import configure_logging
+from negcase.runtime.settings import LOG_FORMATS, LOG_LEVELS, Settings, SettingsError
+from negcase.store.connection import connect, redacted
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+# Flags that stand for a setting of the same name; a command has those its parents add.
+SETTING_FLAGS = ("redis_url", "namespace", "data_dir", "log_level", "log_format")
 
 
 class CommandError(Exception):
     """A failure to report to the user in one line, without a traceback."""
 
 
-def common_options() -> argparse.ArgumentParser:
-    """Flags every subcommand takes; each overrides its NEGCASE_* variable."""
+def connection_options() -> argparse.ArgumentParser:
+    """--redis-url and --namespace: every command that talks to Redis."""
     parent = argparse.ArgumentParser(add_help=False)
     group = parent.add_argument_group("connection")
     group.add_argument(
@@ -26,7 +30,13 @@ def common_options() -> argparse.ArgumentParser:
         help=f"Redis URL (env NEGCASE_REDIS_URL, default {DEFAULT_REDIS_URL})",
     )
     group.add_argument("--namespace", help="key namespace (env NEGCASE_NAMESPACE, default negcase)")
-    group.add_argument(
+    return parent
+
+
+def archive_options() -> argparse.ArgumentParser:
+    """--data-dir: only the commands that read or write the disk archive."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument(
         "--data-dir",
         type=Path,
         help="archive folder (env NEGCASE_DATA_DIR, default testcases/negative)",
@@ -34,29 +44,55 @@ def common_options() -> argparse.ArgumentParser:
     return parent
 
 
-def worker_options() -> argparse.ArgumentParser:
-    """Flags every long-running worker takes."""
+def logging_options() -> argparse.ArgumentParser:
+    """--log-level and --log-format: the long-running commands."""
     parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("logging (on stderr)")
+    group.add_argument(
+        "--log-level",
+        type=str.upper,
+        choices=LOG_LEVELS,
+        help="lowest level logged (env NEGCASE_LOG_LEVEL, default INFO)",
+    )
+    group.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        help="text for people, json for one object a line (env NEGCASE_LOG_FORMAT, default text)",
+    )
+    return parent
+
+
+def worker_options() -> argparse.ArgumentParser:
+    """Flags every long-running worker takes: logging and the metrics port."""
+    parent = argparse.ArgumentParser(add_help=False, parents=[logging_options()])
     group = parent.add_argument_group("operations")
     group.add_argument(
         "--metrics-port",
         type=int,
-        help="serve Prometheus metrics on this port at /metrics (default: off)",
+        help="serve Prometheus metrics at /metrics, and /healthz and /readyz, on this port "
+        "(default: off)",
     )
     return parent
 
 
 def settings_from(args: argparse.Namespace, **overrides: object) -> Settings:
-    """Settings from the environment, then the common flags, then `overrides`."""
+    """Settings from the environment, then the flags this command has, then `overrides`."""
+    flags = {name: getattr(args, name, None) for name in SETTING_FLAGS}
     try:
-        return Settings.from_env().with_overrides(
-            redis_url=args.redis_url,
-            namespace=args.namespace,
-            data_dir=args.data_dir,
-            **overrides,
+        return Settings.from_env().with_overrides(**flags, **overrides)
+    except SettingsError as error:
+        raise CommandError(str(error)) from None
+
+
+def setup_logging(args: argparse.Namespace) -> None:
+    """Configure logging from NEGCASE_LOG_* and this command's --log-* flags."""
+    try:
+        settings = Settings.from_env().with_overrides(
+            log_level=getattr(args, "log_level", None), log_format=getattr(args, "log_format", None)
         )
     except SettingsError as error:
         raise CommandError(str(error)) from None
+    configure_logging(settings.log_level, settings.log_format)
 
 
 def redis_client(settings: Settings) -> redis.Redis:
@@ -66,18 +102,10 @@ def redis_client(settings: Settings) -> redis.Redis:
     try:
         client.ping()
     except redis.AuthenticationError as error:
-        raise CommandError(f"Redis at {_safe(url)} refused the credentials: {error}") from None
+        raise CommandError(f"Redis at {redacted(url)} refused the credentials: {error}") from None
     except redis.ConnectionError as error:
         raise CommandError(
-            f"cannot reach Redis at {_safe(url)} ({error}); set NEGCASE_REDIS_URL or "
+            f"cannot reach Redis at {redacted(url)} ({error}); set NEGCASE_REDIS_URL or "
             "--redis-url, or start one with `negcase redis`"
         ) from None
     return client
-
-
-def _safe(url: str) -> str:
-    """The URL without its password, for messages."""
-    if "@" not in url:
-        return url
-    scheme, _, rest = url.partition("://")
-    return f"{scheme}://***@{rest.rpartition('@')[2]}"

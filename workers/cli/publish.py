@@ -12,7 +12,7 @@ from typing import Any, TextIO
 
 import orjson
 
-from negcase.cli.options import CommandError, common_options, redis_client, settings_from
+from negcase.cli.options import CommandError, connection_options, redis_client, settings_from
 from negcase.client.trades import ENCODINGS, publish_trades
 
 
@@ -58,7 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add `negcase publish`."""
     parser = sub.add_parser(
         "publish",
-        parents=[common_options()],
+        parents=[connection_options()],
         help="publish trade-close events to <ns>:trades",
         description=(
             "Publish one trade from flags, or many from JSON lines (--file PATH, or - for "

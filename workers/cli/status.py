@@ -16,7 +16,7 @@ import orjson
 import redis
 from redis.client import Pipeline
 
-from negcase.cli.options import CommandError, common_options, redis_client, settings_from
+from negcase.cli.options import CommandError, connection_options, redis_client, settings_from
 from negcase.cli.status_view import render_status
 from negcase.store.cases import RATE_BUCKET_S, RATE_WINDOW_S, rate_bucket_s, version_label
 from negcase.store.checkpoints import version_of
@@ -33,6 +33,9 @@ CHECKPOINTS_SHOWN = 5
 # (inference XDELs what it answered): the undelivered entries are then counted with an
 # exclusive XRANGE, which reads them, so it stops at this many.
 LAG_COUNT_CAP = 10_000
+# A live consumer reads at least every NEGCASE_BLOCK_MS (at most 20 s): one silent this long
+# is gone (`negcase prune` removes such consumers).
+IDLE_CONSUMER_MS = 60_000
 
 Reads = dict[str, Callable[[Pipeline], object]]
 
@@ -104,7 +107,8 @@ def _rate_buckets() -> int:
 
 
 def _group_reads(streams: Sequence[GroupStream]) -> frozenset[str]:
-    return frozenset(f"{s.section}:{read}" for s in streams for read in ("groups", "oldest"))
+    reads = ("groups", "oldest", "consumers")
+    return frozenset(f"{s.section}:{read}" for s in streams for read in reads)
 
 
 def _first_reads(keys: Keys, streams: Sequence[GroupStream]) -> Reads:
@@ -132,6 +136,7 @@ def _first_reads(keys: Keys, streams: Sequence[GroupStream]) -> Reads:
             f"{s.section}:length": lambda p, s=s: p.xlen(s.stream),
             f"{s.section}:groups": lambda p, s=s: p.xinfo_groups(s.stream),
             f"{s.section}:oldest": lambda p, s=s: p.xpending_range(s.stream, s.group, "-", "+", 1),
+            f"{s.section}:consumers": lambda p, s=s: p.xinfo_consumers(s.stream, s.group),
             f"{s.section}:dead_length": lambda p, s=s: p.xlen(s.dead),
             f"{s.section}:dead_latest": lambda p, s=s: p.xrevrange(s.dead, count=REASONS_SHOWN),
         }
@@ -177,6 +182,7 @@ def _stream_status(s: GroupStream, first: dict[str, Any], second: dict[str, Any]
         "lag": lag,
         "lag_capped": lag == LAG_COUNT_CAP,
         "consumers": 0 if group is None else group["consumers"],
+        "consumer_list": _consumer_rows(first[f"{s.section}:consumers"]),
         "oldest_pending_idle_ms": _idle_ms(first[f"{s.section}:oldest"]),
         "dead_letters": first[f"{s.section}:dead_length"],
         "latest_dead_reasons": [
@@ -184,6 +190,23 @@ def _stream_status(s: GroupStream, first: dict[str, Any], second: dict[str, Any]
             for _, fields in first[f"{s.section}:dead_latest"]
         ],
     }
+
+
+def _consumer_rows(infos: list[dict[str, Any]] | Exception) -> list[dict[str, Any]]:
+    """The group's consumers, most idle first, each marked idle when silent past
+    IDLE_CONSUMER_MS."""
+    if isinstance(infos, Exception):  # no stream or group yet
+        return []
+    rows = [
+        {
+            "name": _text(info["name"]),
+            "pending": int(info["pending"]),
+            "idle_ms": int(info["idle"]),
+            "idle": int(info["idle"]) >= IDLE_CONSUMER_MS,
+        }
+        for info in infos
+    ]
+    return sorted(rows, key=lambda row: -row["idle_ms"])
 
 
 def _idle_ms(oldest: list[dict[str, Any]] | Exception) -> int | None:
@@ -337,7 +360,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add `negcase status` and `negcase health`."""
     status = sub.add_parser(
         "status",
-        parents=[common_options()],
+        parents=[connection_options()],
         help="show the stream, the case queue, dead letters, rates and per-model loss rates",
         description="One screen of what an operator asks first; --json for scripts.",
     )
@@ -346,12 +369,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     health = sub.add_parser(
         "health",
-        parents=[common_options()],
-        help="exit 0 if a worker (of --kind, on --this-host) is alive, else 1",
+        parents=[connection_options()],
+        help="exit 0 if a worker (of --kind, on --this-host, --ready) is alive, else 1",
         description=(
             "Each worker refreshes <ns>:health:<kind>:<host>:<pid> with a TTL "
             "(NEGCASE_HEALTH_TTL_S). This lists the live ones and exits 0 if any match: use it "
-            "as a container health check, e.g. `negcase health --kind detector --this-host`."
+            "as a container health check, e.g. `negcase health --kind detector --this-host`. "
+            "With --ready only workers that can do their job count: an inference worker is "
+            "ready once it serves a model."
         ),
     )
     health.add_argument(
@@ -362,7 +387,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="only workers of this kind (repeatable)",
     )
     health.add_argument("--this-host", action="store_true", help="only workers on this host")
+    health.add_argument(
+        "--ready", action="store_true", help="only workers ready to work (inference: has a model)"
+    )
+    health.add_argument("--json", action="store_true", help="print JSON")
     health.set_defaults(run=run_health)
+
+
+def is_ready(record: dict[str, Any]) -> bool:
+    """Whether a live worker can do its job: an inference worker once it serves a model,
+    any other kind as soon as it beats."""
+    return record.get("kind") != "inference" or record.get("version") is not None
 
 
 def run_health(args: argparse.Namespace) -> int:
@@ -375,16 +410,33 @@ def run_health(args: argparse.Namespace) -> int:
         return 1
     host = socket.gethostname() if args.this_host else None
     workers = [
-        w
+        {**w, "ready": is_ready(w)}
         for w in live_workers(client, settings.keys)
         if (not args.kind or w.get("kind") in args.kind) and (host is None or w.get("host") == host)
     ]
-    for worker in workers:
-        print(orjson.dumps(worker).decode())
-    if not workers:
-        print("unhealthy: no matching worker has beaten recently", file=sys.stderr)
+    healthy = [w for w in workers if w["ready"] or not args.ready]
+    if args.json:
+        print(orjson.dumps({"healthy": bool(healthy), "workers": workers}).decode())
+    else:
+        for worker in workers:
+            print(_health_line(worker))
+    if not healthy:
+        why = "ready" if workers and args.ready else "matching"
+        print(f"unhealthy: no {why} worker has beaten recently", file=sys.stderr)
         return 1
     return 0
+
+
+def _health_line(worker: dict[str, Any]) -> str:
+    version = worker.get("version")
+    serves = (
+        ""
+        if worker.get("kind") != "inference"
+        else (f" serving v{version}" if version is not None else " no model yet")
+    )
+    state = "ready" if worker["ready"] else "not ready"
+    where = f"{worker.get('host')}:{worker.get('pid')}"
+    return f"{worker.get('kind')} {worker_name(worker)} on {where}: alive, {state}{serves}"
 
 
 def run_status(args: argparse.Namespace) -> int:

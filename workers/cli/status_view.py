@@ -49,14 +49,31 @@ def _render_streams(status: dict[str, Any]) -> list[str]:
             ]
         )
         reasons += [f"  latest dead {section}: {_clip(r)}" for r in s["latest_dead_reasons"]]
+        reasons += _render_idle(section, s["consumer_list"])
     return _table(rows, "<<") + reasons
+
+
+def _render_idle(section: str, consumers: list[dict[str, Any]]) -> list[str]:
+    idle = [c for c in consumers if c["idle"]]
+    if not idle:
+        return []
+    names = ", ".join(
+        f"{c['name']} ({c['idle_ms'] / 1000:.0f}s"
+        + (f", {c['pending']} pending)" if c["pending"] else ")")
+        for c in idle[:5]
+    )
+    more = f" and {len(idle) - 5} more" if len(idle) > 5 else ""
+    return [
+        f"  idle {section} consumers: {names}{more}; `negcase prune --idle-s N` removes those "
+        "without pending entries"
+    ]
 
 
 def _render_rates(rates: dict[str, float]) -> list[str]:
     return [
-        f"rates (last {RATE_WINDOW_S} s)  {rates['trades']:.1f} trades/s | "
-        f"{rates['losses']:.1f} losses/s | {rates['cases_added']:.1f} cases/s | "
-        f"{rates['dead_lettered']:.1f} dead letters/s"
+        f"rates (last {RATE_WINDOW_S} s)  {rates['trades']:.2f} trades/s | "
+        f"{rates['losses']:.2f} losses/s | {rates['cases_added']:.2f} cases/s | "
+        f"{rates['dead_lettered']:.2f} dead letters/s"
     ]
 
 

@@ -11,8 +11,8 @@ from collections.abc import Iterable
 import orjson
 import redis
 
-from negcase.cli.options import common_options, redis_client, settings_from
-from negcase.schemas.event import EVENT_TYPES, Event, event_line
+from negcase.cli.options import connection_options, redis_client, settings_from
+from negcase.schemas.event import EVENT_TYPES, Event, event_json, event_line
 from negcase.store.keys import Keys
 
 
@@ -55,7 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add `negcase tail`."""
     tail = sub.add_parser(
         "tail",
-        parents=[common_options()],
+        parents=[connection_options()],
         help="follow <ns>:events, one readable line per event",
         description="Follow the events stream: cases added, training, checkpoints, dead letters.",
     )
@@ -84,8 +84,7 @@ def run_tail(args: argparse.Namespace) -> int:
             if event is None or not _wanted(event, types, symbols):
                 continue
             if args.json:
-                line = orjson.dumps({"type": event.type, "at_ms": event.at_ms, **event.details})
-                print(line.decode(), flush=True)
+                print(orjson.dumps(event_json(event)).decode(), flush=True)
             else:
                 print(format_event(event), flush=True)
             shown += 1

@@ -1,36 +1,45 @@
 """`negcase detect`, `negcase train` and `negcase serve`: the command lines of the worker
-processes. The processes themselves live in negcase.processes and never import the CLI."""
+processes. The processes themselves live in negcase.processes and never import the CLI.
+
+The worker modules (and torch) are imported inside the run functions: building the parser
+for `negcase --help` or `negcase status` must not pay for them."""
 
 from __future__ import annotations
 
 import argparse
-import sys
+import logging
 
-import torch
+import redis
 
-from negcase.cli.options import common_options, redis_client, settings_from, worker_options
-from negcase.processes.detector import LossDetector
-from negcase.processes.inference import InferenceWorker
-from negcase.processes.reloader import Reloader, configure_torch_for_serving
-from negcase.processes.trainer import Trainer
+from negcase.cli.options import (
+    archive_options,
+    connection_options,
+    redis_client,
+    settings_from,
+    worker_options,
+)
+from negcase.runtime.logging import log_startup
 from negcase.runtime.metrics import serve as serve_metrics
 from negcase.runtime.shutdown import StopFlag, install_signal_handlers
-from negcase.store.archive import Archive
-from negcase.store.streams import default_consumer_name
+from negcase.store.keys import DETECTOR_GROUP, INFERENCE_GROUP
+from negcase.store.streams import default_consumer_name, leave_group
+
+log = logging.getLogger("negcase.cli.workers")
 
 
 def register_detect(sub: argparse._SubParsersAction) -> None:
     """Add `negcase detect`."""
     parser = sub.add_parser(
         "detect",
-        parents=[common_options(), worker_options()],
+        parents=[connection_options(), archive_options(), worker_options()],
         help="run a loss detector (consumer group 'detectors' on <ns>:trades)",
         description=(
             "Read trade-close events from <ns>:trades in the consumer group 'detectors', turn "
             "every losing trade into a prioritized negative case (stored in Redis, queued for "
             "training, archived on disk), copy bad entries to <ns>:trades:dead with the "
             "reason, and acknowledge each batch only after it is stored. Several detectors "
-            "can run side by side. The first SIGTERM/SIGINT finishes the batch in hand."
+            "can run side by side. The first SIGTERM/SIGINT finishes the batch in hand, and "
+            "the detector leaves the group unless it still holds pending entries."
         ),
     )
     parser.add_argument(
@@ -52,6 +61,9 @@ def register_detect(sub: argparse._SubParsersAction) -> None:
 
 def run_detect(args: argparse.Namespace) -> int:
     """Run one detector until stopped (or drained, with --burst)."""
+    from negcase.processes.detector import LossDetector
+    from negcase.store.archive import Archive
+
     settings = settings_from(
         args,
         batch_size=args.batch_size,
@@ -62,16 +74,22 @@ def run_detect(args: argparse.Namespace) -> int:
     client = redis_client(settings)
     archive = Archive(settings.data_dir) if settings.archive else None
     consumer = args.consumer or default_consumer_name()
+    log_startup(log, "detector", settings, consumer, DETECTOR_GROUP)
     stop = StopFlag()
     install_signal_handlers(stop, f"detector {consumer}")
     detector = LossDetector(client, settings, consumer, archive)
     serve_metrics(detector.metrics.registry, args.metrics_port)
     totals = detector.run(stop, burst=args.burst)
-    print(
-        f"detector {consumer}: {totals.entries} entries, {totals.cases_added} cases added, "
-        f"{totals.duplicates} duplicates, {totals.dead_lettered} dead-lettered, "
-        f"{totals.wins} wins",
-        file=sys.stderr,
+    detector.progress.flush()
+    leave(client, settings.keys.trades, DETECTOR_GROUP, consumer)
+    log.info(
+        "detector %s stopped: %d entries, %d cases added, %d duplicates, %d dead-lettered, %d wins",
+        consumer,
+        totals.entries,
+        totals.cases_added,
+        totals.duplicates,
+        totals.dead_lettered,
+        totals.wins,
     )
     return 0
 
@@ -80,7 +98,7 @@ def register_train(sub: argparse._SubParsersAction) -> None:
     """Add `negcase train`."""
     parser = sub.add_parser(
         "train",
-        parents=[common_options(), worker_options()],
+        parents=[connection_options(), archive_options(), worker_options()],
         help="run a training worker (claims cases from <ns>:queue, publishes checkpoints)",
         description=(
             "Claim the worst negative cases from <ns>:queue under a lease, train the model "
@@ -91,30 +109,42 @@ def register_train(sub: argparse._SubParsersAction) -> None:
         ),
     )
     parser.add_argument("--burst", action="store_true", help="drain the queue, then exit")
-    parser.add_argument("--batch", type=int, help="cases per claim and session (default 1)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        help="cases per claim and session (env NEGCASE_CASES_PER_CLAIM, default 1)",
+    )
     parser.add_argument("--model", help="package.module:factory building your own nn.Module")
-    parser.add_argument("--name", help="trainer name in leases and events (default host:pid)")
+    parser.add_argument(
+        "--consumer", help="trainer name in leases, events and health (default trainer-host:pid)"
+    )
     parser.add_argument("--lease-s", type=float, help="lease length in seconds (default 30)")
     parser.set_defaults(run=run_train)
 
 
 def run_train(args: argparse.Namespace) -> int:
     """Run one trainer until stopped (or drained, with --burst)."""
+    import torch
+
+    from negcase.processes.trainer import Trainer
+    from negcase.store.archive import Archive
+
     settings = settings_from(
-        args, cases_per_claim=args.batch, model_factory=args.model, lease_s=args.lease_s
+        args, cases_per_claim=args.batch_size, model_factory=args.model, lease_s=args.lease_s
     )
     # One thread per trainer: N trainers on N cores scale instead of fighting over cores.
     torch.set_num_threads(1)
     client = redis_client(settings)
     archive = Archive(settings.data_dir) if settings.archive else None
-    name = args.name or f"trainer-{default_consumer_name()}"
+    name = args.consumer or f"trainer-{default_consumer_name()}"
+    log_startup(log, "trainer", settings, name)
     stop = StopFlag()
     install_signal_handlers(stop, name)
     trainer = Trainer(client, settings, name, archive)
     serve_metrics(trainer.metrics.registry, args.metrics_port)
     outcomes = trainer.run(stop, burst=args.burst)
     summary = ", ".join(f"{count} {outcome}" for outcome, count in sorted(outcomes.items()))
-    print(f"{name}: stopped after {summary or 'no sessions'}", file=sys.stderr)
+    log.info("trainer %s stopped after %s", name, summary or "no sessions")
     return 0
 
 
@@ -122,7 +152,7 @@ def register_serve(sub: argparse._SubParsersAction) -> None:
     """Add `negcase serve`."""
     parser = sub.add_parser(
         "serve",
-        parents=[common_options(), worker_options()],
+        parents=[connection_options(), worker_options()],
         help="run an inference worker (consumer group 'inference' on <ns>:signals:requests)",
         description=(
             "Answer signal requests from <ns>:signals:requests in the consumer group "
@@ -132,7 +162,8 @@ def register_serve(sub: argparse._SubParsersAction) -> None:
             "is always answered by one model version. The model is built from this worker's "
             "own settings (--model / NEGCASE_MODEL_FACTORY, NEGCASE_HIDDEN_SIZES, "
             "NEGCASE_FEATURE_COUNT), which must match what the trainers were given. Several "
-            "workers can run side by side. The first SIGTERM/SIGINT finishes the batch in hand."
+            "workers can run side by side. It is ready (`negcase health --ready`, /readyz) "
+            "once it serves a model. The first SIGTERM/SIGINT finishes the batch in hand."
         ),
     )
     parser.add_argument(
@@ -154,12 +185,16 @@ def register_serve(sub: argparse._SubParsersAction) -> None:
 
 def run_serve(args: argparse.Namespace) -> int:
     """Run one inference worker until stopped (or drained, with --burst)."""
+    from negcase.processes.inference import InferenceWorker
+    from negcase.processes.reloader import Reloader, configure_torch_for_serving
+
     settings = settings_from(
         args, serve_batch_size=args.batch_size, block_ms=args.block_ms, model_factory=args.model
     )
     configure_torch_for_serving()
     client = redis_client(settings)
     consumer = args.consumer or default_consumer_name()
+    log_startup(log, "inference worker", settings, consumer, INFERENCE_GROUP)
     stop = StopFlag()
     install_signal_handlers(stop, f"serve {consumer}")
     reloader = Reloader(client, settings, consumer).start()
@@ -169,14 +204,40 @@ def run_serve(args: argparse.Namespace) -> int:
         if stop.is_set():
             return 0
     worker = InferenceWorker(client, settings, consumer, reloader)
-    serve_metrics(worker.metrics.registry, args.metrics_port)
+    serve_metrics(worker.metrics.registry, args.metrics_port, lambda: reloader.live is not None)
     totals = worker.run(stop, burst=args.burst)
+    worker.progress.flush()
     reloader.stop()
+    leave(client, settings.keys.requests, INFERENCE_GROUP, consumer)
     live = reloader.live
-    print(
-        f"serve {consumer}: {totals.signals} signals, {totals.errors} error replies, "
-        f"{totals.dead} unanswerable, {totals.batches} batches, last version "
-        f"{None if live is None else live.version}",
-        file=sys.stderr,
+    log.info(
+        "inference worker %s stopped: %d signals, %d error replies, %d unanswerable, "
+        "%d batches, last version %s",
+        consumer,
+        totals.signals,
+        totals.errors,
+        totals.dead,
+        totals.batches,
+        None if live is None else live.version,
     )
     return 0
+
+
+def leave(client: redis.Redis, stream: str, group: str, consumer: str) -> None:
+    """On a clean stop, leave the consumer group unless entries are still pending for this
+    consumer (they stay for a restart under the same name, or another worker's claim)."""
+    try:
+        outcome, pending = leave_group(client, stream, group, consumer)
+    except redis.RedisError as error:
+        log.warning("could not leave group %s as %s: %s", group, consumer, error)
+        return
+    if outcome == "pending":
+        log.warning(
+            "%s stays in group %s: %d entries are pending for it (a restart under this "
+            "name resumes them; other workers claim them once idle)",
+            consumer,
+            group,
+            pending,
+        )
+    elif outcome == "deleted":
+        log.info("%s left group %s", consumer, group)

@@ -16,12 +16,11 @@ from typing import Any
 import orjson
 import redis
 
-from negcase.cli.options import common_options, settings_from
+from negcase.cli.options import archive_options, connection_options, settings_from
 from negcase.client.trades import encode_trade
 from negcase.processes.detector import LossDetector
 from negcase.runtime.settings import Settings
 from negcase.runtime.shutdown import StopFlag
-from negcase.sim import bench_serve, bench_train
 from negcase.sim.bench_support import FEATURES, bench_redis, drop_namespace
 from negcase.sim.supervisor import Supervisor
 from negcase.store.archive import Archive
@@ -297,7 +296,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     targets = parser.add_subparsers(dest="target", metavar="TARGET", required=True)
     ingest = targets.add_parser(
         "ingest",
-        parents=[common_options()],
+        parents=[connection_options(), archive_options()],
         help="detector events/s vs the raw XREADGROUP+XACK loop, and XADD-to-queue latency",
         description=(
             "Starts its own redis-server unless NEGCASE_REDIS_URL is set (bench keys use "
@@ -310,8 +309,47 @@ def register(sub: argparse._SubParsersAction) -> None:
     ingest.add_argument("--duration", type=float, default=10.0, help="latency run seconds (10)")
     ingest.add_argument("--json", action="store_true", help="print JSON")
     ingest.set_defaults(run=run_ingest)
-    bench_train.register(targets)
-    bench_serve.register(targets)
+
+    train = targets.add_parser(
+        "train",
+        parents=[connection_options(), archive_options()],
+        help="intensive session time per priority, and cases/s for 1 vs 2 trainers",
+        description="Starts its own redis-server unless NEGCASE_REDIS_URL is set (bench keys "
+        "use their own namespaces and are deleted after).",
+    )
+    train.add_argument("--cases", type=int, default=40, help="cases per drain run (40)")
+    train.add_argument("--epochs", type=int, default=300, help="epochs per drained case (300)")
+    train.add_argument("--json", action="store_true", help="print JSON")
+    train.set_defaults(run=run_train)
+
+    serve = targets.add_parser(
+        "serve",
+        parents=[connection_options()],
+        help="inference: round trip, worker throughput, Predictor latency, reload latency",
+        description=(
+            "Starts its own redis-server unless NEGCASE_REDIS_URL is set (bench keys use "
+            "their own namespaces and are deleted after), and its own `negcase serve` workers."
+        ),
+    )
+    serve.add_argument("--requests", type=int, default=2000, help="round trips timed (2000)")
+    serve.add_argument("--drain", type=int, default=50_000, help="requests per drain (50000)")
+    serve.add_argument("--publishes", type=int, default=100, help="publishes, split 1/2 (100)")
+    serve.add_argument("--json", action="store_true", help="print JSON")
+    serve.set_defaults(run=run_serve)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Run the train bench (its module imports torch, so only now)."""
+    from negcase.sim.bench_train import run_bench_train
+
+    return run_bench_train(args)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Run the serve bench (its module imports torch, so only now)."""
+    from negcase.sim.bench_serve import run_bench_serve
+
+    return run_bench_serve(args)
 
 
 def run_ingest(args: argparse.Namespace) -> int:

@@ -1,6 +1,7 @@
 """`negcase bench serve`: remote round trip, one worker's throughput, the in-process
 Predictor's latency, and reload latency with one and two workers, each beside a raw
-baseline measured in the same run (these machines are shared; absolute figures drift)."""
+baseline measured in the same run (these machines are shared; absolute figures drift).
+Its command line is in negcase.sim.bench, which imports this module (and torch) only to run."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import orjson
 import redis
 import torch
 
-from negcase.cli.options import common_options, settings_from
+from negcase.cli.options import settings_from
 from negcase.client.predictor import Predictor
 from negcase.client.signal_client import SignalClient
 from negcase.processes.model import (
@@ -288,24 +289,6 @@ def render(result: dict[str, Any]) -> str:
             f"all workers p99 {last['p99_ms']} ms (aim p99 < 50)"
         )
     return "\n".join(lines)
-
-
-def register(bench_sub: argparse._SubParsersAction) -> None:
-    """Add `serve` to the `negcase bench` targets."""
-    parser = bench_sub.add_parser(
-        "serve",
-        parents=[common_options()],
-        help="inference: round trip, worker throughput, Predictor latency, reload latency",
-        description=(
-            "Starts its own redis-server unless NEGCASE_REDIS_URL is set (bench keys use "
-            "their own namespaces and are deleted after), and its own `negcase serve` workers."
-        ),
-    )
-    parser.add_argument("--requests", type=int, default=2000, help="round trips timed (2000)")
-    parser.add_argument("--drain", type=int, default=50_000, help="requests per drain (50000)")
-    parser.add_argument("--publishes", type=int, default=100, help="publishes, split 1/2 (100)")
-    parser.add_argument("--json", action="store_true", help="print JSON")
-    parser.set_defaults(run=run_bench_serve)
 
 
 def run_bench_serve(args: argparse.Namespace) -> int:

@@ -32,6 +32,12 @@ def bench_redis(settings: Settings) -> Iterator[str]:
 
 
 def drop_namespace(client: redis.Redis, namespace: str) -> None:
-    """Delete every key of a bench namespace."""
-    for chunk in chunks(client.scan_iter(match=f"{namespace}:*", count=1000), 500):
+    """Delete every key of a bench or demo namespace."""
+    pattern = f"{_glob_escaped(namespace)}:*"
+    for chunk in chunks(client.scan_iter(match=pattern, count=1000), 500):
         client.unlink(*chunk)
+
+
+def _glob_escaped(text: str) -> str:
+    """`text` as a SCAN MATCH pattern that matches only itself."""
+    return "".join(f"\\{char}" if char in "*?[]\\" else char for char in text)

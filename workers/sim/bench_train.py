@@ -1,5 +1,6 @@
 """`negcase bench train`: wall time of one intensive session per priority (default model, one
-CPU thread), and cases/s drained by 1 and by 2 trainer processes sharing one queue."""
+CPU thread), and cases/s drained by 1 and by 2 trainer processes sharing one queue.
+Its command line is in negcase.sim.bench, which imports this module (and torch) only to run."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import orjson
 import redis
 import torch
 
-from negcase.cli.options import common_options, settings_from
+from negcase.cli.options import settings_from
 from negcase.processes.trainer import Trainer
 from negcase.runtime.settings import Settings
 from negcase.runtime.shutdown import StopFlag
@@ -168,21 +169,6 @@ def render(result: dict[str, Any]) -> str:
         )
     lines.append(f"  2 vs 1 trainers: {result['drain_ratio']:.2f}x (aim >= 1.6 on 2 cores)")
     return "\n".join(lines)
-
-
-def register(bench_sub: argparse._SubParsersAction) -> None:
-    """Add `train` under `negcase bench`."""
-    parser = bench_sub.add_parser(
-        "train",
-        parents=[common_options()],
-        help="intensive session time per priority, and cases/s for 1 vs 2 trainers",
-        description="Starts its own redis-server unless NEGCASE_REDIS_URL is set (bench keys "
-        "use their own namespaces and are deleted after).",
-    )
-    parser.add_argument("--cases", type=int, default=40, help="cases per drain run (40)")
-    parser.add_argument("--epochs", type=int, default=300, help="epochs per drained case (300)")
-    parser.add_argument("--json", action="store_true", help="print JSON")
-    parser.set_defaults(run=run_bench_train)
 
 
 def run_bench_train(args: argparse.Namespace) -> int:

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
+import os
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -18,40 +21,57 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import redis
-import torch
 
-from negcase.cli.options import CommandError, common_options, settings_from
-from negcase.cli.status import gather_status
-from negcase.client.signal_client import SignalClient, SignalTimeout
-from negcase.client.trades import publish_trades
-from negcase.processes.model import (
-    build_model,
-    load_verified,
-    sha256_hex,
-    spec_from_settings,
-    state_of,
-    weights_bytes,
+from negcase.cli.options import (
+    CommandError,
+    archive_options,
+    connection_options,
+    logging_options,
+    settings_from,
 )
+from negcase.cli.status import gather_status
+from negcase.client.trades import publish_trades
 from negcase.runtime.settings import Settings
 from negcase.runtime.shutdown import interrupt_on_sigterm
 from negcase.schemas.case import ACTIONS
-from negcase.schemas.signal import SignalRequestError
-from negcase.sim.engine import Market, Situation, SyntheticEngine, held_out_situations, pnl_pct
+from negcase.sim.bench_support import drop_namespace
 from negcase.sim.supervisor import Supervisor
 from negcase.store.archive import Archive
 from negcase.store.checkpoints import CheckpointRegistry
-from negcase.store.connection import connect
+from negcase.store.connection import connect, redacted
 from negcase.store.keys import Keys
 from negcase.store.local_redis import LocalRedis
+
+if TYPE_CHECKING:
+    from negcase.client.signal_client import SignalClient
+    from negcase.sim.engine import Situation, SyntheticEngine
 
 TICK_S = 0.25
 HELD_OUT_PER_REGIME = 400
 # A model's live loss rate is shown once it has made this many trades.
 MIN_TRADES_FOR_RATE = 20
+# The demo's own namespace: its synthetic trades, cases and models never mix with real ones.
+DEMO_NAMESPACE = "negcase-demo"
+# Keys that only exist once negcase has worked in a namespace.
+_USED_KEYS = (
+    "trades",
+    "cases",
+    "queue",
+    "events",
+    "stats",
+    "latest",
+    "version_counter",
+    "checkpoints",
+    "requests",
+    "sessions",
+    "workers",
+)
+
+log = logging.getLogger("negcase.demo")
 
 
 @contextlib.contextmanager
@@ -69,9 +89,41 @@ def demo_redis(settings: Settings) -> Iterator[Settings]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def claim_namespace(client: redis.Redis, keys: Keys) -> bool:
+    """Make the namespace the demo's: refuse one that holds data the demo did not write,
+    clear what an earlier demo left (its counts would mix with this run's), then mark it.
+    Returns whether an earlier demo's data was cleared."""
+    used = [name for name in _USED_KEYS if client.exists(getattr(keys, name))]
+    earlier_demo = bool(client.exists(keys.demo))
+    if used and not earlier_demo:
+        raise CommandError(
+            f"namespace {keys.namespace!r} holds data no demo wrote ({', '.join(used)}, ...): "
+            "the demo never runs on someone else's data; give it an empty one with --namespace"
+        )
+    if earlier_demo:
+        drop_namespace(client, keys.namespace)
+    mark = {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "started_at_ms": int(time.time() * 1000),
+    }
+    client.set(keys.demo, orjson.dumps(mark))
+    return earlier_demo
+
+
 def publish_first_model(client: redis.Redis, settings: Settings) -> int:
     """Publish the seeded initial weights as the first checkpoint unless one exists, so the
     engine gets signals from its first trade; trainers start from the same weights."""
+    import torch
+
+    from negcase.processes.model import (
+        build_model,
+        sha256_hex,
+        spec_from_settings,
+        state_of,
+        weights_bytes,
+    )
+
     registry = CheckpointRegistry(
         client, settings.keys, Archive(settings.data_dir), settings.keep_checkpoints
     )
@@ -145,12 +197,15 @@ class TradingEngine:
         self.trades += publish_trades(self.client, self.settings.keys, closed)
 
     def _decide(self, situation: Situation) -> tuple[str, int | None] | None:
+        from negcase.client.signal_client import SignalTimeout
+        from negcase.schemas.signal import SignalRequestError
+
         try:
             signal = self.signals.request(situation.features, timeout_s=5.0)
         except (SignalTimeout, SignalRequestError) as error:
             # A real engine falls back to its own rule; this one stays out of the market.
             self.failed_signals += 1
-            print(f"demo: signal request failed: {error}", file=sys.stderr)
+            log.warning("signal request failed: %s", error)
             return None
         if signal.action == "HOLD":
             self.holds += 1
@@ -163,6 +218,11 @@ def held_out_loss_rate(
 ) -> dict[str, Any]:
     """Replay the fixed held-out situations against one model version: how often it trades,
     and how often those trades lose."""
+    import torch
+
+    from negcase.processes.model import build_model, load_verified, spec_from_settings
+    from negcase.sim.engine import pnl_pct
+
     model = build_model(spec_from_settings(settings))
     load_verified(registry.fetch_anywhere(version), model, settings.feature_count)
     model.eval()
@@ -211,25 +271,34 @@ def live_loss_rates(models: dict[str, dict[str, float]], first: int) -> dict[str
 
 @dataclass
 class Screen:
-    """Live output: redrawn in place on a terminal, plain lines otherwise, none for --json."""
+    """Live output: redrawn in place on a terminal, plain lines otherwise, none for --json.
+
+    A redraw moves the cursor up over the live view's own lines only (CSI n F, then CSI J
+    to clear below), so the lines said before it stay on the screen."""
 
     quiet: bool
     redraw: bool = field(default_factory=lambda: sys.stdout.isatty())
+    out: Any = field(default_factory=lambda: sys.stdout)
+    drawn: int = 0
 
     def show(self, lines: list[str]) -> None:
         """Print the current state."""
         if self.quiet:
             return
         if self.redraw:
-            sys.stdout.write("\x1b[H\x1b[J" + "\n".join(lines) + "\n")
+            up = f"\x1b[{self.drawn}F" if self.drawn else ""
+            self.out.write(up + "\x1b[J" + "\n".join(lines) + "\n")
+            self.drawn = len(lines)
         else:
-            sys.stdout.write(" | ".join(lines[1:4]) + "\n")
-        sys.stdout.flush()
+            self.out.write(" | ".join(lines[1:4]) + "\n")
+        self.out.flush()
 
     def say(self, line: str) -> None:
-        """A message outside the live view."""
+        """A message outside the live view, below it; the next view is drawn after it."""
         if not self.quiet:
-            print(line, flush=True)
+            self.out.write(line + "\n")
+            self.out.flush()
+            self.drawn = 0
 
 
 def live_view(
@@ -328,16 +397,23 @@ def render_summary(summary: dict[str, Any]) -> str:
             + _rate_text("first", live["first"])
             + " -> "
             + _rate_text("latest", live["latest"]),
-            f"  workers stopped   {summary['worker_exit_codes']}",
+            f"  workers stopped   {_exit_text(summary['worker_exit_codes'])}",
         ]
     )
+
+
+def _exit_text(codes: dict[str, int]) -> str:
+    failed = {name: code for name, code in codes.items() if code != 0}
+    if not failed:
+        return f"all {len(codes)} exited cleanly"
+    return ", ".join(f"{name} exited with {code}" for name, code in failed.items())
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add `negcase demo`."""
     parser = sub.add_parser(
         "demo",
-        parents=[common_options()],
+        parents=[connection_options(), archive_options(), logging_options()],
         help="run the whole loop on a local Redis with a synthetic trading engine",
         description=(
             "Start a local redis-server (unless NEGCASE_REDIS_URL is set), one loss detector, "
@@ -346,7 +422,10 @@ def register(sub: argparse._SubParsersAction) -> None:
             "hidden rule can be learnt (several symbols, drifting regimes, leverage and fees, "
             "a share of malformed events). Shows the loop live, then prints a summary with the "
             "loss rate of the first model against the latest, and stops everything it started. "
-            "The archive is left in --data-dir (default testcases/negative)."
+            f"It works in its own namespace, --namespace (default {DEMO_NAMESPACE}; never "
+            "NEGCASE_NAMESPACE, which names your deployment's), refuses one that holds data "
+            "it did not write, and clears what an earlier demo left there. The archive is "
+            "left in --data-dir (default testcases/negative; never NEGCASE_DATA_DIR)."
         ),
     )
     parser.add_argument("--duration", type=float, default=60.0, help="seconds to trade (60)")
@@ -358,14 +437,22 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run_demo(args: argparse.Namespace) -> int:
     """Run the demo to the end of --duration or Ctrl-C."""
+    from negcase.client.signal_client import SignalClient
+    from negcase.sim.engine import Market, SyntheticEngine, held_out_situations
+
     if args.duration <= 0 or args.rate <= 0:
         raise CommandError("--duration and --rate must be positive")
     screen = Screen(quiet=args.json)
     # SIGTERM stops the demo like Ctrl-C: the workers and Redis are stopped, not orphaned.
     interrupt_on_sigterm()
-    with demo_redis(settings_from(args)) as settings:
+    with demo_redis(demo_settings(args)) as settings:
         client = connect(settings.redis_url or "")
-        screen.say(f"negcase demo: Redis {settings.redis_url}, archive {settings.data_dir}")
+        cleared = claim_namespace(client, settings.keys)
+        screen.say(
+            f"negcase demo: Redis {redacted(settings.redis_url or '')}, namespace "
+            f"{settings.namespace}{' (an earlier demo cleared)' if cleared else ''}, archive "
+            f"{settings.data_dir}"
+        )
         first_version = publish_first_model(client, settings)
         supervisor = Supervisor(settings, settings.data_dir / "logs")
         run_id = time.strftime("%Y%m%d%H%M%S")
@@ -423,11 +510,23 @@ def run_demo(args: argparse.Namespace) -> int:
         return 0 if all(code == 0 for code in exit_codes.values()) else 1
 
 
+def demo_settings(args: argparse.Namespace) -> Settings:
+    """Settings from the environment and flags, except the namespace and the archive: those
+    come from the demo's flags or its own defaults, never from NEGCASE_NAMESPACE or
+    NEGCASE_DATA_DIR, which describe the user's own deployment."""
+    defaults = Settings()
+    return settings_from(args).with_overrides(
+        namespace=args.namespace or DEMO_NAMESPACE, data_dir=args.data_dir or defaults.data_dir
+    )
+
+
 def start_workers(supervisor: Supervisor) -> None:
     """One detector, two trainers (claiming four cases at a time), one inference worker."""
     supervisor.start("detector", "detect", "--consumer", "demo-detector", "--block-ms", "200")
     for n in (1, 2):
-        supervisor.start(f"trainer-{n}", "train", "--name", f"demo-trainer-{n}", "--batch", "4")
+        supervisor.start(
+            f"trainer-{n}", "train", "--consumer", f"demo-trainer-{n}", "--batch-size", "4"
+        )
     supervisor.start("inference", "serve", "--consumer", "demo-inference", "--block-ms", "200")
 
 
@@ -435,6 +534,9 @@ def wait_for_signals(
     signals: SignalClient, feature_count: int, supervisor: Supervisor, timeout_s: float
 ) -> None:
     """Block until the inference worker answers, so no trade waits on a worker's start-up."""
+    from negcase.client.signal_client import SignalTimeout
+    from negcase.schemas.signal import SignalRequestError
+
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if crashed := supervisor.exited():

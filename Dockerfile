@@ -11,6 +11,12 @@ COPY store ./store
 COPY workers ./workers
 RUN pip install --no-cache-dir .
 
+# Workers run as an unprivileged user that owns only the archive folder. The folder exists
+# (owned by it) before the VOLUME line, so a fresh named volume starts with that owner.
+RUN useradd --system --uid 10001 --create-home --home-dir /home/negcase negcase \
+    && mkdir -p /data/negative && chown negcase:negcase /data/negative
+USER negcase
+
 ENV NEGCASE_DATA_DIR=/data/negative PYTHONUNBUFFERED=1
 VOLUME /data/negative
 ENTRYPOINT ["negcase"]

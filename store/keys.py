@@ -161,3 +161,20 @@ class Keys:
     def workers(self) -> str:
         """Sorted set of worker ids by when their health key expires (ms): who to look up."""
         return self._key("workers")
+
+    def representatives(self) -> list[str]:
+        """One key of every kind this namespace builds (per-id keys with a sample id): what
+        a check that the whole namespace lands in one Cluster slot hashes."""
+        fixed = [
+            getattr(self, name) for name, value in vars(Keys).items() if isinstance(value, property)
+        ]
+        sample = "x"
+        per_id = [
+            self.case(sample),
+            self.session(sample),
+            self.checkpoint(1),
+            self.reply(sample),
+            self.rate_bucket(0),
+            self.health(sample),
+        ]
+        return fixed + per_id

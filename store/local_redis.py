@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import redis
@@ -81,9 +82,12 @@ def free_port() -> int:
 class LocalRedis:
     """A redis-server child process on 127.0.0.1 with AOF on, in its own data folder."""
 
-    def __init__(self, data_dir: Path, port: int | None = None) -> None:
+    def __init__(
+        self, data_dir: Path, port: int | None = None, extra_args: Sequence[str] = ()
+    ) -> None:
         self.data_dir = Path(data_dir)
         self.requested_port = port
+        self.extra_args = list(extra_args)
         self.port = 0
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -91,6 +95,11 @@ class LocalRedis:
     def url(self) -> str:
         """redis:// URL of the running server."""
         return f"redis://127.0.0.1:{self.port}/0"
+
+    def command(self) -> list[str]:
+        """The server's command line for `self.port`; `extra_args` (a replica's `--replicaof`,
+        a cluster node's `--cluster-enabled yes`) come last, so they win."""
+        return [redis_server_binary(), *self._options(), *self.extra_args]
 
     def _options(self) -> list[str]:
         """redis-server's command-line options: `--name value` for each."""
@@ -116,7 +125,7 @@ class LocalRedis:
         for _ in range(5):
             self.port = self.requested_port or free_port()
             self.process = subprocess.Popen(
-                [redis_server_binary(), *self._options()],
+                self.command(),
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
                 # Its own session: a Ctrl-C at the terminal stops the command that started

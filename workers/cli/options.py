@@ -9,10 +9,22 @@ from pathlib import Path
 import redis
 
 from negcase.runtime.logging import configure_logging
-from negcase.runtime.settings import LOG_FORMATS, LOG_LEVELS, Settings, SettingsError
-from negcase.store.connection import connect, redacted
+from negcase.runtime.settings import (
+    DEFAULT_REDIS_URL,
+    LOG_FORMATS,
+    LOG_LEVELS,
+    Settings,
+    SettingsError,
+)
+from negcase.store.connection import (
+    Client,
+    NamespaceSlotError,
+    RedisUrlError,
+    check_namespace_slot,
+    connect,
+    redacted,
+)
 
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 # Flags that stand for a setting of the same name; a command has those its parents add.
 SETTING_FLAGS = ("redis_url", "namespace", "data_dir", "log_level", "log_format")
 
@@ -95,12 +107,16 @@ def setup_logging(args: argparse.Namespace) -> None:
     configure_logging(settings.log_level, settings.log_format)
 
 
-def redis_client(settings: Settings) -> redis.Redis:
-    """A connected client, or a CommandError that says which URL did not answer."""
+def redis_client(settings: Settings) -> Client:
+    """A connected client (one server, Sentinel's primary or a Cluster), or a CommandError
+    that says which URL did not answer or why the namespace cannot work there."""
     url = settings.redis_url or DEFAULT_REDIS_URL
-    client = connect(url)
     try:
+        client = connect(url)
+        check_namespace_slot(client, settings.keys)
         client.ping()
+    except (RedisUrlError, NamespaceSlotError) as error:
+        raise CommandError(str(error)) from None
     except redis.AuthenticationError as error:
         raise CommandError(f"Redis at {redacted(url)} refused the credentials: {error}") from None
     except redis.ConnectionError as error:

@@ -10,17 +10,21 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-import redis
 
 from negcase.processes.reloader import Reloader
-from negcase.runtime.settings import Settings
+from negcase.runtime.settings import DEFAULT_REDIS_URL, Settings
 from negcase.schemas.signal import (
     Signal,
     SignalRequestError,
     check_features,
     signal_from_probabilities,
 )
-from negcase.store.connection import require_bytes_replies
+from negcase.store.connection import (
+    Client,
+    check_namespace_slot,
+    connect,
+    require_bytes_replies,
+)
 from negcase.store.streams import default_consumer_name
 
 
@@ -37,13 +41,20 @@ class Predictor:
     """
 
     def __init__(
-        self, client: redis.Redis, settings: Settings | None = None, name: str | None = None
+        self, client: Client, settings: Settings | None = None, name: str | None = None
     ) -> None:
         require_bytes_replies(client, "Predictor")
         self.settings = settings or Settings.from_env()
+        check_namespace_slot(client, self.settings.keys)
         self.name = name or f"predictor:{default_consumer_name()}"
         self.reloader = Reloader(client, self.settings, self.name)
         self._row = np.empty((1, self.settings.feature_count), np.float32)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, name: str | None = None) -> Predictor:
+        """A Predictor on `settings.redis_url` (any form `store.connection` takes: one
+        server, Sentinel, Cluster): it follows a failover by itself."""
+        return cls(connect(settings.redis_url or DEFAULT_REDIS_URL), settings, name)
 
     def start(self, timeout_s: float = 10.0) -> Predictor:
         """Start following checkpoints and wait up to `timeout_s` for the first look at

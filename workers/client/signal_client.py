@@ -7,14 +7,15 @@ import time
 from collections.abc import Sequence
 
 import numpy as np
-import redis
 
+from negcase.runtime.settings import DEFAULT_REDIS_URL, Settings
 from negcase.schemas.signal import (
     Signal,
     check_features,
     parse_reply,
     request_fields,
 )
+from negcase.store.connection import Client, check_namespace_slot, connect
 from negcase.store.keys import Keys
 
 # Requests are deleted once answered; this cap only matters while no worker is running.
@@ -39,10 +40,11 @@ class SignalClient:
     """Sends one request to `<ns>:signals:requests` and waits for its reply with BLPOP."""
 
     def __init__(
-        self, client: redis.Redis, namespace: str = "negcase", feature_count: int | None = None
+        self, client: Client, namespace: str = "negcase", feature_count: int | None = None
     ) -> None:
         self.client = client
         self.keys = Keys(namespace)
+        check_namespace_slot(client, self.keys)
         self.feature_count = feature_count
         # The prefix is random per client, so ids never collide across engines or restarts.
         self._prefix = os.urandom(6).hex()
@@ -52,6 +54,13 @@ class SignalClient:
         self._wait_slice_s = MAX_WAIT_SLICE_S
         if socket_timeout_s:
             self._wait_slice_s = min(MAX_WAIT_SLICE_S, socket_timeout_s / 2)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> SignalClient:
+        """A client for `settings.redis_url` (any form `store.connection` takes: one server,
+        Sentinel, Cluster), namespace and feature count: it follows a failover by itself."""
+        client = connect(settings.redis_url or DEFAULT_REDIS_URL)
+        return cls(client, settings.namespace, settings.feature_count)
 
     def request(self, features: Sequence[float] | np.ndarray, timeout_s: float = 1.0) -> Signal:
         """The signal for `features`, or SignalRequestError (the worker's error reply naming

@@ -12,6 +12,8 @@ from typing import Any
 from negcase.store.keys import Keys
 
 ENV_PREFIX = "NEGCASE_"
+# Where a worker, command or client connects when neither NEGCASE_REDIS_URL nor a flag says.
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 MAX_BATCH = 5000
 MAX_BLOCK_MS = 20_000
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")

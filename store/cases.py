@@ -15,6 +15,7 @@ from negcase.schemas.case import NegativeCase
 from negcase.schemas.event import Event
 from negcase.store.keys import DETECTOR_GROUP, Keys
 from negcase.store.queue import queue_score
+from negcase.store.replication import NO_ACKS, ReplicaAcks
 from negcase.store.scripts import script
 from negcase.store.streams import packed_dead_letter
 
@@ -68,9 +69,10 @@ def rate_bucket_s(now_s: float) -> int:
 class CaseStore:
     """Negative cases in Redis: `<ns>:case:<id>` blobs, `<ns>:cases`, and the queue."""
 
-    def __init__(self, client: redis.Redis, keys: Keys) -> None:
+    def __init__(self, client: redis.Redis, keys: Keys, acks: ReplicaAcks = NO_ACKS) -> None:
         self.client = client
         self.keys = keys
+        self.acks = acks
         self._record_batch = script(client, "record_batch")
 
     def record_batch(
@@ -111,7 +113,9 @@ class CaseStore:
         for name, by in batch.counters.items():
             args += [name, by]
         args += batch.handled_ids
-        added, duplicates = self._record_batch(
+        added, duplicates = self.acks.run_script(
+            self.client,
+            self._record_batch,
             keys=[
                 keys.trades,
                 keys.cases,

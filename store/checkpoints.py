@@ -30,6 +30,7 @@ from negcase.store.archive import Archive
 from negcase.store.keys import Keys
 from negcase.store.leases import Lease, LeaseLost, fence_args
 from negcase.store.model_files import ModelFiles
+from negcase.store.replication import NO_ACKS, ReplicaAcks
 from negcase.store.scripts import script
 
 ANNOUNCEMENTS_MAXLEN = 10_000
@@ -82,12 +83,14 @@ class CheckpointRegistry:
         archive: Archive | None = None,
         keep: int = 10,
         events_maxlen: int = 100_000,
+        acks: ReplicaAcks = NO_ACKS,
     ) -> None:
         self.client = client
         self.keys = keys
         self.files = None if archive is None else ModelFiles(archive.models_dir)
         self.keep = max(1, keep)
         self.events_maxlen = events_maxlen
+        self.acks = acks
         self._publish = script(client, "publish_checkpoint", "clock", "lease")
         self._rollback = script(client, "rollback_checkpoint", "clock")
 
@@ -146,9 +149,9 @@ class CheckpointRegistry:
         """Store, archive and announce a checkpoint built on `parent_version`, and move latest
         to it. Raises PublishConflict when latest is no longer `parent_version`, LeaseLost
         when a lease in `leases` is no longer held, ArchiveConflict when the archive already
-        has files of the new version. Returns the new version."""
-        self._start_counter_above_archive()
-        version = int(self.client.incr(self.keys.version_counter))
+        has files of the new version, ReplicaAcksMissing when it stands on the primary but
+        too few replicas confirmed it (its files stay unconfirmed). Returns the new version."""
+        version = self._next_version()
         full_meta = {
             **meta,
             "version": version,
@@ -159,7 +162,9 @@ class CheckpointRegistry:
         if self.files is not None:
             self.files.write_unpublished(version, weights, sha256, full_meta)
         stale = self._stale_versions()
-        status, detail = self._publish(
+        status, detail = self.acks.run_script(
+            self.client,
+            self._publish,
             keys=[
                 self.keys.latest,
                 self.keys.checkpoint(version),
@@ -168,6 +173,7 @@ class CheckpointRegistry:
                 self.keys.events,
                 self.keys.leased,
                 self.keys.leases,
+                self.keys.version_counter,
                 *(self.keys.checkpoint(old) for old in stale),
             ],
             args=[
@@ -203,7 +209,9 @@ class CheckpointRegistry:
         restore = None if stored else self._read_archived(version)
         meta = (stored or restore).meta
         parent = meta.get("parent_version")
-        status, previous = self._rollback(
+        status, previous = self.acks.run_script(
+            self.client,
+            self._rollback,
             keys=[
                 self.keys.latest,
                 self.keys.checkpoint(version),
@@ -248,6 +256,17 @@ class CheckpointRegistry:
     def _stale_versions(self) -> list[int]:
         """Versions to drop from Redis once one more is added: all but the newest keep - 1."""
         return [int(v) for v in self.client.zrevrange(self.keys.versions, self.keep - 1, -1)]
+
+    def _next_version(self) -> int:
+        """A version number never handed out before: INCR, and past the newest version the
+        archive holds. A failover can lose INCRs the archive saw (a publish cut short with
+        the old primary); without this the next publish would reuse its number."""
+        self._start_counter_above_archive()
+        version = int(self.client.incr(self.keys.version_counter))
+        newest = 0 if self.files is None else self.files.newest_version()
+        if version <= newest:
+            version = int(self.client.incrby(self.keys.version_counter, newest + 1 - version))
+        return version
 
     def _start_counter_above_archive(self) -> None:
         """Before the first INCR of an empty (or flushed) Redis, start the counter at the

@@ -4,17 +4,23 @@
 -- longer holds a live lease on every case it trained (fencing: it was paused or too slow).
 --
 -- KEYS: 1 latest, 2 the new checkpoint hash, 3 versions, 4 checkpoints stream, 5 events,
---       6 leased, 7 leases, 8.. checkpoint hashes to drop (older than the last K)
+--       6 leased, 7 leases, 8 version counter, 9.. checkpoint hashes to drop (older than the
+--       last K)
 -- ARGV: 1 expected latest ('' for none), 2 version, 3 parent ('' for none), 4 weights,
 --       5 sha256, 6 meta JSON, 7 stream maxlen, 8 events maxlen, 9 trainer,
 --       10 lease count, then per lease (2): case_id, fencing token,
 --       then one version per dropped checkpoint hash, in KEYS order
 -- Returns {'published', version} | {'conflict', current latest or ''} | {'fenced', case_id}
-local latest, checkpoint, versions, stream, events, leased, leases =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
+local latest, checkpoint, versions, stream, events, leased, leases, counter =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local version, parent, sha256 = ARGV[2], ARGV[3], ARGV[5]
 
 local current = redis.call('GET', latest) or ''
+-- The client retried this very publish (its reply was lost with a failing primary's
+-- connection, and the first run had reached the new one): it is done, do not redo it.
+if current == version and redis.call('HGET', checkpoint, 'sha256') == sha256 then
+  return {'published', version}
+end
 if current ~= ARGV[1] then return {'conflict', current} end
 
 local now_ms = redis_now_ms()
@@ -29,6 +35,11 @@ end
 redis.call('HSET', checkpoint, 'weights', ARGV[4], 'sha256', sha256, 'meta', ARGV[6])
 redis.call('ZADD', versions, version, version)
 redis.call('SET', latest, version)
+-- A failover can lose the INCR that handed out `version` while this publish survives:
+-- the counter never stays below a published version, so no number is handed out twice.
+if tonumber(redis.call('GET', counter) or '0') < tonumber(version) then
+  redis.call('SET', counter, version)
+end
 local announcement = {'kind', 'published', 'version', version, 'sha256', sha256, 'at_ms', now_ms}
 if parent ~= '' then
   table.insert(announcement, 'parent_version')
@@ -39,7 +50,7 @@ redis.call('XADD', events, 'MAXLEN', '~', ARGV[8], '*', 'type', 'checkpoint_publ
   'at_ms', now_ms, 'version', version, 'parent_version', parent, 'sha256', sha256,
   'trainer', ARGV[9])
 
-for k = 8, #KEYS do
+for k = 9, #KEYS do
   redis.call('DEL', KEYS[k])
   redis.call('ZREM', versions, ARGV[i])
   i = i + 1

@@ -23,8 +23,8 @@ from negcase.store.checkpoints import (
     PublishConflict,
 )
 from negcase.store.leases import Lease, LeaseLost
-from negcase.store.model_files import ArchiveConflict
 from negcase.store.queue import CaseQueue
+from negcase.store.scripts import script
 
 SPEC = ModelSpec(feature_count=8, hidden_sizes=(8,))
 
@@ -144,18 +144,21 @@ def test_an_emptied_redis_never_reuses_an_archived_version(client, settings) -> 
     ]
 
 
-def test_an_existing_archive_file_is_never_replaced(client, settings) -> None:
-    # given a version counter that went backwards below a file already in the archive
+def test_a_counter_that_went_backwards_skips_past_the_archive(client, settings) -> None:
+    # given a version counter that went backwards below a file already in the archive (a
+    # failover lost the INCR; or another lineage wrote this folder)
     models = settings.data_dir / "models"
     registry = registry_for(client, settings)
     (models / "v1.safetensors").write_bytes(b"another lineage's weights")
     client.set(settings.keys.version_counter, 0)
 
-    with pytest.raises(ArchiveConflict):
-        publish_new(registry, None)
+    # when a trainer publishes
+    version = publish_new(registry, None)
 
-    assert archive_files(settings) == {"v1.safetensors": b"another lineage's weights"}
-    assert registry.latest_version() is None and registry.list() == []
+    # then it gets a number the archive has not seen, and the existing file is untouched
+    assert version == 2
+    assert archive_files(settings)["v1.safetensors"] == b"another lineage's weights"
+    assert registry.latest_version() == 2
 
 
 def test_files_of_a_publish_that_never_completed_are_not_trusted(client, settings) -> None:
@@ -174,3 +177,22 @@ def test_files_of_a_publish_that_never_completed_are_not_trusted(client, setting
         registry.rollback(1)
     assert publish_new(registry, None) == 2
     assert [info.version for info in registry.list()] == [2]
+
+
+def test_a_retried_publish_is_done_once_and_the_counter_never_lags(client, settings) -> None:
+    # given a publish of v7 whose INCR a failover lost (the counter is still empty)
+    keys = settings.keys
+    publish = script(client, "publish_checkpoint", "clock", "lease")
+    script_keys = [
+        *(keys.latest, keys.checkpoint(7), keys.versions, keys.checkpoints, keys.events),
+        *(keys.leased, keys.leases, keys.version_counter),
+    ]
+    args = ["", 7, "", b"weights", "sha-7", b"{}", 100, 100, "t1", 0]
+    assert publish(keys=script_keys, args=args) == [b"published", b"7"]
+    # when redis-py runs the same script again (its reply was lost with the connection)
+    again = publish(keys=script_keys, args=args)
+    # then it reports the publish that happened, which was announced once
+    assert again == [b"published", b"7"]
+    assert [a[b"version"] for a in announcements(client, settings)] == [b"7"]
+    # and the next version handed out is past it
+    assert client.incr(keys.version_counter) == 8

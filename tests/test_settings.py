@@ -92,3 +92,11 @@ def test_explain_says_where_each_value_came_from():
     assert rows["lease_s"] == (12.0, "env")
     assert rows["namespace"] == ("ops", "flag")
     assert rows["batch_size"] == (500, "default") and rows["data_dir"][1] == "default"
+
+
+def test_a_replica_ack_wait_must_end() -> None:
+    # WAIT's timeout 0 means forever: a worker would hang whenever no replica is up
+    with pytest.raises(SettingsError, match="replica_ack_timeout_ms"):
+        Settings.from_env({"NEGCASE_MIN_REPLICA_ACKS": "1", "NEGCASE_REPLICA_ACK_TIMEOUT_MS": "0"})
+    with pytest.raises(SettingsError, match="min_replica_acks"):
+        Settings.from_env({"NEGCASE_MIN_REPLICA_ACKS": "-1"})

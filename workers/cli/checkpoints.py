@@ -137,6 +137,7 @@ def run_rollback(args: argparse.Namespace) -> int:
         Archive(settings.data_dir),
         settings.keep_checkpoints,
         settings.events_maxlen,
+        settings.replica_acks,
     )
     if registry.latest_version() == args.version:
         # Nothing to roll back: announcing it would make every inference worker log a reload.

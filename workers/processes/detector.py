@@ -58,7 +58,7 @@ class LossDetector:
         self.keys = settings.keys
         self.consumer = consumer
         self.archive = archive
-        self.cases = CaseStore(client, self.keys)
+        self.cases = CaseStore(client, self.keys, settings.replica_acks)
         self.defaults = TradeDefaults(
             feature_count=settings.feature_count,
             leverage=settings.default_leverage,

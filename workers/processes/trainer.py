@@ -121,7 +121,12 @@ class Trainer:
             settings.heldout_share,
         )
         self.registry = CheckpointRegistry(
-            client, self.keys, archive, settings.keep_checkpoints, settings.events_maxlen
+            client,
+            self.keys,
+            archive,
+            settings.keep_checkpoints,
+            settings.events_maxlen,
+            settings.replica_acks,
         )
         self.sessions = SessionStore(client, self.keys, archive, settings.events_maxlen)
         self.heldout = HeldOutSet(

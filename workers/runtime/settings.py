@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from negcase.store.keys import Keys
+from negcase.store.replication import ReplicaAcks
 
 ENV_PREFIX = "NEGCASE_"
 # Where a worker, command or client connects when neither NEGCASE_REDIS_URL nor a flag says.
@@ -118,6 +119,11 @@ class Settings:
     log_level: str = "INFO"
     log_format: str = "text"
 
+    # Durability across a failover: replicas that must acknowledge a detector batch or a
+    # checkpoint publish (WAIT) before the worker goes on, and how long to wait for them.
+    min_replica_acks: int = 0
+    replica_ack_timeout_ms: int = 1000
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Read every NEGCASE_<FIELD> that is set; the rest keep their defaults. A NEGCASE_*
@@ -157,6 +163,11 @@ class Settings:
             )
         if self.log_format not in LOG_FORMATS:
             raise SettingsError(f"log_format: text or json, got {self.log_format!r}")
+        if self.min_replica_acks < 0:
+            raise SettingsError("min_replica_acks: must be 0 (no WAIT) or more")
+        # WAIT's timeout 0 means "forever": a worker would hang while no replica is up.
+        if self.replica_ack_timeout_ms < 1:
+            raise SettingsError("replica_ack_timeout_ms: must be at least 1")
         return self
 
     def differences(self) -> dict[str, Any]:
@@ -167,6 +178,11 @@ class Settings:
             for f in fields(self)
             if getattr(self, f.name) != getattr(default, f.name)
         }
+
+    @property
+    def replica_acks(self) -> ReplicaAcks:
+        """The WAIT that follows a detector batch and a checkpoint publish."""
+        return ReplicaAcks(self.min_replica_acks, self.replica_ack_timeout_ms)
 
     @property
     def keys(self) -> Keys:

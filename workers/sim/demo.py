@@ -124,8 +124,9 @@ def publish_first_model(client: redis.Redis, settings: Settings) -> int:
         weights_bytes,
     )
 
+    archive = Archive(settings.data_dir)
     registry = CheckpointRegistry(
-        client, settings.keys, Archive(settings.data_dir), settings.keep_checkpoints
+        client, settings.keys, archive, settings.keep_checkpoints, acks=settings.replica_acks
     )
     with registry.publish_lock():
         latest = registry.latest_version()

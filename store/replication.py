@@ -1,0 +1,78 @@
+"""Replica acknowledgement: after a write that must outlive its primary (a detector's batch,
+a checkpoint publish), `WAIT` until replicas confirm it.
+
+WAIT counts what replicas acknowledged of the writes made *on the connection that sends
+it*, so the script and its WAIT travel in one pipeline: one connection, one round trip. In a
+Cluster the pipeline goes to the node that owns the script's slot (redis-py sends a bare WAIT
+to every primary and adds up the replies, which says nothing about this write).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from redis.commands.core import Script
+from redis.exceptions import MovedError
+
+from negcase.store.connection import Client, is_cluster
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaAcks:
+    """How many replicas must acknowledge a write (0: none, Redis's default asynchronous
+    replication) and how long to wait for them before going on with a warning."""
+
+    count: int = 0
+    timeout_ms: int = 1000
+
+    def run_script(
+        self, client: Client, script: Script, keys: Sequence[Any], args: Sequence[Any]
+    ) -> Any:
+        """The reply of `script`, run once; with `count` > 0, returned only after `count`
+        replicas have its writes, or after `timeout_ms` with a warning (the write stands:
+        WAIT cannot undo it, and stopping would not make it any safer)."""
+        if self.count == 0:
+            return script(keys=keys, args=args)
+        try:
+            reply, acked = self._script_then_wait(client, script, keys, args)
+        except MovedError:
+            # The slot moved to another node (resharding): learn the new map, try once more.
+            client.nodes_manager.initialize()  # type: ignore[union-attr]
+            reply, acked = self._script_then_wait(client, script, keys, args)
+        if acked < self.count:
+            log.warning(
+                "only %d of %d replicas acknowledged a write to %s within %d ms; it stands on "
+                "the primary and may be lost if that fails before replicating it",
+                acked,
+                self.count,
+                keys[0],
+                self.timeout_ms,
+            )
+        return reply
+
+    def _script_then_wait(
+        self, client: Client, script: Script, keys: Sequence[Any], args: Sequence[Any]
+    ) -> tuple[Any, int]:
+        pipe = _owner_of(client, keys[0]).pipeline(transaction=False)
+        script(keys=keys, args=args, client=pipe)
+        pipe.execute_command("WAIT", self.count, self.timeout_ms)
+        reply, acked = pipe.execute()
+        return reply, int(acked)
+
+
+NO_ACKS = ReplicaAcks()
+
+
+def _owner_of(client: Client, key: Any) -> redis.Redis:
+    """The client whose connections reach the server that holds `key`: `client` itself,
+    except in a Cluster, where it is the client of the primary that owns the key's slot."""
+    if not is_cluster(client):
+        return client  # type: ignore[return-value]
+    node = client.get_node_from_key(key)  # type: ignore[union-attr]
+    return node.redis_connection or client.get_redis_connection(node)  # type: ignore[union-attr]

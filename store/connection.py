@@ -207,6 +207,16 @@ def is_cluster(client: object) -> bool:
     return isinstance(client, RedisCluster)
 
 
+def server_of(client: Client, key: str | bytes) -> redis.Redis:
+    """A client whose connections reach the server holding `key`: `client` itself, except in a
+    Cluster, where it is the client of the primary that owns the key's slot. What needs one
+    connection to that server (WAIT after a write, TIME beside reads in one pipeline) uses it."""
+    if not isinstance(client, RedisCluster):
+        return client
+    node = client.get_node_from_key(key)
+    return node.redis_connection or client.get_redis_connection(node)
+
+
 def check_namespace_slot(client: object, keys: Keys) -> None:
     """In a Cluster, NamespaceSlotError unless every key of the namespace hashes to one slot:
     negcase's Lua scripts and MULTI blocks touch many keys at once, which a Cluster allows

@@ -14,11 +14,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import redis
 from redis.commands.core import Script
 from redis.exceptions import MovedError
 
-from negcase.store.connection import Client, is_cluster
+from negcase.store.connection import Client, server_of
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +41,8 @@ class ReplicaAcks:
         try:
             reply, acked = self._script_then_wait(client, script, keys, args)
         except MovedError:
-            # The slot moved to another node (resharding): learn the new map, try once more.
+            # Only a Cluster answers MOVED: the slot went to another node (resharding).
+            # Learn the new map and try once more; the script did not run.
             client.nodes_manager.initialize()  # type: ignore[union-attr]
             reply, acked = self._script_then_wait(client, script, keys, args)
         if acked < self.count:
@@ -59,7 +59,7 @@ class ReplicaAcks:
     def _script_then_wait(
         self, client: Client, script: Script, keys: Sequence[Any], args: Sequence[Any]
     ) -> tuple[Any, int]:
-        pipe = _owner_of(client, keys[0]).pipeline(transaction=False)
+        pipe = server_of(client, keys[0]).pipeline(transaction=False)
         script(keys=keys, args=args, client=pipe)
         pipe.execute_command("WAIT", self.count, self.timeout_ms)
         reply, acked = pipe.execute()
@@ -67,12 +67,3 @@ class ReplicaAcks:
 
 
 NO_ACKS = ReplicaAcks()
-
-
-def _owner_of(client: Client, key: Any) -> redis.Redis:
-    """The client whose connections reach the server that holds `key`: `client` itself,
-    except in a Cluster, where it is the client of the primary that owns the key's slot."""
-    if not is_cluster(client):
-        return client  # type: ignore[return-value]
-    node = client.get_node_from_key(key)  # type: ignore[union-attr]
-    return node.redis_connection or client.get_redis_connection(node)  # type: ignore[union-attr]

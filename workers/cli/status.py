@@ -20,6 +20,7 @@ from negcase.cli.options import CommandError, connection_options, redis_client, 
 from negcase.cli.status_view import render_status
 from negcase.store.cases import RATE_BUCKET_S, RATE_WINDOW_S, rate_bucket_s, version_label
 from negcase.store.checkpoints import version_of
+from negcase.store.connection import server_of
 from negcase.store.health import live_workers
 from negcase.store.keys import DETECTOR_GROUP, INFERENCE_GROUP, Keys
 from negcase.store.queue import priority_of_score, queue_counts, score_range
@@ -63,8 +64,11 @@ def gather_status(client: redis.Redis, keys: Keys) -> dict[str, Any]:
     independent reads, one of the reads that depend on those, and the health-key SCAN."""
     counts = queue_counts(client, keys)  # one MULTI: the conservation check is exact
     streams = group_streams(keys)
-    first = _pipelined(client, _first_reads(keys, streams), may_fail=_group_reads(streams))
-    second = _pipelined(client, _second_reads(keys, streams, first))
+    # Every key of the namespace is on one server (in a Cluster, the owner of its slot):
+    # pipelining there keeps TIME, which a Cluster pipeline refuses, in the same round trip.
+    server = server_of(client, keys.stats)
+    first = _pipelined(server, _first_reads(keys, streams), may_fail=_group_reads(streams))
+    second = _pipelined(server, _second_reads(keys, streams, first))
     now_ms = first["time"][0] * 1000 + first["time"][1] // 1000
     counters = {k.decode(): _number(v) for k, v in first["stats"].items()}
     workers = live_workers(client, keys)

@@ -22,7 +22,7 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.cluster import ClusterNode, RedisCluster, key_slot
 from redis.exceptions import ReadOnlyError, RedisClusterException
 from redis.retry import Retry
-from redis.sentinel import Sentinel
+from redis.sentinel import Sentinel, SentinelManagedConnection
 
 from negcase.store.keys import Keys
 
@@ -89,6 +89,25 @@ def connect(url: str) -> Client:
     return redis.Redis.from_url(url, **options)
 
 
+class PrimaryFollowingConnection(SentinelManagedConnection):
+    """A connection to the primary that asks the sentinels where it is on every reconnect.
+
+    redis-py 8.1 reconnects a dropped connection in send_packed_command() through
+    connect_check_health() with the address it had, skipping the sentinel lookup in
+    connect(): after a failover it keeps dialing the old primary's address, and once that
+    server is back (restarted, still a primary until the sentinels turn it into a replica,
+    about 8 s later) it writes there, to data the new primary will never see.
+    """
+
+    def connect_check_health(self, check_health: bool = True, retry_socket_connect: bool = True):
+        """Look the primary up, then connect as redis-py would."""
+        if not self._sock and self.connection_pool.is_master:
+            self.host, self.port = self.connection_pool.get_master_address()
+        return super().connect_check_health(
+            check_health=check_health, retry_socket_connect=retry_socket_connect
+        )
+
+
 def failover_retry() -> Retry:
     """Retry a command that met a lost connection or a demoted primary (READONLY) for a few
     seconds, rediscovering the primary on each try: a Sentinel failover of a few seconds is
@@ -123,7 +142,12 @@ def _sentinel_primary(url: str) -> redis.Redis:
     )
     options = {**_OPTIONS, "retry": failover_retry()}
     return sentinel.master_for(
-        service, db=db, username=spread.username, password=spread.password, **options
+        service,
+        db=db,
+        username=spread.username,
+        password=spread.password,
+        connection_class=PrimaryFollowingConnection,
+        **options,
     )
 
 

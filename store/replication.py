@@ -9,23 +9,27 @@ to every primary and adds up the replies, which says nothing about this write).
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import redis
 from redis.commands.core import Script
 from redis.exceptions import MovedError
 
 from negcase.store.connection import Client, server_of
 
-log = logging.getLogger(__name__)
+
+class ReplicaAcksMissing(redis.ConnectionError):
+    """Fewer replicas than required confirmed a write in time. The write stands on the
+    primary, but a failover could lose it: callers treat it like a lost connection (back off,
+    go on) and do not report the write as done; a trainer gives its cases back."""
 
 
 @dataclass(frozen=True, slots=True)
 class ReplicaAcks:
     """How many replicas must acknowledge a write (0: none, Redis's default asynchronous
-    replication) and how long to wait for them before going on with a warning."""
+    replication) and how long to wait for them."""
 
     count: int = 0
     timeout_ms: int = 1000
@@ -33,9 +37,9 @@ class ReplicaAcks:
     def run_script(
         self, client: Client, script: Script, keys: Sequence[Any], args: Sequence[Any]
     ) -> Any:
-        """The reply of `script`, run once; with `count` > 0, returned only after `count`
-        replicas have its writes, or after `timeout_ms` with a warning (the write stands:
-        WAIT cannot undo it, and stopping would not make it any safer)."""
+        """The reply of `script`; with `count` > 0, returned only once `count` replicas have
+        its writes. ReplicaAcksMissing when they did not within `timeout_ms`: the write
+        stands (WAIT cannot undo it), unconfirmed."""
         if self.count == 0:
             return script(keys=keys, args=args)
         try:
@@ -46,13 +50,9 @@ class ReplicaAcks:
             client.nodes_manager.initialize()  # type: ignore[union-attr]
             reply, acked = self._script_then_wait(client, script, keys, args)
         if acked < self.count:
-            log.warning(
-                "only %d of %d replicas acknowledged a write to %s within %d ms; it stands on "
-                "the primary and may be lost if that fails before replicating it",
-                acked,
-                self.count,
-                keys[0],
-                self.timeout_ms,
+            raise ReplicaAcksMissing(
+                f"only {acked} of {self.count} replicas acknowledged the write to {keys[0]} "
+                f"within {self.timeout_ms} ms; it stands on the primary, unconfirmed"
             )
         return reply
 

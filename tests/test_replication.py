@@ -3,27 +3,24 @@ connection that wrote them, with a real primary and replica."""
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-import redis
 
 from negcase.client.trades import encode_trade
 from negcase.processes.detector import LossDetector
 from negcase.runtime.settings import Settings
 from negcase.runtime.shutdown import StopFlag
 from negcase.schemas.case import case_id_for
+from negcase.store.archive import Archive
 from negcase.store.checkpoints import CheckpointRegistry
 from negcase.store.connection import connect
 from negcase.store.local_redis import LocalRedis
+from negcase.store.replication import ReplicaAcksMissing
 from tests.test_detector import losing
 from tests.topologies import wait_for
-
-REPLICATION_LOG = "negcase.store.replication"
 
 
 @pytest.fixture(scope="module")
@@ -42,13 +39,7 @@ def replicated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Local
     primary.stop()
 
 
-def drain(client: redis.Redis, settings: Settings) -> None:
-    LossDetector(client, settings, "d1", None).run(StopFlag(), burst=True)
-
-
-def test_with_a_replica_a_batch_returns_once_the_replica_has_it(
-    replicated, tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_with_a_replica_a_batch_returns_once_the_replica_has_it(replicated, tmp_path) -> None:
     # given a primary whose replica is slow to apply what it receives (asleep for 0.3 s)
     primary, replica = replicated
     client, lagging = connect(primary.url), connect(replica.url)
@@ -61,17 +52,15 @@ def test_with_a_replica_a_batch_returns_once_the_replica_has_it(
     sleeper.start()
     time.sleep(0.05)  # let the replica fall asleep first (if it has not, the test is weaker)
     # when a detector with one required replica ack stores the batch
-    with caplog.at_level(logging.WARNING, logger=REPLICATION_LOG):
-        drain(client, settings)
-    # then the replica acknowledged it (no shortfall warned) and holds the case
-    assert not [r for r in caplog.records if r.name == REPLICATION_LOG]
+    detector = LossDetector(client, settings, "d1", None)
+    detector.run(StopFlag(), burst=True)
+    # then the replica acknowledged it (the detector counts it as done) and holds the case
+    assert detector.totals.cases_added == 1
     sleeper.join()
     assert lagging.sismember(settings.keys.cases, case_id_for("t1"))
 
 
-def test_without_enough_replicas_the_write_stands_and_a_warning_says_so(
-    client, settings: Settings, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_without_enough_replicas_the_write_stands_unconfirmed(client, settings: Settings) -> None:
     # given the test Redis, which has no replica, and a setting that asks for one
     wanting = Settings(
         redis_url=settings.redis_url,
@@ -80,14 +69,18 @@ def test_without_enough_replicas_the_write_stands_and_a_warning_says_so(
         replica_ack_timeout_ms=50,
     )
     client.xadd(wanting.keys.trades, encode_trade(losing("t1"), "flat"))
-    # when a detector stores a batch and a trainer publishes
-    with caplog.at_level(logging.WARNING, logger=REPLICATION_LOG):
-        drain(client, wanting)
-        registry = CheckpointRegistry(client, wanting.keys, acks=wanting.replica_acks)
-        version = registry.publish(b"weights", "sha", {}, None)
-    # then both writes stand on the primary, and each WAIT's shortfall was warned about
+    # when a detector stores a batch
+    detector = LossDetector(client, wanting, "d1", None)
+    detector.run(StopFlag(), burst=True)
+    # then the batch stands on the primary, but the detector does not count it as done
     assert client.sismember(wanting.keys.cases, case_id_for("t1"))
-    assert registry.latest_version() == version
-    warnings = [r.getMessage() for r in caplog.records if r.name == REPLICATION_LOG]
-    assert len(warnings) == 2
-    assert all("only 0 of 1 replicas acknowledged" in w for w in warnings)
+    assert detector.totals.cases_added == 0
+    # and when a trainer publishes, the publish stands but is refused as unconfirmed:
+    # the archive does not list it as published
+    registry = CheckpointRegistry(
+        client, wanting.keys, Archive(wanting.data_dir), acks=wanting.replica_acks
+    )
+    with pytest.raises(ReplicaAcksMissing, match="only 0 of 1 replicas acknowledged"):
+        registry.publish(b"weights", "sha", {}, None)
+    assert registry.latest_version() == 1
+    assert not (wanting.data_dir / "models" / "v1.json").exists()

@@ -83,12 +83,22 @@ class SentinelDeployment:
         return f"redis+sentinel://{nodes}/{SERVICE}/0"
 
     def primary_port(self) -> int:
-        """The port of the primary the sentinels name now."""
-        client = redis.Redis(port=self.sentinels[0].port, socket_timeout=1)
-        try:
-            return int(client.sentinel_get_master_addr_by_name(SERVICE)[1])
-        finally:
-            client.close()
+        """The port of the primary the sentinels name now, once they all name the same."""
+        named = self.named_primaries()
+        if len(named) != 1:
+            raise RuntimeError(f"the sentinels disagree on the primary: ports {sorted(named)}")
+        return named.pop()
+
+    def named_primaries(self) -> set[int]:
+        """The ports the sentinels name as primary, one each (two during a failover)."""
+        named = set()
+        for sentinel in self.sentinels:
+            client = redis.Redis(port=sentinel.port, socket_timeout=1)
+            try:
+                named.add(int(client.sentinel_get_master_addr_by_name(SERVICE)[1]))
+            finally:
+                client.close()
+        return named
 
     def kill_primary(self) -> int:
         """SIGKILL the current primary (no AOF flush, no goodbye); returns its port."""
@@ -100,11 +110,13 @@ class SentinelDeployment:
         server.stop()
         return port
 
-    def restart(self, port: int) -> None:
-        """Start a killed server again on its port with its data: the sentinels turn it into
-        a replica of the new primary."""
+    def restart(self, port: int, as_replica: bool = True) -> None:
+        """Start a killed server again on its port with its data: as a replica of the new
+        primary (an operator's restart), or as it was, a primary with old data, until the
+        sentinels turn it into a replica (about 8 s after they see it back)."""
         old = self.servers[port]
-        self.servers[port] = LocalRedis(old.data_dir, port=port).start()
+        follow = ["--replicaof", "127.0.0.1", str(self.primary_port())] if as_replica else []
+        self.servers[port] = LocalRedis(old.data_dir, port=port, extra_args=follow).start()
 
     def stop(self) -> None:
         """Stop sentinels first (so they do not fail over during shutdown), then servers."""

@@ -27,6 +27,7 @@ from negcase.store.cases import CaseStore
 from negcase.store.checkpoints import CheckpointInfo, CheckpointMissing, CheckpointRegistry
 from negcase.store.keys import Keys
 from negcase.store.queue import CaseQueue, queue_counts
+from negcase.store.replication import ReplicaAcksMissing
 
 REQUEUE_CHUNK = 500
 
@@ -147,6 +148,8 @@ def run_rollback(args: argparse.Namespace) -> int:
         previous = registry.rollback(args.version)
     except CheckpointMissing as error:
         raise CommandError(str(error)) from None
+    except ReplicaAcksMissing as error:
+        raise CommandError(f"rolled back to v{args.version}, unconfirmed: {error}") from None
     print(f"latest: v{previous} -> v{args.version} (announced on {settings.keys.checkpoints})")
     return 0
 

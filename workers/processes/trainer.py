@@ -46,6 +46,7 @@ from negcase.store.checkpoints import CheckpointRegistry
 from negcase.store.health import HealthKey
 from negcase.store.leases import Lease, LeaseLost
 from negcase.store.queue import CaseQueue, priority_of_score, queue_counts
+from negcase.store.replication import ReplicaAcksMissing
 from negcase.store.samples import HeldOutSet, sample_replay
 from negcase.store.sessions import SessionStore
 
@@ -209,6 +210,12 @@ class Trainer:
                 self.queue.release(leases, self.name)
                 session.outcome, session.error = "failed", f"latest checkpoint: {error.reason}"
                 stop.wait(self.settings.lease_s)
+            except ReplicaAcksMissing:
+                # The publish stands on the primary, but no replica confirmed it in time:
+                # hand the cases back (no attempt counted) to be trained again, rather than
+                # count on one machine; the loop backs off.
+                self.queue.release(leases, self.name)
+                raise
             except REDIS_AWAY:
                 raise  # Redis is away, not the cases' fault: the loop backs off
             except Exception as error:

@@ -133,7 +133,7 @@ def test_the_whole_loop_runs_on_a_cluster(client, settings: Settings, spawn, com
     assert detect.returncode == 0, detect.stderr
     assert {m.decode() for m in client.smembers(settings.keys.cases)} == expected
     spawn("serve", "--consumer", "w1", env=worker_env(settings))
-    train = negcase(settings, "train", "--burst", "--name", "t1", **FAST_TRAINING)
+    train = negcase(settings, "train", "--burst", "--consumer", "t1", **FAST_TRAINING)
     assert train.returncode == 0, train.stderr
     latest = int(client.get(settings.keys.latest))
     assert latest >= 2, "a few publishes are needed to roll back"

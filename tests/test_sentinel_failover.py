@@ -168,7 +168,7 @@ def test_a_sigkilled_primary_fails_over_and_nothing_acknowledged_is_lost(
     # trades flowing with a WAIT each, and an engine asking for signals
     env = worker_env(settings, **DURABLE, **FAST_TRAINING)
     spawn("detect", "--consumer", "d1", "--block-ms", "200", "--claim-idle-ms", "2000", env=env)
-    trainer = spawn("train", "--name", "t1", env=env)
+    trainer = spawn("train", "--consumer", "t1", env=env)
     spawn("serve", "--consumer", "w1", "--block-ms", "200", env=env)
     producer, requester = Producer(deployment.url, settings), Requester(settings)
     threads = [background(producer.run), background(requester.run)]

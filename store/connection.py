@@ -1,7 +1,7 @@
 """Connecting to Redis (one server, a Sentinel-watched primary, or a Cluster), naming a URL
 safely in messages, and the backoff used to reconnect.
 
-URL forms (README, "Redis: one server, Sentinel, Cluster"):
+URL forms (README, "Sentinel and Cluster"):
   redis://[user:password@]host:port/db, rediss://..., unix:///path.sock?db=0
   redis+sentinel://[user:password@]host1:26379,host2:26379/<service>[/db]
       [?sentinel_username=...&sentinel_password=...]
@@ -226,11 +226,6 @@ def require_bytes_replies(client: redis.Redis, who: str) -> None:
         )
 
 
-def is_cluster(client: object) -> bool:
-    """Whether `client` talks to a Redis Cluster."""
-    return isinstance(client, RedisCluster)
-
-
 def server_of(client: Client, key: str | bytes) -> redis.Redis:
     """A client whose connections reach the server holding `key`: `client` itself, except in a
     Cluster, where it is the client of the primary that owns the key's slot. What needs one
@@ -245,7 +240,7 @@ def check_namespace_slot(client: object, keys: Keys) -> None:
     """In a Cluster, NamespaceSlotError unless every key of the namespace hashes to one slot:
     negcase's Lua scripts and MULTI blocks touch many keys at once, which a Cluster allows
     only within one slot. A plain or Sentinel client passes."""
-    if not is_cluster(client):
+    if not isinstance(client, RedisCluster):
         return
     slots: dict[int, str] = {}
     for key in keys.representatives():

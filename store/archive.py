@@ -163,6 +163,12 @@ class Archive:
         return added
 
 
+def existing_archive(root: Path) -> Archive | None:
+    """The archive at `root` when it has a models/ folder, else None: a reader that only
+    looks for checkpoints never creates an archive where there was none."""
+    return Archive(root) if (Path(root) / "models").is_dir() else None
+
+
 def _stamp(path: Path) -> tuple[int, int, int] | None:
     try:
         st = path.stat()

@@ -14,11 +14,14 @@ import pytest
 
 from negcase import __version__ as negcase_version
 from negcase.cli.main import build_parser
+from negcase.processes.model import sha256_hex, state_of, weights_bytes
 from negcase.schemas.event import CATALOGUE, NUMBER_FIELDS
+from negcase.store.archive import Archive
 from negcase.store.cases import RATE_BUCKET_S, rate_bucket_s
 from negcase.store.checkpoints import CheckpointRegistry
 from negcase.store.local_redis import free_port, redis_server_binary
 from tests.conftest import ROOT, wait_until, worker_env
+from tests.serving import checkpoint_meta, seeded_model
 
 
 def negcase(
@@ -226,6 +229,7 @@ def test_one_flag_name_per_concept_and_only_the_flags_a_command_uses():
         "case",
         "checkpoints",
         "rollback",
+        "predict",
         "demo",
         "config",
         "bench ingest",
@@ -373,3 +377,36 @@ def test_checkpoints_and_health_print_json(settings, client):
     assert listing["checkpoints"][0]["version"] == 1 and listing["checkpoints"][0]["latest"]
     health = negcase(settings, "health", "--json")
     assert health.returncode == 1 and json.loads(health.stdout) == {"healthy": False, "workers": []}
+
+
+def test_a_pinned_version_answers_and_checkpoints_say_which_still_load(settings, client):
+    # given two archived versions: the first only on disk now, the second damaged in Redis
+    registry = CheckpointRegistry(client, settings.keys, Archive(settings.data_dir), keep=1)
+    for seed in (1, 2):
+        weights = weights_bytes(state_of(seeded_model(settings, seed)))
+        registry.publish(
+            weights, sha256_hex(weights), checkpoint_meta(settings), registry.latest_version()
+        )
+    client.hset(settings.keys.checkpoint(2), "weights", b"garbage")
+    # when the checkpoints are listed, then each says whether it can be loaded, and why not
+    listing = negcase(settings, "checkpoints")
+    assert listing.returncode == 0, listing.stderr
+    # (columns: mark, version, parent, created, cases, metrics, where, load, trainer)
+    rows = [line[1:].split() for line in listing.stdout.splitlines()[1:3]]
+    assert [(row[0], row[-3], row[-2]) for row in rows] == [
+        ("1", "disk", "yes"),
+        ("2", "redis", "no"),
+    ]
+    assert "v2 cannot be loaded: v2: sha256 does not match the weights" in listing.stdout
+    as_json = json.loads(negcase(settings, "checkpoints", "--json").stdout)["checkpoints"]
+    assert [(row["loadable"], row["refused"]) for row in as_json] == [
+        (True, None),
+        (False, "v2: sha256 does not match the weights"),
+    ]
+    # and a pinned prediction answers with the version asked for, or says why it cannot
+    features = "[0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8]"
+    pinned = negcase(settings, "predict", "--version", "1", "--features", features, "--json")
+    assert pinned.returncode == 0, pinned.stderr
+    assert json.loads(pinned.stdout)["model_version"] == 1
+    refused = negcase(settings, "predict", "--version", "2", "--features", features)
+    assert refused.returncode == 2 and "--version 2: cannot be loaded" in refused.stderr

@@ -12,10 +12,19 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from negcase.client.predictor import NoModelYet, Predictor
-from negcase.processes.model import ModelSpec, build_model, state_of, weights_bytes
+from negcase.processes.model import (
+    CheckpointError,
+    ModelSpec,
+    build_model,
+    sha256_hex,
+    state_of,
+    weights_bytes,
+)
 from negcase.processes.reloader import Reloader
 from negcase.runtime.settings import Settings
 from negcase.schemas.signal import SignalRequestError
+from negcase.store.archive import Archive
+from negcase.store.checkpoints import CheckpointRegistry
 from tests.conftest import wait_until
 from tests.serving import (
     FEATURES,
@@ -205,3 +214,54 @@ def test_a_client_that_decodes_replies_is_refused_before_it_mangles_a_checkpoint
     # then it says why at once, and nothing was announced to the operators
     assert events_of(client, settings, "checkpoint_rejected") == []
     decoding.close()
+
+
+def publish_archived(registry: CheckpointRegistry, settings: Settings, seed: int) -> int:
+    """Publish a seeded model through a registry that archives to models/; its version."""
+    weights = weights_bytes(state_of(seeded_model(settings, seed)))
+    return registry.publish(
+        weights, sha256_hex(weights), checkpoint_meta(settings), registry.latest_version()
+    )
+
+
+def test_a_pinned_predictor_answers_with_its_version_while_latest_moves_on(client, settings):
+    # given two versions, a predictor pinned to the first and one that follows latest
+    first = publish(client, settings, seed=1)
+    publish(client, settings, seed=2)
+    with (
+        Predictor(client, settings, name="pinned", version=first) as pinned,
+        Predictor(client, settings, name="following") as following,
+    ):
+        # when latest moves on to a third version
+        third = publish(client, settings, seed=3)
+        wait_until(lambda: following.version == third, 30, "the follower on the third version")
+        # then the pinned one still answers with the first version's forward pass
+        signal = pinned.predict(FEATURES)
+        assert (signal.model_version, pinned.version) == (first, first)
+        expected = local_probabilities(stored_model(client, settings, first), FEATURES)
+        got = [signal.probabilities[a] for a in ("BUY", "SELL", "HOLD")]
+        assert got == pytest.approx(expected, abs=1e-6)
+        assert following.predict(FEATURES).model_version == third
+    # and pinning announces nothing: only the follower's hot reloads are events
+    loaded = events_of(client, settings, "checkpoint_loaded")
+    assert {e.details["worker"] for e in loaded} == {"following"}
+
+
+def test_a_version_redis_no_longer_keeps_is_pinned_from_the_archive_and_verified(client, settings):
+    # given three archived versions of which Redis keeps only the newest
+    registry = CheckpointRegistry(client, settings.keys, Archive(settings.data_dir), keep=1)
+    first, _, third = (publish_archived(registry, settings, seed) for seed in (1, 2, 3))
+    assert registry.fetch(first) is None
+    # when the first is pinned, then it is read from models/ and answers as itself
+    with Predictor(client, settings, version=first) as pinned:
+        assert pinned.predict(FEATURES).model_version == first
+    # when its archived weights are damaged, then pinning it is refused with the reason
+    weights = settings.data_dir / "models" / f"v{first}.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")
+    with pytest.raises(CheckpointError, match="sha256 does not match"):
+        Predictor(client, settings, version=first).start()
+    # and a version that never existed says where it was looked for
+    with pytest.raises(CheckpointError, match="not in Redis or the archive"):
+        Predictor(client, settings, version=third + 1).start()
+    with pytest.raises(NoModelYet, match="call start"):
+        Predictor(client, settings, version=third).predict(FEATURES)

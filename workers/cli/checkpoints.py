@@ -21,6 +21,7 @@ from negcase.cli.options import (
 )
 from negcase.cli.status_view import before_after
 from negcase.runtime.chunks import chunks
+from negcase.runtime.settings import Settings
 from negcase.schemas.case import NegativeCase
 from negcase.store.archive import Archive
 from negcase.store.cases import CaseStore
@@ -39,7 +40,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         parents=[connection_options(), archive_options()],
         help="list checkpoint versions with lineage and metrics",
         description="List every checkpoint (in Redis, or only in the archive's models/ folder) "
-        "with its parent, trainer, cases and held-out metrics; * marks latest.",
+        "with its parent, trainer, cases and held-out metrics; * marks latest. The load column "
+        "says whether a version can still be loaded (pinned with `negcase predict --version`, "
+        "or by `negcase rollback`): found, and passing every check a hot reload makes for a "
+        "model configured as this command is; the reason is printed below for those that fail.",
     )
     listing.add_argument("--json", action="store_true", help="print JSON")
     listing.set_defaults(run=run_checkpoints)
@@ -76,8 +80,9 @@ def run_checkpoints(args: argparse.Namespace) -> int:
     registry = CheckpointRegistry(redis_client(settings), settings.keys, Archive(settings.data_dir))
     latest = registry.latest_version()
     infos = registry.list()
+    refusals = _refusals(registry, infos, settings)
     if args.json:
-        rows = [_json_row(info, latest) for info in infos]
+        rows = [_json_row(info, latest, refusals.get(info.version)) for info in infos]
         print(
             orjson.dumps(
                 {"latest": latest, "checkpoints": rows}, option=orjson.OPT_INDENT_2
@@ -89,14 +94,35 @@ def run_checkpoints(args: argparse.Namespace) -> int:
         return 0
     print(
         f"{'':1} {'version':>7} {'parent':>6} {'created':19} {'cases':>5} "
-        f"{'held-out loss':>17} {'held-out acc':>15} {'where':6} trainer"
+        f"{'held-out loss':>17} {'held-out acc':>15} {'where':6} {'load':4} trainer"
     )
     for info in infos:
-        print(_row(info, latest))
+        print(_row(info, latest, info.version not in refusals))
+    for version, reason in refusals.items():
+        print(f"v{version} cannot be loaded: {reason}")
     return 0
 
 
-def _json_row(info: CheckpointInfo, latest: int | None) -> dict[str, Any]:
+def _refusals(
+    registry: CheckpointRegistry, infos: list[CheckpointInfo], settings: Settings
+) -> dict[int, str]:
+    """Why each version that cannot be loaded (found, and passing every check of a hot
+    reload for a model configured as this command is) cannot be."""
+    # torch comes with these: imported here so that `negcase --help` does without it.
+    from negcase.processes.model import CheckpointError, spec_from_settings
+    from negcase.processes.reloader import load_version
+
+    spec = spec_from_settings(settings)
+    refusals = {}
+    for info in infos:
+        try:
+            load_version(registry, info.version, spec, settings.feature_count)
+        except CheckpointError as error:
+            refusals[info.version] = error.reason
+    return refusals
+
+
+def _json_row(info: CheckpointInfo, latest: int | None, refusal: str | None) -> dict[str, Any]:
     meta = info.meta
     return {
         "version": info.version,
@@ -108,10 +134,12 @@ def _json_row(info: CheckpointInfo, latest: int | None) -> dict[str, Any]:
         "metrics": meta.get("metrics") or {},
         "sha256": info.sha256,
         "where": "redis" if info.in_redis else "disk",
+        "loadable": refusal is None,
+        "refused": refusal,
     }
 
 
-def _row(info: CheckpointInfo, latest: int | None) -> str:
+def _row(info: CheckpointInfo, latest: int | None, loadable: bool) -> str:
     meta = info.meta
     metrics = meta.get("metrics") or {}
     before, after = metrics.get("heldout_before"), metrics.get("heldout_after")
@@ -125,7 +153,8 @@ def _row(info: CheckpointInfo, latest: int | None) -> str:
         f"{'*' if info.version == latest else ' '} {info.version:>7} "
         f"{'-' if parent is None else parent:>6} {created:19} {len(meta.get('case_ids', [])):>5} "
         f"{loss:>17} {accuracy:>15} "
-        f"{'redis' if info.in_redis else 'disk':6} {meta.get('trainer', '')}"
+        f"{'redis' if info.in_redis else 'disk':6} {'yes' if loadable else 'no':4} "
+        f"{meta.get('trainer', '')}"
     )
 
 

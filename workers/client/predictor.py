@@ -2,7 +2,9 @@
 
 It follows `<ns>:checkpoints` in a background thread exactly as `negcase serve` does (same
 verification, same swap), and `predict` runs the live model in the caller's thread with no
-Redis round trip.
+Redis round trip. Pinned to a version (`Predictor(client, version=N)`), it loads that one
+version, from Redis or from the archive's models/ when Redis no longer keeps it, verified
+as a hot reload is, and never moves: for fair comparisons and reproducible answers.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from negcase.processes.reloader import Reloader
+from negcase.processes.reloader import LoadedModel, Reloader, load_version
 from negcase.runtime.settings import DEFAULT_REDIS_URL, Settings
 from negcase.schemas.signal import (
     Signal,
@@ -19,6 +21,8 @@ from negcase.schemas.signal import (
     check_features,
     signal_from_probabilities,
 )
+from negcase.store.archive import existing_archive
+from negcase.store.checkpoints import CheckpointRegistry
 from negcase.store.connection import (
     Client,
     check_namespace_slot,
@@ -33,7 +37,8 @@ class NoModelYet(RuntimeError):
 
 
 class Predictor:
-    """`predict(features) -> Signal` from the newest verified checkpoint.
+    """`predict(features) -> Signal` from the newest verified checkpoint, or from the one
+    `version` it is pinned to.
 
     Use as a context manager, or call `start()` and `close()`. `client` must return bytes
     (redis-py's default): a client with decode_responses=True is a TypeError here, before it
@@ -41,31 +46,49 @@ class Predictor:
     """
 
     def __init__(
-        self, client: Client, settings: Settings | None = None, name: str | None = None
+        self,
+        client: Client,
+        settings: Settings | None = None,
+        name: str | None = None,
+        version: int | None = None,
     ) -> None:
         require_bytes_replies(client, "Predictor")
         self.settings = settings or Settings.from_env()
         check_namespace_slot(client, self.settings.keys)
         self.name = name or f"predictor:{default_consumer_name()}"
         self.reloader = Reloader(client, self.settings, self.name)
+        self.pinned_version = version
+        self._pinned: LoadedModel | None = None
         self._row = np.empty((1, self.settings.feature_count), np.float32)
 
     @classmethod
-    def from_settings(cls, settings: Settings, name: str | None = None) -> Predictor:
+    def from_settings(
+        cls, settings: Settings, name: str | None = None, version: int | None = None
+    ) -> Predictor:
         """A Predictor on `settings.redis_url` (any form `store.connection` takes: one
         server, Sentinel, Cluster): it follows a failover by itself."""
-        return cls(connect(settings.redis_url or DEFAULT_REDIS_URL), settings, name)
+        return cls(connect(settings.redis_url or DEFAULT_REDIS_URL), settings, name, version)
 
     def start(self, timeout_s: float = 10.0) -> Predictor:
         """Start following checkpoints and wait up to `timeout_s` for the first look at
-        `latest` (a model is loaded then if one was published)."""
+        `latest` (a model is loaded then if one was published). Pinned: load the pinned
+        version now, or raise CheckpointError saying why it cannot be loaded."""
+        if self.pinned_version is not None:
+            registry = CheckpointRegistry(
+                self.reloader.client, self.settings.keys, existing_archive(self.settings.data_dir)
+            )
+            self._pinned = load_version(
+                registry, self.pinned_version, self.reloader.spec, self.settings.feature_count
+            )
+            return self
         self.reloader.start()
         self.reloader.synced.wait(timeout_s)
         return self
 
     def close(self) -> None:
         """Stop following checkpoints."""
-        self.reloader.stop()
+        if self.pinned_version is None:
+            self.reloader.stop()
 
     def __enter__(self) -> Predictor:
         return self.start()
@@ -76,16 +99,24 @@ class Predictor:
     @property
     def version(self) -> int | None:
         """The version `predict` uses now, or None before the first load."""
-        live = self.reloader.live
+        live = self._live()
         return None if live is None else live.version
+
+    def _live(self) -> LoadedModel | None:
+        return self._pinned if self.pinned_version is not None else self.reloader.live
+
+    def _why_no_model(self) -> str:
+        if self.pinned_version is None:
+            return "no checkpoint published yet"
+        return f"pinned v{self.pinned_version} is not loaded: call start() first"
 
     def predict(self, features: Sequence[float] | np.ndarray) -> Signal:
         """The signal for one set of features; SignalRequestError names a bad value,
         NoModelYet means nothing can answer yet. Not safe to call from several threads at
         once (it reuses one input buffer); use one Predictor per thread."""
-        live = self.reloader.live
+        live = self._live()
         if live is None:
-            raise NoModelYet("no checkpoint published yet")
+            raise NoModelYet(self._why_no_model())
         row = self._row
         if isinstance(features, np.ndarray):
             _check_array(features, row.shape[1])

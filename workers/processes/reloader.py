@@ -29,7 +29,7 @@ from negcase.runtime.loop import WorkerLoop
 from negcase.runtime.settings import Settings
 from negcase.schemas import event as events
 from negcase.schemas.event import Event
-from negcase.store.checkpoints import CheckpointRegistry
+from negcase.store.checkpoints import CheckpointMissing, CheckpointRegistry, StoredCheckpoint
 from negcase.store.streams import entries_of
 
 log = logging.getLogger(__name__)
@@ -144,12 +144,7 @@ class Reloader:
             raise CheckpointError(f"v{version}: meta unreadable ({error})") from None
         if stored is None:
             raise CheckpointError(f"v{version}: not stored in Redis")
-        _check_spec(version, stored.meta, self.spec)
-        model = build_model(self.spec)
-        load_verified(stored, model, self.settings.feature_count)
-        model.eval()
-        model.requires_grad_(False)
-        return LoadedModel(version, model)
+        return verified_model(stored, self.spec, self.settings.feature_count)
 
     def _follow(self) -> None:
         loop = WorkerLoop(
@@ -203,6 +198,38 @@ def _version_of(loaded: LoadedModel | None) -> int | None:
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def verified_model(stored: StoredCheckpoint, spec: ModelSpec, feature_count: int) -> LoadedModel:
+    """The checkpoint's weights in a model built from `spec` (never from the checkpoint's
+    metadata), in eval mode, after every check a hot reload makes; CheckpointError names the
+    check that failed."""
+    _check_spec(stored.version, stored.meta, spec)
+    model = build_model(spec)
+    load_verified(stored, model, feature_count)
+    model.eval()
+    model.requires_grad_(False)
+    return LoadedModel(stored.version, model)
+
+
+def load_version(
+    registry: CheckpointRegistry, version: int, spec: ModelSpec, feature_count: int
+) -> LoadedModel:
+    """One given version, from Redis or, when Redis no longer keeps it, from the registry's
+    archive, verified exactly as a hot reload is. CheckpointError says why it cannot be
+    loaded; only Redis's own trouble is raised as is."""
+    try:
+        stored = registry.fetch_anywhere(version)
+        return verified_model(stored, spec, feature_count)
+    except (CheckpointError, redis.RedisError):
+        raise
+    except CheckpointMissing:
+        where = "Redis or the archive's models/" if registry.files else "Redis (no archive)"
+        raise CheckpointError(f"v{version}: not in {where}") from None
+    except ValueError as error:  # meta that is not JSON
+        raise CheckpointError(f"v{version}: meta unreadable ({error})") from None
+    except Exception as error:  # a model factory that fails, say: the checkpoint cannot load
+        raise CheckpointError(f"v{version}: {error!r}") from None
 
 
 def _check_spec(version: int, meta: object, spec: ModelSpec) -> None:

@@ -46,6 +46,16 @@ def _optional_str(text: str) -> str | None:
     return text or None
 
 
+def _env_text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return str(value)
+
+
 _PARSERS: dict[str, Callable[[str], Any]] = {
     "int": int,
     "float": float,
@@ -131,6 +141,11 @@ class Settings:
         environ = os.environ if environ is None else environ
         check_variable_names(environ)
         return cls(**_env_values(environ)).validated()
+
+    def to_env(self) -> dict[str, str]:
+        """Every field as the NEGCASE_* variable that `from_env` reads back to the same value:
+        what a child process needs to run with exactly these settings."""
+        return {f"NEGCASE_{f.name.upper()}": _env_text(getattr(self, f.name)) for f in fields(self)}
 
     def with_overrides(self, **overrides: Any) -> Settings:
         """A copy with the given fields replaced; None means 'not given' and keeps the value."""

@@ -14,15 +14,10 @@ from negcase.store.local_redis import die_with_parent
 
 
 def worker_environment(settings: Settings) -> dict[str, str]:
-    """The environment a child worker needs to reach the same Redis, namespace and archive."""
-    env = dict(os.environ)
-    env.update(
-        NEGCASE_REDIS_URL=settings.redis_url or "",
-        NEGCASE_NAMESPACE=settings.namespace,
-        NEGCASE_DATA_DIR=str(settings.data_dir),
-        PYTHONUNBUFFERED="1",
-    )
-    return env
+    """The environment a child worker needs to run with exactly these settings: the same
+    Redis, namespace and archive, and every flag the parent was given (a seed, a feature
+    count) as its NEGCASE_* variable."""
+    return {**os.environ, **settings.to_env(), "PYTHONUNBUFFERED": "1"}
 
 
 @dataclass

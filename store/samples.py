@@ -12,6 +12,9 @@ from negcase.store.cases import CaseStore
 from negcase.store.keys import Keys
 from negcase.store.queue import id_hash, is_held_out
 
+# Replay draws from at most this many done cases are reproducible (see _replay_pool).
+SEEDED_DRAW_MAX = 20_000
+
 
 class HeldOutSet:
     """The held-out cases: those the fixed rule on the id holds out (about `share` of all
@@ -64,7 +67,7 @@ def sample_replay(
     being held out) nor a rejected one (its update was judged harmful)."""
     if size <= 0:
         return []
-    drawn = [i.decode() for i in client.srandmember(keys.done, 3 * size) or []]
+    drawn = _replay_pool(client, keys, 3 * size, rng)
     candidates = [i for i in drawn if i not in exclude and not is_held_out(i, heldout_share)]
     if not candidates:
         return []
@@ -73,6 +76,17 @@ def sample_replay(
     cases = CaseStore(client, keys).get_many(accepted)
     usable = [case for case in cases if case_problem(case, feature_count) is None]
     return weighted_sample(usable, size, rng)
+
+
+def _replay_pool(client: redis.Redis, keys: Keys, count: int, rng: random.Random) -> list[str]:
+    """Up to `count` distinct done case ids, at random. Drawn with the trainer's seeded `rng`
+    from the sorted ids while there are at most SEEDED_DRAW_MAX, so that one trainer with one
+    seed trains the same way twice (the backtest's reproducibility); beyond that, SRANDMEMBER,
+    whose randomness no seed reaches, spares reading every id."""
+    if client.scard(keys.done) > SEEDED_DRAW_MAX:
+        return [i.decode() for i in client.srandmember(keys.done, count) or []]
+    done = sorted(i.decode() for i in client.smembers(keys.done))
+    return rng.sample(done, min(count, len(done)))
 
 
 def weighted_sample(cases: list[NegativeCase], size: int, rng: random.Random) -> list[NegativeCase]:

@@ -183,3 +183,20 @@ def test_replay_never_draws_held_out_or_rejected_cases(client, settings) -> None
 
     # then it holds exactly the trained, accepted cases
     assert {case.case_id for case in replay} == allowed
+
+
+def test_one_seed_draws_the_same_replay_sample_from_the_same_cases(client, settings) -> None:
+    # given done cases, as a backtest's trainer meets them
+    cases = rule_cases(60, seed=5)
+    add_cases(client, settings, cases)
+    client.sadd(settings.keys.done, *(case.case_id for case in cases))
+
+    def draw(seed: int) -> list[str]:
+        rng = random.Random(seed)
+        replay = sample_replay(client, settings.keys, 8, set(), 8, rng, settings.heldout_share)
+        return [case.case_id for case in replay]
+
+    # when two trainers with one seed draw, then they draw the same cases in the same order
+    assert draw(1) == draw(1)
+    # and another seed draws others
+    assert draw(1) != draw(2)

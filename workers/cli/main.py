@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from negcase import __version__
 from negcase.cli import (
+    backtest,
     cases,
     checkpoints,
     config,
@@ -31,6 +32,7 @@ from negcase.sim import bench, demo
 
 REGISTRARS = [
     demo.register,
+    backtest.register,
     workers.register_detect,
     workers.register_train,
     workers.register_serve,

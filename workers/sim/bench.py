@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 import redis
 
+from negcase.cli.backtest import walk_options
 from negcase.cli.options import archive_options, connection_options, settings_from
 from negcase.client.trades import encode_trade
 from negcase.processes.detector import LossDetector
@@ -336,6 +337,31 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--publishes", type=int, default=100, help="publishes, split 1/2 (100)")
     serve.add_argument("--json", action="store_true", help="print JSON")
     serve.set_defaults(run=run_serve)
+
+    learn = targets.add_parser(
+        "learn",
+        parents=[walk_options()],
+        help="the backtest on the full S&P 500, NASDAQ and WTI daily files (needs arch)",
+        description=(
+            "Run `negcase backtest` with the same options on each market's full file from the "
+            "arch package (pip install arch): the daily S&P 500 and NASDAQ 1999-2018, and the "
+            "daily WTI spot price 1986-2019 (its OHLC derived from the closes: see "
+            "negcase.sim.bench_learn), and print the three tables with their run times. A few "
+            "minutes per market: the yardstick every change to learning is judged with."
+        ),
+    )
+    learn.add_argument(
+        "--markets", help="comma-separated, from sp500, nasdaq, wti (default: all three)"
+    )
+    learn.add_argument("--json", action="store_true", help="print the reports as JSON")
+    learn.set_defaults(run=run_learn)
+
+
+def run_learn(args: argparse.Namespace) -> int:
+    """Run the learning bench (the backtest imports torch, so only now)."""
+    from negcase.sim.bench_learn import run_bench_learn
+
+    return run_bench_learn(args)
 
 
 def run_train(args: argparse.Namespace) -> int:

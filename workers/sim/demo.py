@@ -152,6 +152,7 @@ class EventTally:
     cursor: bytes | str = "0-0"
     types: Counter[str] = field(default_factory=Counter)
     cases_by_priority: Counter[str] = field(default_factory=Counter)
+    cases_by_label: Counter[str] = field(default_factory=Counter)
     sessions: Counter[str] = field(default_factory=Counter)
     loaded_versions: list[int] = field(default_factory=list)
 
@@ -167,6 +168,7 @@ class EventTally:
         self.types[kind] += 1
         if kind == "case_added":
             self.cases_by_priority[fields.get(b"priority", b"?").decode()] += 1
+            self.cases_by_label[fields.get(b"should_have", b"?").decode()] += 1
         elif kind == "training_completed":
             self.sessions[fields.get(b"outcome", b"?").decode()] += 1
         elif kind == "checkpoint_loaded":
@@ -521,20 +523,34 @@ def demo_settings(args: argparse.Namespace) -> Settings:
     )
 
 
-def start_workers(supervisor: Supervisor) -> None:
-    """One detector, two trainers (claiming four cases at a time), one inference worker."""
-    supervisor.start("detector", "detect", "--consumer", "demo-detector", "--block-ms", "200")
-    for n in (1, 2):
+def start_workers(
+    supervisor: Supervisor, prefix: str = "demo", trainers: int = 2, batch: int = 4
+) -> None:
+    """One detector, `trainers` trainers (claiming `batch` cases at a time), one inference
+    worker, named `<prefix>-...` (a trainer's name seeds its sampling)."""
+    supervisor.start("detector", "detect", "--consumer", f"{prefix}-detector", "--block-ms", "200")
+    for n in range(1, trainers + 1):
         supervisor.start(
-            f"trainer-{n}", "train", "--consumer", f"demo-trainer-{n}", "--batch-size", "4"
+            f"trainer-{n}",
+            "train",
+            "--consumer",
+            f"{prefix}-trainer-{n}",
+            "--batch-size",
+            str(batch),
         )
-    supervisor.start("inference", "serve", "--consumer", "demo-inference", "--block-ms", "200")
+    supervisor.start("inference", "serve", "--consumer", f"{prefix}-inference", "--block-ms", "200")
 
 
 def wait_for_signals(
-    signals: SignalClient, feature_count: int, supervisor: Supervisor, timeout_s: float
+    signals: SignalClient,
+    feature_count: int,
+    supervisor: Supervisor,
+    timeout_s: float,
+    need_model: bool = True,
 ) -> None:
-    """Block until the inference worker answers, so no trade waits on a worker's start-up."""
+    """Block until the inference worker answers (with a signal, or, unless `need_model`,
+    with the error reply that says no checkpoint exists yet), so no trade waits on a
+    worker's start-up."""
     from negcase.client.signal_client import SignalTimeout
     from negcase.schemas.signal import SignalRequestError
 
@@ -542,9 +558,14 @@ def wait_for_signals(
     while time.monotonic() < deadline:
         if crashed := supervisor.exited():
             raise CommandError(f"a worker exited early: {crashed} (logs in {supervisor.log_dir})")
-        with contextlib.suppress(SignalTimeout, SignalRequestError):
+        try:
             signals.request([0.0] * feature_count, timeout_s=1.0)
             return
+        except SignalTimeout:
+            continue
+        except SignalRequestError:
+            if not need_model:
+                return
     raise CommandError(f"the inference worker did not answer within {timeout_s:.0f} s")
 
 

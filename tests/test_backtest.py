@@ -1,0 +1,174 @@
+"""`negcase backtest` on real bars, as a user runs it: the real pipeline over the train part,
+the verdict on the held-out part, reproducible with one trainer and a seed."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from negcase.cli.main import main
+from negcase.schemas.case import NegativeCase
+from negcase.sim.bars import read_bars
+from negcase.sim.bench_learn import market_file, write_derived_bars
+from tests.conftest import ROOT
+from tests.market_data import sp500_csv
+
+pytestmark = pytest.mark.slow
+
+ROWS = ["control rule", "first checkpoint", "latest checkpoint", "offline model", "always BUY"]
+
+
+def backtest_env() -> dict[str, str]:
+    """The user's environment without NEGCASE_* settings, and short training sessions (a
+    tenth of the epochs) so a slice runs in seconds."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NEGCASE_")}
+    return {**env, "NEGCASE_EPOCH_MULTIPLIER": "0.1"}
+
+
+def backtest(*args: str | Path, **settings: str) -> subprocess.Popen[str]:
+    """Start `negcase backtest` with NEGCASE_<NAME> settings on top of backtest_env()."""
+    env = {**backtest_env(), **{f"NEGCASE_{name.upper()}": v for name, v in settings.items()}}
+    return subprocess.Popen(
+        [sys.executable, "-m", "negcase", "backtest", *map(str, args)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def finished(process: subprocess.Popen[str]) -> str:
+    """The stdout of a backtest that exited 0."""
+    stdout, stderr = process.communicate(timeout=240)
+    assert process.returncode == 0, stderr[-3000:]
+    return stdout
+
+
+def test_the_real_loop_learns_on_the_train_part_and_is_judged_on_the_held_out_part(
+    tmp_path, client, redis_url
+):
+    # given 300 real daily S&P 500 bars, and a live deployment's keys on the same Redis
+    bars = tmp_path / "sp500.csv"
+    bars.write_text(sp500_csv(300))
+    client.set("negcase:ckpt:latest", "7")
+    # when the backtest runs there, keeping its archive and drawing its equity curves
+    archive, plot = tmp_path / "archive", tmp_path / "equity.png"
+    run = backtest("--bars", bars, "--json", "--redis-url", redis_url, "--archive", archive,
+                   "--plot", plot)  # fmt: skip
+    report = json.loads(finished(run))
+
+    # then the five policies are judged on the same held-out decisions
+    held = report["held_out"]
+    rows = held["rows"]
+    assert [row["policy"] for row in rows] == ROWS
+    assert {row["decisions"] for row in rows} == {held["decisions"]} and held["decisions"] >= 15
+    control, first, latest, offline, always_buy = rows
+    assert (always_buy["trades"], always_buy["hold_share"]) == (held["decisions"], 0)
+    assert control["loss_rate_vs_control_95"] is None
+    for row in (first, latest, offline, always_buy):
+        low, high = row["loss_rate_vs_control_95"]
+        assert -1 <= low <= high <= 1
+        difference = row["loss_rate"] - control["loss_rate"]
+        assert row["loss_rate_vs_control"] == pytest.approx(difference, abs=1e-5)
+    # and the checkpoints judged are the first and the latest that training published
+    training = report["training"]
+    assert training["checkpoints_published"] == training["sessions"]["published"] >= 2
+    assert (first["version"], latest["version"]) == (1, training["latest_checkpoint"])
+
+    # every losing trade of the train part became a case, through the real detector
+    train = report["train_part"]
+    assert report["cases"]["total"] == train["losses"] > 0
+    cases = [NegativeCase.from_msgpack(p.read_bytes()) for p in (archive / "cases").iterdir()]
+    assert len(cases) == train["losses"]
+    # the engine asked the model once one existed, and put its version on the trade
+    assert 0 < train["by_control"] < train["decisions"]
+    by_model = [case for case in cases if case.extra["decided_by"] == "model"]
+    assert by_model and all(case.model_version for case in by_model)
+    assert all(len(case.features) == 8 for case in cases)
+    # nothing of the held-out part reached the pipeline
+    held_out_from_ms = datetime.fromisoformat(held["from"]).replace(tzinfo=UTC).timestamp() * 1000
+    assert max(case.closed_at_ms for case in cases) < held_out_from_ms
+    # the pipeline kept up, and every worker stopped cleanly
+    run = report["run"]
+    assert (run["pipeline_late"], run["failed_signal_requests"]) == (0, 0)
+    assert set(run["worker_exit_codes"].values()) == {0}
+    # the run's namespace is gone and the live keys are untouched
+    assert client.get("negcase:ckpt:latest") == b"7"
+    assert [key for key in client.scan_iter() if key != b"negcase:ckpt:latest"] == []
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_one_trainer_and_one_seed_print_the_same_table_twice(tmp_path):
+    # given a slice of real bars
+    bars = tmp_path / "sp500.csv"
+    bars.write_text(sp500_csv(300, start=1000))
+    # when two runs with one trainer and the same seed go side by side, each on its own Redis,
+    # replaying a sample of 8 earlier cases (fewer than there are: the draw matters)
+    runs = [
+        backtest("--bars", bars, "--trainers", "1", "--seed", "5", replay_size="8")
+        for _ in range(2)
+    ]
+    first, second = (finished(run) for run in runs)
+    # then they print the same table, to the last digit, after learning something
+    assert first == second
+    latest = re.search(r"^latest checkpoint v(\d+) ", first, re.MULTILINE)
+    assert latest and int(latest[1]) >= 2, first
+
+
+@pytest.mark.parametrize(
+    ("content", "extra", "message"),
+    [
+        (
+            "Date,Open,High,Low,Close,Volume\n1/4/1999,1,2,1,2,5\n1/5/1999,1,2,1,x,5\n",
+            [],
+            "line 3, column 'Close': 'x' is not a number",
+        ),
+        (sp500_csv(70), [], "the train part has no decision"),
+        (sp500_csv(300), ["--features", "tests.no_such_module:f"], "cannot import"),
+        (sp500_csv(300), ["--train-share", "1.5"], "--train-share: must be between 0 and 1"),
+    ],
+)
+def test_input_it_cannot_use_is_one_clear_line_before_anything_starts(
+    tmp_path, capsys, content, extra, message
+):
+    bars = tmp_path / "bars.csv"
+    bars.write_text(content)
+    status = main(["backtest", "--bars", str(bars), "--archive", str(tmp_path / "kept"), *extra])
+    assert status == 2
+    stderr = capsys.readouterr().err
+    assert message in stderr and len(stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "kept").exists()  # nothing started, nothing written
+
+
+def test_an_archive_folder_that_holds_something_is_refused(tmp_path, capsys):
+    bars = tmp_path / "bars.csv"
+    bars.write_text(sp500_csv(300))
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "v1.json").write_text("{}")
+    assert main(["backtest", "--bars", str(bars), "--archive", str(tmp_path / "kept")]) == 2
+    assert "is not empty" in capsys.readouterr().err
+
+
+def test_bench_learn_reads_arch_files_and_derives_bars_for_a_price_only_series(tmp_path):
+    # given the S&P 500 file as arch ships it, it is read as it is
+    assert len(read_bars(market_file("sp500", tmp_path))) == 5031
+    # when WTI's daily prices become bars
+    wti = read_bars(market_file("wti", tmp_path))
+    # then each bar opens at the close before it, and its range spans open and close
+    assert len(wti) > 8000 and wti.open[0] == wti.close[0]
+    assert (wti.open[1:] == wti.close[:-1]).all()
+    assert (wti.high >= wti.open).all() and (wti.high >= wti.close).all()
+    assert (wti.low <= wti.open).all() and (wti.low <= wti.close).all()
+    # and a series written that way reads back exactly
+    path = tmp_path / "derived.csv"
+    write_derived_bars(path, ["2020-01-02", "2020-01-03"], [10.0, 9.5])
+    derived = read_bars(path)
+    assert derived.open.tolist() == [10.0, 10.0] and derived.low.tolist() == [10.0, 9.5]

@@ -1,0 +1,171 @@
+"""The real loop, for a backtest: a namespace of its own, the loss detector, trainers and an
+inference worker as processes, and an engine-side view that publishes one closed trade at
+a time and waits (bounded) until the pipeline has handled it, so that what is learned from
+bar t is served at bar t + 1, as it would be live."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import redis
+
+from negcase.client.signal_client import SignalClient, SignalTimeout
+from negcase.client.trades import encode_trade
+from negcase.runtime.settings import Settings
+from negcase.schemas.signal import Signal, SignalRequestError
+from negcase.sim.demo import start_workers, wait_for_signals
+from negcase.sim.supervisor import Supervisor
+from negcase.store.checkpoints import CheckpointRegistry
+from negcase.store.keys import DETECTOR_GROUP
+from negcase.store.streams import entries_of
+
+log = logging.getLogger(__name__)
+
+# Between two looks at the pipeline, wait on <ns>:events this long at most: a case, a
+# session or a reload wakes the wait at once; a win makes no event, so it costs one nap.
+NAP_MS = 10
+REQUEST_TIMEOUT_S = 5.0
+STARTUP_TIMEOUT_S = 120.0
+
+
+class PipelineError(RuntimeError):
+    """A worker of the pipeline exited while the backtest needed it."""
+
+
+def backtest_namespace(configured: str) -> str:
+    """A fresh namespace that no live deployment uses; hash-tagged like the configured one
+    (`{negcase}` on a Redis Cluster), so every multi-key script still touches one slot."""
+    name = f"negcase-backtest-{os.urandom(4).hex()}"
+    return f"{{{name}}}" if configured.startswith("{") else name
+
+
+def stream_id(entry_id: bytes | str) -> tuple[int, int]:
+    """A stream entry id as a comparable (milliseconds, sequence) pair."""
+    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    ms, _, sequence = text.partition("-")
+    return int(ms), int(sequence or 0)
+
+
+class Pipeline:
+    """The workers one backtest started, and the engine's side of them."""
+
+    def __init__(
+        self, client: redis.Redis, settings: Settings, supervisor: Supervisor, catch_up_s: float
+    ) -> None:
+        self.client = client
+        self.settings = settings
+        self.keys = settings.keys
+        self.supervisor = supervisor
+        self.catch_up_s = catch_up_s
+        self.signals = SignalClient(client, settings.namespace, settings.feature_count)
+        self.registry = CheckpointRegistry(client, settings.keys)
+        self.waits = 0
+        self.late = 0
+        self.failed_requests = 0
+        self._events_cursor: bytes | str = "0-0"
+
+    def start(self, trainers: int) -> None:
+        """Start the detector, `trainers` trainers and the inference worker; return once
+        inference answers (that no checkpoint exists yet) and the detector's group exists."""
+        # One case per claim: cases reach the trainers one at a time anyway, and a batch
+        # would make a session depend on how many cases arrived before a claim.
+        start_workers(self.supervisor, "backtest", trainers, batch=1)
+        feature_count = self.settings.feature_count
+        wait_for_signals(
+            self.signals, feature_count, self.supervisor, STARTUP_TIMEOUT_S, need_model=False
+        )
+        self._wait_for(self._detector_group, STARTUP_TIMEOUT_S, "the detector to start")
+
+    def publish(self, trade: dict[str, Any]) -> None:
+        """XADD one closed trade, then wait until the detector has handled it and no case is
+        queued or leased (each was trained and published, refused by the gate, held out or
+        given up on)."""
+        entry_id = self.client.xadd(self.keys.trades, encode_trade(trade, "flat"))
+        self.waits += 1
+        if not self._wait_for(lambda: self._handled(entry_id), self.catch_up_s, "the pipeline"):
+            self.late += 1
+
+    def ask(self, features: Sequence[float]) -> Signal | None:
+        """The signal of the latest checkpoint, waiting (bounded) until inference serves it;
+        None when there is no checkpoint yet, or no answer came (a real engine would then
+        use its own rule too)."""
+        latest = self.registry.latest_version()
+        deadline_s = time.monotonic() + self.catch_up_s
+        while True:
+            signal = self._request(features)
+            if latest is None or (signal is not None and signal.model_version >= latest):
+                return signal
+            if time.monotonic() > deadline_s:
+                log.warning("inference still serves %s, not v%s", signal, latest)
+                self.late += 1
+                return signal
+            self._nap()
+
+    def stop(self) -> dict[str, int]:
+        """Stop every worker; their exit codes."""
+        return self.supervisor.stop_all()
+
+    def _request(self, features: Sequence[float]) -> Signal | None:
+        try:
+            return self.signals.request(features, timeout_s=REQUEST_TIMEOUT_S)
+        except SignalRequestError as error:
+            if error.field == "model":  # no checkpoint loaded yet
+                return None
+            raise
+        except SignalTimeout:
+            self.failed_requests += 1
+            return None
+
+    def _handled(self, entry_id: bytes) -> bool:
+        pipe = self.client.pipeline(transaction=False)
+        pipe.xinfo_groups(self.keys.trades)
+        pipe.zcard(self.keys.queue)
+        pipe.zcard(self.keys.leased)
+        groups, queued, leased = pipe.execute()
+        group = _detector_group_of(groups)
+        return (
+            group is not None
+            and group["pending"] == 0
+            and stream_id(group["last-delivered-id"]) >= stream_id(entry_id)
+            and queued == 0
+            and leased == 0
+        )
+
+    def _detector_group(self) -> bool:
+        try:
+            return _detector_group_of(self.client.xinfo_groups(self.keys.trades)) is not None
+        except redis.ResponseError:  # no stream yet: the detector creates it with its group
+            return False
+
+    def _wait_for(self, condition: Callable[[], bool], timeout_s: float, what: str) -> bool:
+        """Wait until `condition` holds; False when `timeout_s` ran out first. A worker that
+        exited is an error: nothing would ever catch up."""
+        deadline_s = time.monotonic() + timeout_s
+        while not condition():
+            if crashed := self.supervisor.exited():
+                raise PipelineError(
+                    f"a worker exited: {crashed} (logs in {self.supervisor.log_dir})"
+                )
+            if time.monotonic() > deadline_s:
+                log.warning("waited %.0f s for %s; going on without it", timeout_s, what)
+                return False
+            self._nap()
+        return True
+
+    def _nap(self) -> None:
+        """Until the next event on <ns>:events, or NAP_MS."""
+        reply = self.client.xread({self.keys.events: self._events_cursor}, block=NAP_MS, count=500)
+        if entries := entries_of(reply):
+            self._events_cursor = entries[-1][0]
+
+
+def _detector_group_of(groups: list[dict[str, Any]]) -> dict[str, Any] | None:
+    for group in groups:
+        name = group["name"]
+        if (name.decode() if isinstance(name, bytes) else name) == DETECTOR_GROUP:
+            return group
+    return None

@@ -3,6 +3,7 @@ the verdict on the held-out part, reproducible with one trainer and a seed."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -17,6 +18,7 @@ from negcase.cli.main import main
 from negcase.schemas.case import NegativeCase
 from negcase.sim.bars import read_bars
 from negcase.sim.bench_learn import market_file, write_derived_bars
+from negcase.sim.progress import ProgressLine
 from tests.conftest import ROOT
 from tests.market_data import sp500_csv
 
@@ -172,3 +174,24 @@ def test_bench_learn_reads_arch_files_and_derives_bars_for_a_price_only_series(t
     write_derived_bars(path, ["2020-01-02", "2020-01-03"], [10.0, 9.5])
     derived = read_bars(path)
     assert derived.open.tolist() == [10.0, 10.0] and derived.low.tolist() == [10.0, 9.5]
+
+
+def test_progress_is_one_line_redrawn_on_a_terminal_and_plain_lines_otherwise():
+    # given a walk of 200 bars reported to a log file
+    plain = io.StringIO()
+    progress = ProgressLine(200, plain, redraw=False)
+    for done in range(1, 201):
+        progress(done, done // 2, 3 if done > 50 else None)
+    # then it gets a plain line every tenth of the way
+    lines = plain.getvalue().splitlines()
+    assert len(lines) == 10
+    assert lines[0].startswith("backtest: train bars 20/200 (10%), 10 trades, checkpoint none yet")
+    assert lines[-1].startswith("backtest: train bars 200/200 (100%), 100 trades, checkpoint v3")
+    # and on a terminal, one line redrawn in place, ended once the walk is done
+    terminal = io.StringIO()
+    progress = ProgressLine(200, terminal, redraw=True)
+    for done in range(1, 201):
+        progress(done, 0, None)
+    text = terminal.getvalue()
+    assert text.startswith("\r\x1b[K") and text.endswith(" left\n") and text.count("\n") == 1
+    assert "200/200" in text.rsplit("\r", 1)[-1]

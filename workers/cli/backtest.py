@@ -53,7 +53,9 @@ def walk_options() -> argparse.ArgumentParser:
         help="fee per round trip, a fraction of notional (0.0005: 0.05 %%)",
     )
     group.add_argument(
-        "--seed", type=int, help="seed of the workers and the bootstrap (env NEGCASE_SEED, 0)"
+        "--seed",
+        type=int,
+        help="seed of the trainers, the offline model and the bootstrap (env NEGCASE_SEED, 0)",
     )
     group.add_argument(
         "--trainers",

@@ -63,8 +63,9 @@ def test_the_real_loop_learns_on_the_train_part_and_is_judged_on_the_held_out_pa
     client.set("negcase:ckpt:latest", "7")
     # when the backtest runs there, keeping its archive and drawing its equity curves
     archive, plot = tmp_path / "archive", tmp_path / "equity.png"
-    run = backtest("--bars", bars, "--json", "--redis-url", redis_url, "--archive", archive,
-                   "--plot", plot)  # fmt: skip
+    run = backtest(
+        "--bars", bars, "--json", "--redis-url", redis_url, "--archive", archive, "--plot", plot
+    )
     report = json.loads(finished(run))
 
     # then the five policies are judged on the same held-out decisions

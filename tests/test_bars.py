@@ -141,6 +141,11 @@ def features_that_break(past):
     return [float("nan") if len(past) == 10 else 1.0]
 
 
+def features_too_large(past):
+    """A user's feature function whose second number is finite but beyond float32."""
+    return [1.0, 1e39]
+
+
 def test_a_users_feature_function_is_loaded_and_checked_bar_by_bar(tmp_path):
     bars = read_bars(write(tmp_path, sp500_csv(30)))
     table = feature_table(bars, load_feature_function("tests.test_bars:three_features"))
@@ -148,6 +153,8 @@ def test_a_users_feature_function_is_loaded_and_checked_bar_by_bar(tmp_path):
     assert table.rows[5].tolist() == [bars.close[4], bars.close[3], 5.0]
     with pytest.raises(FeatureError, match=r"bar 10 \(1999-01-19\): value 0 is nan"):
         feature_table(bars, features_that_break)
+    with pytest.raises(FeatureError, match=r"bar 1 \(1999-01-05\): value 1 is 1e\+39"):
+        feature_table(bars, features_too_large)
 
 
 @pytest.mark.parametrize(

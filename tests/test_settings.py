@@ -61,10 +61,18 @@ def test_overrides_keep_values_that_were_not_given():
 def test_settings_reach_a_child_process_unchanged():
     # given settings that differ from the defaults in a field of every type
     settings = Settings(
-        redis_url="redis://h:1/2", namespace="{bt}", data_dir=Path("/tmp/a"), feature_count=5,
-        priority_thresholds_pct=(20.0, 7.5, 2.0, 0.5), base_epochs=(1, 2, 3, 4, 5),
-        archive=False, hidden_sizes=(3,), model_factory="m:f", epoch_multiplier=0.15, seed=42,
-    )  # fmt: skip
+        redis_url="redis://h:1/2",
+        namespace="{bt}",
+        data_dir=Path("/tmp/a"),
+        feature_count=5,
+        priority_thresholds_pct=(20.0, 7.5, 2.0, 0.5),
+        base_epochs=(1, 2, 3, 4, 5),
+        archive=False,
+        hidden_sizes=(3,),
+        model_factory="m:f",
+        epoch_multiplier=0.15,
+        seed=42,
+    )
     # when they travel as NEGCASE_* variables, as a supervised worker gets them
     # then the child reads back exactly the same settings, and unset optionals stay unset
     assert Settings.from_env(settings.to_env()) == settings

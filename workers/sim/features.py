@@ -45,6 +45,7 @@ BUILTIN_NAMES = (
 )
 LONGEST_RETURN = 60
 VOL_BARS = 20
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 # The built-in set needs 60 returns, so 61 closes: the first decision is at bar 61.
 BUILTIN_WARMUP_BARS = LONGEST_RETURN + 1
 
@@ -143,6 +144,7 @@ def _checked(
     if previous is not None and len(values) != len(previous):
         raise FeatureError(f"{where}: {len(values)} numbers, earlier bars had {len(previous)}")
     for index, value in enumerate(values):
-        if not math.isfinite(value):
-            raise FeatureError(f"{where}: value {index} is {value}, not a finite number")
+        # The model reads float32: a finite float64 beyond its range would be infinity there.
+        if not abs(value) <= FLOAT32_MAX:
+            raise FeatureError(f"{where}: value {index} is {value}, not a finite float32 number")
     return values

@@ -100,7 +100,10 @@ class Pipeline:
             if latest is None or (signal is not None and signal.model_version >= latest):
                 return signal
             if time.monotonic() > deadline_s:
-                log.warning("inference still serves %s, not v%s", signal, latest)
+                served = None if signal is None else signal.model_version
+                log.warning(
+                    "after %.0f s inference serves v%s, not v%s", self.catch_up_s, served, latest
+                )
                 self.late += 1
                 return signal
             self._nap()

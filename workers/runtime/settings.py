@@ -143,9 +143,15 @@ class Settings:
         return cls(**_env_values(environ)).validated()
 
     def to_env(self) -> dict[str, str]:
-        """Every field as the NEGCASE_* variable that `from_env` reads back to the same value:
-        what a child process needs to run with exactly these settings."""
-        return {f"NEGCASE_{f.name.upper()}": _env_text(getattr(self, f.name)) for f in fields(self)}
+        """Every field that differs from its default, as the NEGCASE_* variable `from_env`
+        reads back to the same value: with no other NEGCASE_* variable set, a child process
+        runs with exactly these settings."""
+        defaults = type(self)()
+        return {
+            f"NEGCASE_{f.name.upper()}": _env_text(getattr(self, f.name))
+            for f in fields(self)
+            if getattr(self, f.name) != getattr(defaults, f.name)
+        }
 
     def with_overrides(self, **overrides: Any) -> Settings:
         """A copy with the given fields replaced; None means 'not given' and keeps the value."""

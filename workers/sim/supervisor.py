@@ -16,8 +16,10 @@ from negcase.store.local_redis import die_with_parent
 def worker_environment(settings: Settings) -> dict[str, str]:
     """The environment a child worker needs to run with exactly these settings: the same
     Redis, namespace and archive, and every flag the parent was given (a seed, a feature
-    count) as its NEGCASE_* variable."""
-    return {**os.environ, **settings.to_env(), "PYTHONUNBUFFERED": "1"}
+    count) as its NEGCASE_* variable. The parent's own NEGCASE_* variables are left out:
+    `settings` already holds what they said, unless a flag overrode it."""
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("NEGCASE_")}
+    return {**inherited, **settings.to_env(), "PYTHONUNBUFFERED": "1"}
 
 
 @dataclass

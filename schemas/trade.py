@@ -19,7 +19,9 @@ import msgpack
 import orjson
 
 MAX_FIELDS = 256
-SIDES = ("BUY", "SELL")
+# HOLD reports a decision not to trade: entry_price is the price when the engine decided,
+# exit_price the price at the end of its horizon, so a missed move can be learned from.
+SIDES = ("BUY", "SELL", "HOLD")
 TRADE_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
 SYMBOL_PATTERN = r"^[^\x00-\x1f\x7f]{1,64}$"
 ISO_8601_PATTERN = (
@@ -224,7 +226,7 @@ def validate_trade(obj: Mapping[str, Any], defaults: TradeDefaults) -> TradeClos
         raise TradeError("symbol", "expected 1-64 printable characters")
     side = _required(obj, "side")
     if side not in SIDES:
-        raise TradeError("side", f"expected 'BUY' or 'SELL', got {side!r}")
+        raise TradeError("side", f"expected 'BUY', 'SELL' or 'HOLD', got {side!r}")
     features = obj.get("features")
     return TradeClosed(
         trade_id=trade_id,

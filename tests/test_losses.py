@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
-from negcase.processes.losses import negative_case, outcome_of, priority_for, should_have_done
+from negcase.processes.losses import (
+    assess_trade,
+    negative_case,
+    outcome_of,
+    priority_for,
+    should_have_done,
+)
 from negcase.runtime.settings import Settings
-from negcase.schemas.trade import TradeClosed
+from negcase.schemas.trade import TradeClosed, TradeDefaults, validate_trade
 
 SETTINGS = Settings()
 
@@ -125,3 +133,57 @@ def test_lesson_is_a_readable_sentence():
     assert case.lesson_learned == (
         "Should have SOLD ETH/USDT instead of BUYING: the market moved 1.00 % against the position."
     )
+
+
+def skip(entry: float, exit_: float, fee: float = 0.0) -> TradeClosed:
+    """A decision not to trade, reported with the market's move over its horizon."""
+    return validate_trade(
+        {
+            "trade_id": "s1",
+            "symbol": "EUR/USD",
+            "side": "HOLD",
+            "entry_price": entry,
+            "exit_price": exit_,
+            "fee_rate": fee,
+            "leverage": 10,
+            "features": [0.1] * 8,
+        },
+        TradeDefaults(),
+    )
+
+
+def test_a_skip_that_missed_a_move_is_an_opportunity_case_prioritized_by_the_missed_gain():
+    """Given a skipped decision after which the market rose 3 %, then it is a case that says
+    BUY, prioritized as a loss of the 30 % it missed at leverage 10 would be."""
+    assessment = assess_trade(skip(100.0, 103.0), SETTINGS, 1)
+    assert assessment.kind == "opportunity"
+    case = assessment.case
+    assert case.what_should_have_been_done == "BUY"
+    assert case.loss_percentage == pytest.approx(30.0)
+    assert case.training_priority == 5
+    assert "instead of staying out" in case.lesson_learned
+    assert assessment.outcome.label == "BUY"
+
+
+def test_a_skip_over_a_move_too_small_to_pay_is_a_right_skip_not_a_case():
+    assessment = assess_trade(skip(100.0, 100.05), SETTINGS, 1)
+    assert (assessment.kind, assessment.case) == ("skip", None)
+    assert assessment.outcome.label == "HOLD"
+
+
+def with_features(t: TradeClosed) -> TradeClosed:
+    return dataclasses.replace(t, features=[0.1] * 8)
+
+
+def test_every_outcome_carries_the_hindsight_label_whatever_was_done():
+    """A win teaches its side, a loss the side that would have paid."""
+    with_features = [0.1] * 8
+    win = assess_trade(
+        dataclasses.replace(trade("BUY", 3000, 3100), features=with_features), SETTINGS, 1
+    )
+    loss = assess_trade(
+        dataclasses.replace(trade("BUY", 3000, 2900), features=with_features), SETTINGS, 1
+    )
+    assert (win.kind, win.case, win.outcome.label) == ("win", None, "BUY")
+    assert (loss.kind, loss.outcome.label) == ("loss", "SELL")
+    assert loss.case.what_should_have_been_done == "SELL"

@@ -97,7 +97,7 @@ def test_defaults_fill_what_a_producer_leaves_out():
         ({**fields_of(BASE, "flat"), b"exit_price": b"inf"}, "exit_price", "finite"),
         ({**fields_of(BASE, "flat"), b"entry_price": b"-3"}, "entry_price", "> 0"),
         ({**fields_of(BASE, "flat"), b"symbol": b"\xff\xfe"}, "symbol", "UTF-8"),
-        ({**fields_of(BASE, "flat"), b"side": b"LONG"}, "side", "'BUY' or 'SELL'"),
+        ({**fields_of(BASE, "flat"), b"side": b"LONG"}, "side", "'BUY', 'SELL' or 'HOLD'"),
         ({**fields_of(BASE, "flat"), b"features": b"[1,2]"}, "features", "expected 8 numbers"),
         ({**fields_of(BASE, "flat"), b"features": b"[1,2"}, "features", "not valid JSON"),
         ({**fields_of(BASE, "flat"), b"leverage": b"0.5"}, "leverage", ">= 1"),

@@ -1,4 +1,6 @@
-"""The loss rules: from a closed trade to a priority, an epoch count and a lesson."""
+"""The loss rules: from a closed trade (or a skipped decision) to its outcome, and from a
+loss or a missed opportunity to a negative case with a priority, an epoch count and a
+lesson."""
 
 from __future__ import annotations
 
@@ -7,16 +9,17 @@ from dataclasses import dataclass
 
 from negcase.runtime.settings import Settings
 from negcase.schemas.case import NegativeCase, case_id_for
+from negcase.schemas.outcome import Outcome, hindsight_action
 from negcase.schemas.trade import TradeClosed, TradeError
 
-_OPPOSITE = {"BUY": "SELL", "SELL": "BUY"}
 _GERUND = {"BUY": "BUYING", "SELL": "SELLING"}
 _PAST = {"BUY": "BOUGHT", "SELL": "SOLD"}
 
 
 @dataclass(frozen=True, slots=True)
-class Outcome:
-    """What a closed trade did: its move and result from the position's side."""
+class TradeResult:
+    """What a closed trade did: its move and result from the position's side. For a
+    skipped decision (side HOLD) the move is the market's (+ when the price rose), the P&L 0."""
 
     move_pct: float
     pnl_pct: float
@@ -28,18 +31,23 @@ class Outcome:
         return self.pnl_pct < 0
 
 
-def outcome_of(trade: TradeClosed) -> Outcome:
+def outcome_of(trade: TradeClosed) -> TradeResult:
     """Move and P&L of a trade; move is signed by side (+ when the market went its way)."""
-    move = (trade.exit_price - trade.entry_price) / trade.entry_price
+    move = market_move(trade)
     if trade.side == "SELL":
         move = -move
+    if trade.side == "HOLD":
+        # A skip made nothing; what it missed must still be a finite number to prioritize.
+        if not math.isfinite(abs(move) * trade.leverage * 100 * trade.entry_price * trade.quantity):
+            raise TradeError("entry", "prices and leverage give a missed gain that is not finite")
+        return TradeResult(move_pct=round(move * 100, 9), pnl_pct=0.0, pnl_amount=0.0)
     # Percent of the margin at risk; rounded so 1 % computes as exactly 1, not 0.99999...
     pnl_pct = round((move - trade.fee_rate) * trade.leverage * 100, 9)
     pnl_amount = trade.entry_price * trade.quantity * (move - trade.fee_rate)
     # Each number can be finite and in range while their product is not (1e-300 to 1e300).
     if not (math.isfinite(pnl_pct) and math.isfinite(pnl_amount)):
         raise TradeError("entry", "prices, quantity and leverage give a P&L that is not finite")
-    return Outcome(move_pct=round(move * 100, 9), pnl_pct=pnl_pct, pnl_amount=pnl_amount)
+    return TradeResult(move_pct=round(move * 100, 9), pnl_pct=pnl_pct, pnl_amount=pnl_amount)
 
 
 def priority_for(loss_pct: float, thresholds_pct: tuple[float, ...]) -> int:
@@ -50,16 +58,70 @@ def priority_for(loss_pct: float, thresholds_pct: tuple[float, ...]) -> int:
     return 1
 
 
-def should_have_done(trade: TradeClosed, outcome: Outcome, min_move_pct: float) -> str:
-    """The opposite side when the market moved against the position by at least the minimum
-    profitable move; HOLD otherwise (a move too small to pay, or fees ate a good call)."""
-    if -outcome.move_pct >= min_move_pct:
-        return _OPPOSITE[trade.side]
-    return "HOLD"
+def market_move(trade: TradeClosed) -> float:
+    """The market's move from entry to exit as a fraction, + when the price rose."""
+    return (trade.exit_price - trade.entry_price) / trade.entry_price
 
 
-def lesson_for(trade: TradeClosed, outcome: Outcome, action: str) -> str:
+def should_have_done(trade: TradeClosed, outcome: TradeResult, min_move_pct: float) -> str:
+    """What would have paid, in hindsight: a side when the market moved its way by at least
+    the minimum profitable move and by more than the fees, HOLD otherwise (a move too small
+    to pay, or fees that eat a good call). For a loss that side is the opposite one."""
+    return hindsight_action(market_move(trade), trade.fee_rate, min_move_pct / 100)
+
+
+def missed_gain_pct(trade: TradeClosed, action: str) -> float:
+    """What `action` would have made on a skipped decision, in percent of margin."""
+    move = market_move(trade) if action == "BUY" else -market_move(trade)
+    return round((move - trade.fee_rate) * trade.leverage * 100, 9)
+
+
+@dataclass(frozen=True, slots=True)
+class Assessment:
+    """What one valid trade becomes: its kind (win, loss, skip or opportunity), the negative
+    case for a loss or a missed opportunity, and the outcome learning replays (None when the
+    trade carries no features)."""
+
+    kind: str
+    case: NegativeCase | None
+    outcome: Outcome | None
+
+
+def assess_trade(trade: TradeClosed, settings: Settings, now_ms: int) -> Assessment:
+    """The kind, case and outcome of one trade."""
+    result = outcome_of(trade)
+    action = should_have_done(trade, result, settings.min_profitable_move_pct)
+    if trade.side == "HOLD":
+        kind = "skip" if action == "HOLD" else "opportunity"
+    else:
+        kind = "loss" if result.is_loss else "win"
+    case = (
+        negative_case(trade, result, settings, now_ms) if kind in ("loss", "opportunity") else None
+    )
+    outcome = None
+    if trade.features is not None:
+        outcome = Outcome(
+            trade_id=trade.trade_id,
+            kind=kind,
+            action_taken=trade.side,
+            label=action,
+            market_move=market_move(trade),
+            fee_rate=trade.fee_rate,
+            leverage=trade.leverage,
+            features=trade.features,
+            closed_at_ms=trade.closed_at_ms or now_ms,
+            model_version=trade.model_version,
+        )
+    return Assessment(kind, case, outcome)
+
+
+def lesson_for(trade: TradeClosed, outcome: TradeResult, action: str) -> str:
     """One sentence a person can read."""
+    if trade.side == "HOLD":
+        return (
+            f"Should have {_PAST[action]} {trade.symbol} instead of staying out: the market "
+            f"moved {outcome.move_pct:+.2f} % over the horizon."
+        )
     doing = _GERUND[trade.side]
     if action == "HOLD":
         return (
@@ -73,12 +135,13 @@ def lesson_for(trade: TradeClosed, outcome: Outcome, action: str) -> str:
 
 
 def negative_case(
-    trade: TradeClosed, outcome: Outcome, settings: Settings, now_ms: int
+    trade: TradeClosed, outcome: TradeResult, settings: Settings, now_ms: int
 ) -> NegativeCase:
-    """The NegativeCase for a losing trade."""
-    loss_pct = -outcome.pnl_pct
-    priority = priority_for(loss_pct, settings.priority_thresholds_pct)
+    """The NegativeCase for a losing trade, or for a skip that missed a profitable move (its
+    loss is the gain it missed, so it is prioritized as a loss of that size would be)."""
     action = should_have_done(trade, outcome, settings.min_profitable_move_pct)
+    loss_pct = missed_gain_pct(trade, action) if trade.side == "HOLD" else -outcome.pnl_pct
+    priority = priority_for(loss_pct, settings.priority_thresholds_pct)
     return NegativeCase(
         case_id=case_id_for(trade.trade_id),
         trade_id=trade.trade_id,
@@ -92,7 +155,7 @@ def negative_case(
         move_pct=outcome.move_pct,
         pnl_pct=outcome.pnl_pct,
         loss_percentage=loss_pct,
-        loss_amount=-outcome.pnl_amount,
+        loss_amount=trade.entry_price * trade.quantity * loss_pct / (100 * trade.leverage),
         what_should_have_been_done=action,
         lesson_learned=lesson_for(trade, outcome, action),
         training_priority=priority,

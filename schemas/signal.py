@@ -50,6 +50,9 @@ class Signal:
     request_id: str | None = None
     worker: str | None = None
     batch: int | None = None
+    # False when the confidence is under NEGCASE_MIN_CONFIDENCE: the model has no opinion
+    # here, and the engine should keep its own rule rather than follow `action`.
+    opinion: bool = True
 
     def to_json(self) -> bytes:
         """The reply as it travels: one JSON object."""
@@ -58,6 +61,7 @@ class Signal:
                 "request_id": self.request_id,
                 "action": self.action,
                 "confidence": self.confidence,
+                "opinion": self.opinion,
                 "probabilities": self.probabilities,
                 "model_version": self.model_version,
                 "worker": self.worker,
@@ -72,8 +76,10 @@ def signal_from_probabilities(
     request_id: str | None = None,
     worker: str | None = None,
     batch: int | None = None,
+    min_confidence: float = 0.0,
 ) -> Signal:
-    """The signal for one row of softmax output, in ACTIONS order (BUY, SELL, HOLD)."""
+    """The signal for one row of softmax output, in ACTIONS order (BUY, SELL, HOLD); it has
+    an opinion when its confidence reaches `min_confidence`."""
     buy, sell, hold = probabilities
     best = max(range(3), key=probabilities.__getitem__)
     return Signal(
@@ -84,6 +90,7 @@ def signal_from_probabilities(
         request_id=request_id,
         worker=worker,
         batch=batch,
+        opinion=probabilities[best] >= min_confidence,
     )
 
 
@@ -121,6 +128,7 @@ def parse_reply(raw: bytes) -> Signal:
         request_id=reply["request_id"],
         worker=reply.get("worker"),
         batch=reply.get("batch"),
+        opinion=reply.get("opinion", True),
     )
 
 

@@ -287,3 +287,13 @@ def answer_late(client, settings, after_s: float) -> None:
     request_id = fields[b"request_id"].decode()
     reply = signal_from_probabilities([0.2, 0.7, 0.1], 1, request_id)
     client.rpush(settings.keys.reply(request_id), reply.to_json())
+
+
+def test_a_reply_under_the_confidence_threshold_says_it_has_no_opinion() -> None:
+    """Given probabilities with no action over the threshold, then the reply says so on the
+    wire, and an engine reading it sees `opinion` false (and true for a confident one)."""
+    unsure = signal_from_probabilities([0.4, 0.35, 0.25], 3, "r-1", min_confidence=0.5)
+    sure = signal_from_probabilities([0.7, 0.2, 0.1], 3, "r-2", min_confidence=0.5)
+    assert parse_reply(unsure.to_json()).opinion is False
+    assert parse_reply(sure.to_json()).opinion is True
+    assert orjson.loads(unsure.to_json())["opinion"] is False

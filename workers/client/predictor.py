@@ -123,7 +123,10 @@ class Predictor:
         else:
             check_features(features, row.shape[1])
         row[0] = features
-        return signal_from_probabilities(live.probabilities(row)[0].tolist(), live.version)
+        probabilities = live.probabilities(row)[0].tolist()
+        return signal_from_probabilities(
+            probabilities, live.version, min_confidence=self.settings.min_confidence
+        )
 
 
 def _check_array(features: np.ndarray, feature_count: int) -> None:

@@ -64,7 +64,9 @@ class SignalClient:
 
     def request(self, features: Sequence[float] | np.ndarray, timeout_s: float = 1.0) -> Signal:
         """The signal for `features`, or SignalRequestError (the worker's error reply naming
-        the field and reason), or SignalTimeout. `timeout_s` must be positive."""
+        the field and reason), or SignalTimeout. `timeout_s` must be positive. When the
+        signal's `opinion` is false (confidence under NEGCASE_MIN_CONFIDENCE), keep your own
+        rule: the model does not know better here."""
         if not timeout_s > 0:  # NaN too; BLPOP 0 would wait forever
             raise ValueError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
         if self.feature_count is not None:

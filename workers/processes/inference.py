@@ -145,10 +145,11 @@ class InferenceWorker:
                 continue
             request_ids.append(request_id)
         if request_ids:
+            min_confidence = self.settings.min_confidence
             rows = loaded.probabilities(self.features[: len(request_ids)]).tolist()
             for request_id, probabilities in zip(request_ids, rows, strict=True):
                 signal = signal_from_probabilities(
-                    probabilities, version, request_id, self.consumer, number
+                    probabilities, version, request_id, self.consumer, number, min_confidence
                 )
                 batch.replies.append((request_id, signal.to_json()))
         self._count(batch, len(request_ids), len(entries), version)

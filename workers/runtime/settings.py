@@ -103,12 +103,19 @@ class Settings:
     max_attempts: int = 3
     cases_per_claim: int = 1
     hidden_sizes: tuple[int, ...] = (64, 64)
-    learning_rate: float = 0.01
-    replay_size: int = 64
-    heldout_size: int = 64
-    # Share of cases held out by a fixed rule on the id (never trained; they judge models).
+    # Sessions train from the latest checkpoint with this rate, pulled toward its weights.
+    learning_rate: float = 3e-4
+    anchor_weight: float = 0.1
+    # Share of cases and outcomes held out by a fixed rule on the id: never trained, they
+    # form the validation window the gate judges candidates on.
     heldout_share: float = 0.1
-    gate_tolerance: float = 0.02
+    # Outcomes (wins, losses, skips) before the first checkpoint, which is a warm start on
+    # all of them; the replay store keeps the most recent `outcomes_maxlen`, the validation
+    # window the most recent `validation_size` held-out ones.
+    min_outcomes: int = 200
+    outcomes_maxlen: int = 5000
+    validation_size: int = 500
+    warm_start_epochs: int = 100
     # Checks (every 10 epochs) without replay-loss progress before a learned case stops
     # early; 0 trains every planned epoch.
     early_stop_patience: int = 5
@@ -118,6 +125,9 @@ class Settings:
 
     # Inference.
     serve_batch_size: int = 256
+    # A reply whose confidence is below this says it has no opinion: the engine keeps its
+    # own rule. 0.5: one action holds most of the probability.
+    min_confidence: float = 0.5
     reply_ttl_s: int = 30
     # A signal request is a few hundred bytes: a larger one gets an error reply unread.
     max_request_bytes: int = 65536

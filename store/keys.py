@@ -37,6 +37,16 @@ class Keys:
         """Set of loss case ids without features: archived and counted, never queued."""
         return self._key("cases", "featureless")
 
+    @property
+    def outcomes(self) -> str:
+        """Capped stream of recent outcomes (wins, losses, skips) training replays."""
+        return self._key("outcomes")
+
+    @property
+    def validation(self) -> str:
+        """Capped stream of recent held-out outcomes: the window the gate judges on."""
+        return self._key("outcomes", "validation")
+
     def case(self, case_id: str) -> str:
         """One negative case, msgpack."""
         return self._key("case", case_id)

@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from negcase.processes.learning import (
+from negcase.processes.model import ModelSpec, build_model
+from negcase.processes.training import (
     Examples,
     TradingResult,
     fit_history,
@@ -16,7 +17,6 @@ from negcase.processes.learning import (
     trading_result,
     train_on_cases,
 )
-from negcase.processes.model import ModelSpec, build_model
 from negcase.schemas.outcome import Outcome, hindsight_action, pnl_of
 
 MIN_MOVE = 0.001

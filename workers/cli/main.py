@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from negcase import __version__
 from negcase.cli import (
     backtest,
+    bootstrap,
     cases,
     checkpoints,
     config,
@@ -45,6 +46,7 @@ REGISTRARS = [
     dashboard.register,
     checkpoints.register,
     config.register,
+    bootstrap.register,
     redis_server.register,
     bench.register,
 ]

@@ -1,5 +1,6 @@
 """Publishing a trained update: under the publish lock, rebase it onto whatever is latest
-now, gate it against the held-out cases, and compare-and-set it in; retry when latest moved."""
+now, gate it by its trading result on the validation window against that parent, and
+compare-and-set it in; retry when latest moved."""
 
 from __future__ import annotations
 
@@ -13,11 +14,14 @@ from negcase.processes.model import rebased, sha256_hex, verified_state, weights
 from negcase.processes.training import (
     Examples,
     Measurement,
+    TradingResult,
     Update,
     gate_reason,
     measure_state,
     measurement_dict,
+    trading_result,
 )
+from negcase.schemas.outcome import Outcome
 from negcase.store.checkpoints import CheckpointRegistry, PublishConflict
 from negcase.store.leases import Lease
 
@@ -34,7 +38,16 @@ class PublishResult:
     rebases: int = 0
     heldout_before: Measurement | None = None
     heldout_after: Measurement | None = None
+    trading_before: TradingResult | None = None
+    trading_after: TradingResult | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+
+    def trading_dict(self) -> dict[str, Any]:
+        """The gate's figures (parent, then candidate) as plain data."""
+        return {
+            "validation_before": _trading_dict(self.trading_before),
+            "validation_after": _trading_dict(self.trading_after),
+        }
 
 
 def publish_update(
@@ -42,22 +55,26 @@ def publish_update(
     update: Update,
     scratch: nn.Module,
     feature_count: int,
-    heldout: Examples,
-    tolerance: float,
+    window: Sequence[Outcome],
     meta: dict[str, Any],
     leases: Sequence[Lease] = (),
     trainer: str = "",
 ) -> PublishResult:
     """Gate and publish an update on top of whatever is latest now. When another trainer
     published since `update.base_version`, the update is rebased (latest + trained - base)
-    and gated again against latest. `scratch` is a model of the right shape to measure with.
-    Raises LeaseLost when a lease is no longer held."""
+    and gated again against latest; a warm start (no base version) is not rebased but judged
+    against whatever was published first. `scratch` is a model of the right shape to measure
+    with. Raises LeaseLost when a lease is no longer held."""
     result = PublishResult()
+    heldout = Examples.of_outcomes(window, feature_count)
     with registry.publish_lock():
         for _ in range(MAX_PUBLISH_TRIES):
             parent = registry.fetch_latest()
             if parent is None or parent.version == update.base_version:
                 parent_state, candidate = update.base_state, update.trained_state
+            elif update.base_version is None:
+                parent_state = verified_state(parent, scratch, feature_count)
+                candidate = update.trained_state
             else:
                 parent_state = verified_state(parent, scratch, feature_count)
                 candidate = rebased(parent_state, update.trained_state, update.base_state)
@@ -65,10 +82,10 @@ def publish_update(
             parent_version = None if parent is None else parent.version
             result.parent_version = parent_version
             result.heldout_before = measure_state(scratch, parent_state, heldout)
+            result.trading_before = _trading_result_of(scratch, parent_state, window)
             result.heldout_after = measure_state(scratch, candidate, heldout)
-            result.rejected_reason = gate_reason(
-                result.heldout_before, result.heldout_after, tolerance
-            )
+            result.trading_after = _trading_result_of(scratch, candidate, window)
+            result.rejected_reason = gate_reason(result.trading_before, result.trading_after)
             if result.rejected_reason:
                 return result
             weights = weights_bytes(candidate)
@@ -76,6 +93,7 @@ def publish_update(
                 **meta.get("metrics", {}),
                 "heldout_before": measurement_dict(result.heldout_before),
                 "heldout_after": measurement_dict(result.heldout_after),
+                **result.trading_dict(),
                 "rebases": result.rebases,
             }
             result.meta = {**meta, "metrics": metrics, "trainer": trainer}
@@ -87,3 +105,14 @@ def publish_update(
             except PublishConflict:
                 continue  # a rollback or an expired lock: rebase on the new latest
     raise RuntimeError(f"latest kept moving: gave up after {MAX_PUBLISH_TRIES} tries")
+
+
+def _trading_result_of(
+    scratch: nn.Module, state: dict[str, Any], window: Sequence[Outcome]
+) -> TradingResult | None:
+    scratch.load_state_dict(state)
+    return trading_result(scratch, window)
+
+
+def _trading_dict(result: TradingResult | None) -> dict[str, Any] | None:
+    return None if result is None else result.to_dict()

@@ -1,5 +1,7 @@
-"""The training worker: claim the worst cases, train intensively, gate, publish, acknowledge.
-Any number of trainers share one queue and one model lineage (`negcase train`)."""
+"""The training worker: claim the worst cases, train intensively beside a replay of recent
+outcomes, gate by trading result, publish, acknowledge. No checkpoint is published before
+NEGCASE_MIN_OUTCOMES outcomes exist; the first is a warm start on all of them. Any number
+of trainers share one queue and one model lineage (`negcase train`)."""
 
 from __future__ import annotations
 
@@ -29,10 +31,11 @@ from negcase.processes.training import (
     Examples,
     TrainingInterrupted,
     Update,
+    fit_history,
     improvements,
     measure,
     measurement_dict,
-    train_intensively,
+    train_on_cases,
 )
 from negcase.runtime.loop import REDIS_AWAY, WorkerLoop
 from negcase.runtime.metrics import TrainerMetrics
@@ -45,9 +48,9 @@ from negcase.store.cases import CaseStore
 from negcase.store.checkpoints import CheckpointRegistry
 from negcase.store.health import HealthKey
 from negcase.store.leases import Lease, LeaseLost
+from negcase.store.outcomes import OutcomeStore
 from negcase.store.queue import CaseQueue, priority_of_score, queue_counts
 from negcase.store.replication import ReplicaAcksMissing
-from negcase.store.samples import HeldOutSet, sample_replay
 from negcase.store.sessions import SessionStore
 
 State = dict[str, torch.Tensor]
@@ -130,13 +133,7 @@ class Trainer:
             settings.replica_acks,
         )
         self.sessions = SessionStore(client, self.keys, archive, settings.events_maxlen)
-        self.heldout = HeldOutSet(
-            client,
-            self.keys,
-            settings.heldout_size,
-            settings.feature_count,
-            settings.heldout_share,
-        )
+        self.outcome_store = OutcomeStore(client, self.keys, settings.outcomes_maxlen)
         self.spec = spec_from_settings(settings)
         self.scratch = build_model(self.spec)  # verifies and measures checkpoints
         self.rng = random.Random(f"{settings.seed}:{name}")
@@ -144,6 +141,7 @@ class Trainer:
         self.metrics = TrainerMetrics()
         self.health = HealthKey(client, self.keys, "trainer", settings.health_ttl_s)
         self._base: tuple[int | None, State] | None = None
+        self._waiting_for_outcomes = False
 
     def run(self, stop: StopFlag, burst: bool = False) -> Counter[str]:
         """Work until `stop` is set (in burst mode, until nothing is queued or leased)."""
@@ -166,10 +164,27 @@ class Trainer:
         """Return expired leases, claim the best cases and train on them. Returns whether
         there were cases to claim."""
         self.queue.reap()
+        if not self._enough_outcomes():
+            return False
         leases = self.queue.claim(self.name, self.settings.cases_per_claim)
         if leases:
             self.train_claimed(leases, stop)
         return bool(leases)
+
+    def _enough_outcomes(self) -> bool:
+        """Whether a session may run: a checkpoint exists, or enough outcomes for the warm
+        start that makes the first one (a first model from one case is a constant policy)."""
+        if self.registry.latest_version() is not None:
+            self._waiting_for_outcomes = False
+            return True
+        seen, needed = self.outcome_store.seen(), self.settings.min_outcomes
+        waiting = seen < needed
+        if waiting and not self._waiting_for_outcomes:
+            log.info(
+                "waiting for %d outcomes before the first checkpoint (%d so far)", needed, seen
+            )
+        self._waiting_for_outcomes = waiting
+        return not waiting
 
     def refresh_health(self) -> None:
         """Refresh this trainer's health key if due (rate-limited; safe from any thread)."""
@@ -248,32 +263,32 @@ class Trainer:
     ) -> None:
         settings = self.settings
         fc = settings.feature_count
-        case_ids = set(session.case_ids)
         base_version, base_state = self._base_state()
         session.base_version = base_version
-        heldout_cases = [case for case in self.heldout.cases() if case.case_id not in case_ids]
-        replay_cases = sample_replay(
-            self.client,
-            self.keys,
-            settings.replay_size,
-            case_ids | self.heldout.ids(),
-            fc,
-            self.rng,
-            settings.heldout_share,
-        )
-        new, heldout = Examples.of(cases, fc), Examples.of(heldout_cases, fc)
+        replay = self.outcome_store.replay()
+        window = self.outcome_store.validation_window(settings.validation_size)
+        new = Examples.of(cases, fc)
+        history = Examples.of_outcomes(replay, fc)
         model = build_model(self.spec)
         model.load_state_dict(base_state)
         case_before = measure(model, new)
-        epochs, early = train_intensively(
-            model,
-            new,
-            Examples.of(replay_cases, fc),
-            session.epochs_planned,
-            settings.learning_rate,
-            settings.early_stop_patience,
-            should_stop,
-        )
+        generator = torch.Generator().manual_seed(self.rng.getrandbits(63))
+        if base_version is None:
+            # The first checkpoint: a model of every outcome so far, not of one case.
+            epochs = fit_history(model, history, settings.warm_start_epochs, should_stop, generator)
+            early = False
+        else:
+            epochs, early = train_on_cases(
+                model,
+                new,
+                history,
+                session.epochs_planned,
+                settings.learning_rate,
+                settings.anchor_weight,
+                settings.early_stop_patience,
+                should_stop,
+                generator,
+            )
         case_after = measure(model, new)
         session.epochs_completed, session.stopped_early = epochs, early
         meta = {
@@ -285,8 +300,9 @@ class Trainer:
                 "case_after": case_after.to_dict() if case_after else None,
                 "epochs": epochs,
                 "stopped_early": early,
-                "replay_count": len(replay_cases),
-                "heldout_count": len(heldout),
+                "warm_start": base_version is None,
+                "replay_count": len(replay),
+                "validation_count": len(window),
             },
         }
         update = Update(base_version, base_state, state_of(model))
@@ -295,8 +311,7 @@ class Trainer:
             update,
             self.scratch,
             fc,
-            heldout,
-            settings.gate_tolerance,
+            window,
             meta,
             leases,
             self.name,
@@ -312,6 +327,7 @@ class Trainer:
             "parent_version": result.parent_version,
             "heldout_before": measurement_dict(result.heldout_before),
             "heldout_after": measurement_dict(result.heldout_after),
+            **result.trading_dict(),
         }
         session.loss_improvement, session.accuracy_improvement = improvements(
             result.heldout_before, result.heldout_after
@@ -382,5 +398,8 @@ class Trainer:
         log.info(f"{self.name}: session {session.session_id}: {session.summary()}{result}")
 
     def _drained(self) -> bool:
+        # In burst mode, cases that must wait for more outcomes count as nothing to do.
+        if self._waiting_for_outcomes:
+            return True
         counts = queue_counts(self.client, self.keys)
         return counts["queued"] == 0 and counts["leased"] == 0

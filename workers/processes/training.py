@@ -1,7 +1,20 @@
-"""Intensive training, pure torch: the case mixed with replayed earlier cases, early stopping,
-before and after measurements on the held-out set, and the validation gate. The trainer
-(processes/trainer.py) drives these steps; the cases come from store/ (store/samples.py) and
-publishing is processes/publishing.py. Nothing here touches Redis or the disk."""
+"""How the model learns, pure torch: a warm start on the outcomes so far, intensive sessions
+on prioritized cases beside a replay of recent outcomes with a pull toward the parent, and
+the trading gate that judges a candidate against its parent by what its policy would have
+earned. The trainer (processes/trainer.py) drives these steps; the outcomes come from store/
+(store/outcomes.py) and publishing is processes/publishing.py. Nothing here touches Redis.
+
+The design follows what works for learning from mistakes without forgetting:
+- prioritized experience replay (Schaul et al., 2016): the worst mistakes get the most
+  training (epochs by priority), but always beside a replay of recent outcomes;
+- online hard example mining: losses and missed opportunities are the cases, wins and
+  right skips are context the replay draws from, so training sees what was right too;
+- continual learning with an L2 pull toward the parent's weights (a plain form of EWC,
+  Kirkpatrick et al., 2017): one case, however intensive its training, cannot flip the
+  whole policy;
+- counterfactual evaluation: every outcome carries the market's move, so the P&L of any
+  action on it is known, and the gate compares policies exactly, on the same decisions.
+"""
 
 from __future__ import annotations
 
@@ -13,15 +26,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from negcase.schemas.case import NegativeCase
+from negcase.schemas.case import ACTIONS, NegativeCase
+from negcase.schemas.outcome import Outcome
 
 CHECK_EVERY_EPOCHS = 10
-MIN_PROGRESS = 1e-3  # relative drop of the watched loss that counts as still improving
-CASE_WEIGHT = 0.5  # share of each step's loss given to the new cases; replay gets the rest
-# Hundreds of full-batch steps on a handful of examples drive logits to infinity; smoothed
-# labels and weight decay keep the model's confidence finite, so it still generalizes.
+MIN_PROGRESS = 1e-3  # relative drop of the replay loss that counts as still improving
+CASE_WEIGHT = 0.3  # share of each step's loss given to the cases; the replay batch gets the rest
+REPLAY_BATCH = 64  # a fresh replay draw each epoch: many epochs see many outcomes, not 64 again
+# Smoothed labels keep the model's confidence finite and honest on noisy markets.
 LABEL_SMOOTHING = 0.1
-WEIGHT_DECAY = 1e-3
+WEIGHT_DECAY = 1e-2
+# Recency: the newest outcome is drawn this many times as often as the oldest kept one.
+RECENCY_RATIO = 5.0
+WARM_START_LR = 1e-3
+WARM_START_BATCH = 256
 
 
 class TrainingInterrupted(Exception):
@@ -30,7 +48,7 @@ class TrainingInterrupted(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Examples:
-    """Cases as tensors: features (n, feature_count) float32 and labels (n,) action indices."""
+    """Features (n, feature_count) float32 and labels (n,) action indices."""
 
     features: torch.Tensor
     labels: torch.Tensor
@@ -38,15 +56,189 @@ class Examples:
     @classmethod
     def of(cls, cases: Sequence[NegativeCase], feature_count: int) -> Examples:
         """The examples of cases that carry features (callers check them with case_problem)."""
-        if not cases:
+        return cls.of_rows([(case.features, case.label) for case in cases], feature_count)
+
+    @classmethod
+    def of_outcomes(cls, outcomes: Sequence[Outcome], feature_count: int) -> Examples:
+        """The examples of outcomes (their features and hindsight labels)."""
+        return cls.of_rows([(o.features, o.label_index) for o in outcomes], feature_count)
+
+    @classmethod
+    def of_rows(cls, rows: Sequence[tuple[Sequence[float], int]], feature_count: int) -> Examples:
+        """Examples from (features, label index) pairs."""
+        if not rows:
             return cls(torch.zeros(0, feature_count), torch.zeros(0, dtype=torch.long))
         return cls(
-            torch.tensor([case.features for case in cases], dtype=torch.float32),
-            torch.tensor([case.label for case in cases], dtype=torch.long),
+            torch.tensor([features for features, _ in rows], dtype=torch.float32),
+            torch.tensor([label for _, label in rows], dtype=torch.long),
         )
 
     def __len__(self) -> int:
         return len(self.labels)
+
+
+@dataclass(frozen=True, slots=True)
+class TradingResult:
+    """What a policy would have done on a window of decisions, judged by the market."""
+
+    decisions: int
+    trades: int
+    losses: int
+    mean_pnl_pct: float
+
+    @property
+    def loss_rate(self) -> float | None:
+        """Losing trades over trades; None when the policy traded nothing."""
+        return self.losses / self.trades if self.trades else None
+
+    def to_dict(self) -> dict[str, float | int | None]:
+        """Plain data for sessions and checkpoint metadata."""
+        rate = self.loss_rate
+        return {
+            "decisions": self.decisions,
+            "trades": self.trades,
+            "losses": self.losses,
+            "loss_rate": None if rate is None else round(rate, 6),
+            "mean_pnl_pct": round(self.mean_pnl_pct, 6),
+        }
+
+
+def trading_result(model: nn.Module, window: Sequence[Outcome]) -> TradingResult | None:
+    """The counterfactual trading result of the model's policy on `window`, or None when the
+    window is empty. A model whose output is not finite earns -inf: it can never win a gate."""
+    if not window:
+        return None
+    features = torch.tensor([o.features for o in window], dtype=torch.float32)
+    model.eval()
+    with torch.no_grad():
+        logits = model(features)
+    if not torch.isfinite(logits).all():
+        return TradingResult(len(window), 0, 0, -math.inf)
+    actions = [ACTIONS[i] for i in logits.argmax(dim=1).tolist()]
+    pnls = [o.pnl_if(a) for o, a in zip(window, actions, strict=True)]
+    traded = [p for a, p in zip(actions, pnls, strict=True) if a != "HOLD"]
+    return TradingResult(
+        decisions=len(window),
+        trades=len(traded),
+        losses=sum(1 for p in traded if p < 0),
+        mean_pnl_pct=sum(pnls) / len(pnls),
+    )
+
+
+def gate_reason(parent: TradingResult | None, candidate: TradingResult | None) -> str | None:
+    """Why the gate refuses a candidate, or None when it may be published. The candidate must
+    earn at least its parent's mean P&L per decision on the same window, and at equal P&L
+    must not lose more often: no tolerance, so nothing can compound from version to version.
+    Without a window (or a parent) there is nothing to judge against."""
+    if candidate is not None and not math.isfinite(candidate.mean_pnl_pct):
+        return "the candidate's output is not finite"
+    if parent is None or candidate is None:
+        return None
+    if candidate.mean_pnl_pct < parent.mean_pnl_pct - 1e-12:
+        return (
+            f"mean P&L per decision fell from {parent.mean_pnl_pct:+.4f} % to "
+            f"{candidate.mean_pnl_pct:+.4f} % on the {candidate.decisions}-decision "
+            "validation window"
+        )
+    worse_rate = (candidate.loss_rate or 0.0) > (parent.loss_rate or 0.0)
+    if candidate.mean_pnl_pct <= parent.mean_pnl_pct + 1e-12 and worse_rate:
+        return (
+            f"same mean P&L per decision, loss rate rose from {parent.loss_rate or 0:.1%} to "
+            f"{candidate.loss_rate or 0:.1%} on the {candidate.decisions}-decision window"
+        )
+    return None
+
+
+def recency_weights(n: int) -> torch.Tensor:
+    """Draw weights for n outcomes, oldest first: linear from 1 to RECENCY_RATIO."""
+    if n <= 1:
+        return torch.ones(n)
+    return torch.linspace(1.0, RECENCY_RATIO, n)
+
+
+def train_on_cases(
+    model: nn.Module,
+    cases: Examples,
+    replay: Examples,
+    epochs: int,
+    learning_rate: float,
+    anchor_weight: float,
+    patience: int,
+    should_stop: Callable[[], bool],
+    generator: torch.Generator,
+) -> tuple[int, bool]:
+    """An intensive session: up to `epochs` steps on the cases beside a fresh, recency-
+    weighted replay batch each step, with an L2 pull toward the weights the model started
+    from. Stops early once every case is predicted right and the replay loss has not improved
+    for `patience` checks. Returns (epochs done, stopped early); raises TrainingInterrupted
+    when `should_stop` says so."""
+    anchor = [p.detach().clone() for p in model.parameters()]
+    weights = recency_weights(len(replay))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=WEIGHT_DECAY)
+    best, stale = math.inf, 0
+    model.train()
+    for epoch in range(1, epochs + 1):
+        # forward: the cases, a replay batch, and the pull toward the parent
+        loss = F.cross_entropy(model(cases.features), cases.labels, label_smoothing=LABEL_SMOOTHING)
+        replay_loss = None
+        if len(replay):
+            drawn = torch.multinomial(weights, REPLAY_BATCH, replacement=True, generator=generator)
+            replay_loss = F.cross_entropy(
+                model(replay.features[drawn]), replay.labels[drawn], label_smoothing=LABEL_SMOOTHING
+            )
+            loss = CASE_WEIGHT * loss + (1 - CASE_WEIGHT) * replay_loss
+        if anchor_weight:
+            pull = sum(
+                ((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor, strict=True)
+            )
+            loss = loss + anchor_weight * pull
+        # backprop and update
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if epoch % CHECK_EVERY_EPOCHS:
+            continue
+        if should_stop():
+            raise TrainingInterrupted(f"stopped after {epoch} epochs")
+        watched = (loss if replay_loss is None else replay_loss).item()
+        if watched < best * (1 - MIN_PROGRESS):
+            best, stale = watched, 0
+        else:
+            stale += 1
+        if patience and stale >= patience and _all_right(model, cases):
+            return epoch, True
+    return epochs, False
+
+
+def fit_history(
+    model: nn.Module,
+    history: Examples,
+    epochs: int,
+    should_stop: Callable[[], bool],
+    generator: torch.Generator,
+) -> int:
+    """A warm start: plain supervised learning on every outcome so far (minibatches, a few
+    passes), so that the first checkpoint is a model of the market, not of one case."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=WARM_START_LR, weight_decay=WEIGHT_DECAY)
+    model.train()
+    n = len(history)
+    for epoch in range(1, epochs + 1):
+        order = torch.randperm(n, generator=generator)
+        for start in range(0, n, WARM_START_BATCH):
+            batch = order[start : start + WARM_START_BATCH]
+            logits = model(history.features[batch])
+            loss = F.cross_entropy(logits, history.labels[batch], label_smoothing=LABEL_SMOOTHING)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        if epoch % CHECK_EVERY_EPOCHS == 0 and should_stop():
+            raise TrainingInterrupted(f"stopped after {epoch} warm-start epochs")
+    return epochs
+
+
+def _all_right(model: nn.Module, cases: Examples) -> bool:
+    with torch.no_grad():
+        return bool((model(cases.features).argmax(dim=1) == cases.labels).all())
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,81 +265,10 @@ def measure(model: nn.Module, examples: Examples) -> Measurement | None:
     return Measurement(loss, accuracy)
 
 
-def train_intensively(
-    model: nn.Module,
-    cases: Examples,
-    replay: Examples,
-    epochs: int,
-    learning_rate: float,
-    patience: int,
-    should_stop: Callable[[], bool],
-) -> tuple[int, bool]:
-    """Train on the cases mixed with the replay sample for up to `epochs` full-batch steps.
-    Stops early once every case is predicted right and the watched loss (replay, or the
-    cases' without replay) has not improved for `patience` checks. Returns (epochs done,
-    stopped early); raises TrainingInterrupted when `should_stop` says so."""
-    features = torch.cat([cases.features, replay.features])
-    labels = torch.cat([cases.labels, replay.labels])
-    n_cases = len(cases)
-    # fused: one kernel for the whole update, a fifth faster per step on CPU for small models
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=learning_rate, weight_decay=WEIGHT_DECAY, fused=True
-    )
-    best, stale = math.inf, 0
-    model.train()
-    for epoch in range(1, epochs + 1):
-        # forward: half the weight on the new cases, half on remembering the old ones
-        per_example = F.cross_entropy(
-            model(features), labels, reduction="none", label_smoothing=LABEL_SMOOTHING
-        )
-        case_loss = per_example[:n_cases].mean()
-        replay_loss = per_example[n_cases:].mean() if len(replay) else None
-        loss = case_loss
-        if replay_loss is not None:
-            loss = CASE_WEIGHT * case_loss + (1 - CASE_WEIGHT) * replay_loss
-        # backprop and update
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if epoch % CHECK_EVERY_EPOCHS:
-            continue
-        if should_stop():
-            raise TrainingInterrupted(f"stopped after {epoch} epochs")
-        watched = (case_loss if replay_loss is None else replay_loss).item()
-        if watched < best * (1 - MIN_PROGRESS):
-            best, stale = watched, 0
-        else:
-            stale += 1
-        if patience and stale >= patience and _all_right(model, cases):
-            return epoch, True
-    return epochs, False
-
-
-def _all_right(model: nn.Module, cases: Examples) -> bool:
-    with torch.no_grad():
-        return bool((model(cases.features).argmax(dim=1) == cases.labels).all())
-
-
-def gate_reason(
-    before: Measurement | None, after: Measurement | None, tolerance: float
-) -> str | None:
-    """Why the validation gate refuses an update (held-out loss worse than its parent's by
-    more than `tolerance`, relative), or None when it may be published."""
-    if before is None or after is None:
-        return None
-    if after.loss > before.loss * (1 + tolerance) + 1e-9:
-        return (
-            f"held-out loss rose from {before.loss:.4f} to {after.loss:.4f} "
-            f"(tolerance {tolerance:.1%}); held-out accuracy "
-            f"{before.accuracy:.1%} -> {after.accuracy:.1%}"
-        )
-    return None
-
-
 def improvements(
     before: Measurement | None, after: Measurement | None
 ) -> tuple[float | None, float | None]:
-    """(loss improvement in percent, accuracy improvement in points) on the held-out set."""
+    """(loss improvement in percent, accuracy improvement in points) on the validation window."""
     if before is None or after is None:
         return None, None
     loss = (before.loss - after.loss) / before.loss * 100 if before.loss > 0 else 0.0

@@ -45,6 +45,8 @@ class Batch:
     dead_letters: list[DeadLetter] = field(default_factory=list)
     counters: dict[str, int] = field(default_factory=dict)
     handled_ids: list[bytes] = field(default_factory=list)
+    # (msgpack outcome, held out) for every trade with features: what learning replays.
+    outcomes: list[tuple[bytes, bool]] = field(default_factory=list)
 
     def add_case(self, case: NegativeCase) -> None:
         """Add a case; it is encoded here, once, for both Redis and the archive."""
@@ -82,6 +84,8 @@ class CaseStore:
         events_maxlen: int,
         dead_maxlen: int,
         trades_maxlen: int = 0,
+        outcomes_maxlen: int = 5000,
+        validation_maxlen: int = 500,
     ) -> tuple[int, int]:
         """Store a batch's cases, dead letters, counters and events, and acknowledge its
         entries, atomically. Returns (new cases, duplicates)."""
@@ -98,6 +102,9 @@ class CaseStore:
             len(batch.dead_letters),
             len(batch.counters),
             len(batch.handled_ids),
+            len(batch.outcomes),
+            outcomes_maxlen,
+            validation_maxlen,
         ]
         for case, blob in zip(batch.cases, batch.blobs, strict=True):
             args += [
@@ -107,11 +114,14 @@ class CaseStore:
                 version_label(case.model_version),
                 case.loss_percentage,
                 _packed_event(events.case_added(case, consumer, now_ms)),
+                "opportunity" if case.side == "HOLD" else "loss",
             ]
         for dead in batch.dead_letters:
             args += _dead_letter_args(dead, consumer, now_ms)
         for name, by in batch.counters.items():
             args += [name, by]
+        for blob, held_out in batch.outcomes:
+            args += [blob, int(held_out)]
         args += batch.handled_ids
         added, duplicates = self.acks.run_script(
             self.client,
@@ -125,6 +135,8 @@ class CaseStore:
                 keys.stats,
                 keys.trades_dead,
                 keys.rate_bucket(rate_bucket_s(now_ms / 1000)),
+                keys.outcomes,
+                keys.validation,
                 *case_keys,
             ],
             args=args,

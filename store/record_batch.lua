@@ -3,13 +3,17 @@
 -- pending (they are redelivered); after it, everything is stored and acknowledged.
 --
 -- KEYS: 1 trades stream, 2 cases set, 3 featureless set, 4 queue, 5 events, 6 stats,
---       7 trades:dead, 8 rate bucket, 9.. one case key per case, in ARGV order
+--       7 trades:dead, 8 rate bucket, 9 outcomes stream, 10 validation stream,
+--       11.. one case key per case, in ARGV order
 -- ARGV: 1 group, 2 events maxlen, 3 dead maxlen, 4 rate ttl s, 5 trades maxlen (0: keep all),
---       6 case count, 7 dead-letter count, 8 counter count, 9 ack count, then
---       per case (6): case_id, blob, queue score or "" (no features), version label,
---                     loss_pct, case_added event (msgpack array of field, value)
+--       6 case count, 7 dead-letter count, 8 counter count, 9 ack count,
+--       10 outcome count, 11 outcomes maxlen, 12 validation maxlen, then
+--       per case (7): case_id, blob, queue score or "" (no features), version label,
+--                     loss_pct, case_added event (msgpack array of field, value),
+--                     kind ("loss", or "opportunity": a skip that missed a move)
 --       per dead letter (2): fields (msgpack array), dead_lettered event (msgpack array)
 --       per counter (2): stats field, increment
+--       per outcome (2): msgpack blob, 1 when held out (to the validation stream) else 0
 --       per ack (1): entry id
 -- Returns {new cases, duplicate cases}
 local trades, cases, featureless, queue, events, stats, dead, rate =
@@ -18,6 +22,7 @@ local group, events_maxlen, dead_maxlen, rate_ttl = ARGV[1], ARGV[2], ARGV[3], A
 local trades_maxlen = tonumber(ARGV[5])
 local n_cases, n_dead = tonumber(ARGV[6]), tonumber(ARGV[7])
 local n_counters, n_acks = tonumber(ARGV[8]), tonumber(ARGV[9])
+local n_outcomes, outcomes_maxlen, validation_maxlen = tonumber(ARGV[10]), ARGV[11], ARGV[12]
 
 -- Counters add up in a Lua table and are written once per field at the end: a batch of
 -- 500 cases makes a handful of HINCRBY calls, not thousands.
@@ -28,33 +33,39 @@ end
 
 local loss_sums = {}
 local added, duplicates = 0, 0
-local i = 10
+local i = 13
 for c = 1, n_cases do
   local case_id, blob, score, version, loss_pct =
     ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
   local set = featureless
   if score ~= '' then set = cases end
   if redis.call('SADD', set, case_id) == 1 then
-    redis.call('SET', KEYS[8 + c], blob)
+    redis.call('SET', KEYS[10 + c], blob)
     if score ~= '' then
       redis.call('ZADD', queue, score, case_id)
     else
       count('cases_without_features', 1)
     end
-    count('trades', 1)
-    count('losses', 1)
     count('cases_added', 1)
-    count('model:' .. version .. ':trades', 1)
-    count('model:' .. version .. ':losses', 1)
-    local sum_field = 'model:' .. version .. ':loss_pct_sum'
-    loss_sums[sum_field] = (loss_sums[sum_field] or 0) + tonumber(loss_pct)
+    if ARGV[i + 6] == 'opportunity' then
+      count('skips', 1)
+      count('opportunities', 1)
+      count('model:' .. version .. ':skips', 1)
+    else
+      count('trades', 1)
+      count('losses', 1)
+      count('model:' .. version .. ':trades', 1)
+      count('model:' .. version .. ':losses', 1)
+      local sum_field = 'model:' .. version .. ':loss_pct_sum'
+      loss_sums[sum_field] = (loss_sums[sum_field] or 0) + tonumber(loss_pct)
+    end
     redis.call('XADD', events, 'MAXLEN', '~', events_maxlen, '*', unpack(cmsgpack.unpack(ARGV[i + 5])))
     added = added + 1
   else
     count('duplicates', 1)
     duplicates = duplicates + 1
   end
-  i = i + 6
+  i = i + 7
 end
 
 for _ = 1, n_dead do
@@ -68,6 +79,18 @@ for _ = 1, n_counters do
   count(ARGV[i], tonumber(ARGV[i + 1]))
   i = i + 2
 end
+
+-- Every outcome (win, loss or skip with features) feeds learning: the replay store, or
+-- the validation window when its trade is held out.
+for _ = 1, n_outcomes do
+  if ARGV[i + 1] == '1' then
+    redis.call('XADD', KEYS[10], 'MAXLEN', '~', validation_maxlen, '*', 'o', ARGV[i])
+  else
+    redis.call('XADD', KEYS[9], 'MAXLEN', '~', outcomes_maxlen, '*', 'o', ARGV[i])
+  end
+  i = i + 2
+end
+if n_outcomes > 0 then count('outcomes', n_outcomes) end
 
 for field, by in pairs(counts) do
   redis.call('HINCRBY', stats, field, by)

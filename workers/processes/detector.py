@@ -11,17 +11,25 @@ from dataclasses import dataclass
 
 import redis
 
-from negcase.processes.losses import negative_case, outcome_of
+from negcase.processes.losses import Assessment, assess_trade
 from negcase.runtime.logging import Progress
 from negcase.runtime.loop import BURST_POLL_S, WorkerLoop
 from negcase.runtime.metrics import DetectorMetrics
 from negcase.runtime.settings import Settings
 from negcase.runtime.shutdown import StopFlag
-from negcase.schemas.trade import TradeDefaults, TradeError, parse_trade, trade_id_hint
+from negcase.schemas.case import case_id_for
+from negcase.schemas.trade import (
+    TradeClosed,
+    TradeDefaults,
+    TradeError,
+    parse_trade,
+    trade_id_hint,
+)
 from negcase.store.archive import Archive
 from negcase.store.cases import Batch, CaseStore, DeadLetter, version_label
 from negcase.store.health import HealthKey
 from negcase.store.keys import DETECTOR_GROUP
+from negcase.store.queue import is_held_out
 from negcase.store.streams import (
     Entry,
     claim_abandoned,
@@ -147,6 +155,8 @@ class LossDetector:
             settings.events_maxlen,
             settings.dead_letters_maxlen,
             settings.trades_maxlen,
+            settings.outcomes_maxlen,
+            settings.validation_size,
         )
         totals = self.totals
         totals.entries += entry_count
@@ -178,8 +188,7 @@ class LossDetector:
             batch.handled_ids.append(entry_id)
             try:
                 trade = parse_trade(fields, self.defaults)
-                outcome = outcome_of(trade)
-                case = negative_case(trade, outcome, settings, now_ms) if outcome.is_loss else None
+                assessment = assess_trade(trade, settings, now_ms)
             except TradeError as error:
                 batch.dead_letters.append(
                     DeadLetter(entry_id, fields, error.field, error.reason, trade_id_hint(fields))
@@ -191,15 +200,25 @@ class LossDetector:
                 dead = DeadLetter(entry_id, fields, "entry", reason, trade_id_hint(fields))
                 batch.dead_letters.append(dead)
                 continue
-            if case is not None:
-                batch.add_case(case)
-            else:
-                self.totals.wins += 1
-                label = version_label(trade.model_version)
-                batch.count("trades")
-                batch.count("wins")
-                batch.count(f"model:{label}:trades")
+            self._add(batch, trade, assessment)
         return batch
+
+    def _add(self, batch: Batch, trade: TradeClosed, assessment: Assessment) -> None:
+        if assessment.outcome is not None:
+            held_out = is_held_out(case_id_for(trade.trade_id), self.settings.heldout_share)
+            batch.outcomes.append((assessment.outcome.to_msgpack(), held_out))
+        if assessment.case is not None:
+            batch.add_case(assessment.case)
+            return
+        label = version_label(trade.model_version)
+        if assessment.kind == "skip":
+            batch.count("skips")
+            batch.count(f"model:{label}:skips")
+            return
+        self.totals.wins += 1
+        batch.count("trades")
+        batch.count("wins")
+        batch.count(f"model:{label}:trades")
 
     def _read_new(self, block: bool) -> list[Entry]:
         reply = self.client.xreadgroup(

@@ -1,5 +1,6 @@
-"""Negative cases for training tests: built directly, stored through the detector's own
-batch write, with labels from a hidden rule a model can learn."""
+"""Training data for tests, with labels from a hidden rule a model can learn: negative cases
+built directly and stored through the detector's own batch write, or trade-close events
+that go through a real detector and become outcomes (wins, losses, skips) and cases."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ import random
 
 import redis
 
+from negcase.client.trades import publish_trades
+from negcase.processes.detector import LossDetector
 from negcase.runtime.settings import Settings
+from negcase.runtime.shutdown import StopFlag
 from negcase.schemas.case import ACTIONS, NegativeCase
 from negcase.sim.engine import synthetic_case
 from negcase.store.cases import CaseStore
@@ -58,6 +62,37 @@ def rule_cases(count: int, seed: int = 1, start: int = 0, **kwargs: object) -> l
     """`count` cases labelled by the hidden rule."""
     rng = random.Random(seed)
     return [make_case(start + n, random_features(rng), **kwargs) for n in range(count)]
+
+
+RULE_MOVE = {"BUY": 0.02, "SELL": -0.02, "HOLD": 0.0002}
+
+
+def rule_trades(count: int, seed: int = 1, prefix: str = "rt") -> list[dict[str, object]]:
+    """Decisions on a market that moves by the hidden rule (2 % its way, or next to nothing
+    where the rule says HOLD), taken on random sides: BUY, SELL, or a skip (side HOLD), so
+    wins, losses, right skips and missed opportunities all occur."""
+    rng = random.Random(seed)
+    trades = []
+    for n in range(count):
+        features = random_features(rng)
+        move = RULE_MOVE[hidden_rule(features)]
+        trades.append(
+            {
+                "trade_id": f"{prefix}-{seed}-{n}",
+                "symbol": "ETH/USDT",
+                "side": rng.choice(ACTIONS),
+                "entry_price": 100.0,
+                "exit_price": round(100.0 * (1 + move), 6),
+                "features": features,
+            }
+        )
+    return trades
+
+
+def detect(client: redis.Redis, settings: Settings, trades: list[dict[str, object]]) -> None:
+    """Publish trades and let a real (in-process) loss detector drain them."""
+    publish_trades(client, settings.keys, trades)
+    LossDetector(client, settings, "test-detector", None).run(StopFlag(), burst=True)
 
 
 def add_cases(client: redis.Redis, settings: Settings, cases: list[NegativeCase]) -> None:

@@ -274,8 +274,12 @@ class Trainer:
         case_before = measure(model, new)
         generator = torch.Generator().manual_seed(self.rng.getrandbits(63))
         if base_version is None:
-            # The first checkpoint: a model of every outcome so far, not of one case.
-            epochs = fit_history(model, history, settings.warm_start_epochs, should_stop, generator)
+            # The first checkpoint: a model of every outcome so far, not of one case (the
+            # claimed cases too: a producer may queue cases without reporting outcomes).
+            everything = history.plus(new)
+            epochs = fit_history(
+                model, everything, settings.warm_start_epochs, should_stop, generator
+            )
             early = False
         else:
             epochs, early = train_on_cases(

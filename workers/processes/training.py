@@ -73,6 +73,12 @@ class Examples:
             torch.tensor([label for _, label in rows], dtype=torch.long),
         )
 
+    def plus(self, other: Examples) -> Examples:
+        """These examples followed by `other`'s."""
+        return Examples(
+            torch.cat([self.features, other.features]), torch.cat([self.labels, other.labels])
+        )
+
     def __len__(self) -> int:
         return len(self.labels)
 

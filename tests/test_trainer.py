@@ -4,22 +4,34 @@ lineage commands. Conservation is checked after each story."""
 
 from __future__ import annotations
 
+import random
 import signal
 import subprocess
 import time
+from collections import Counter
 
 import orjson
 import pytest
 import redis
 
+from negcase.client.predictor import Predictor
+from negcase.client.trades import publish_trades
 from negcase.processes.trainer import Trainer
 from negcase.runtime.settings import Settings
 from negcase.runtime.shutdown import StopFlag
 from negcase.store.archive import Archive
+from negcase.store.cases import CaseStore
 from negcase.store.checkpoints import CheckpointRegistry
 from negcase.store.queue import is_held_out
 from tests.conftest import wait_until, worker_env
-from tests.training_cases import add_cases, assert_conserved, make_case, rule_cases
+from tests.training_cases import (
+    add_cases,
+    assert_conserved,
+    make_case,
+    random_features,
+    rule_cases,
+    rule_trades,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -31,8 +43,8 @@ def trainer_env(settings: Settings, lease_s: float, **extra: str) -> dict[str, s
     return worker_env(
         settings,
         NEGCASE_LEASE_S=str(lease_s),
-        NEGCASE_REPLAY_SIZE="16",
-        NEGCASE_HELDOUT_SIZE="8",
+        # These stories queue cases directly, with no outcomes: train on them at once.
+        NEGCASE_MIN_OUTCOMES="0",
         **extra,
     )
 
@@ -247,3 +259,39 @@ def test_a_redis_socket_timeout_is_waited_out_like_a_lost_connection(
     # then it backed off and, once Redis answered again, trained every case
     assert sum(outcomes.values()) == 3
     assert assert_conserved(client, settings)["done"] == 3
+
+
+def test_one_losing_trade_labelled_hold_cannot_stop_learning(client, settings, spawn) -> None:
+    """The HOLD dead end: a first model trained on one loss labelled HOLD answered HOLD to
+    every input, the engine following it never traded again, and learning stopped for good.
+    Given that one loss (a move too small to pay at leverage 10), when a detector and a
+    trainer run, then no checkpoint is made from it: the engine keeps its own rule. And once
+    enough decisions (skips included) have been reported, the first model is a model of the
+    market: it does not answer HOLD to everything."""
+    env = worker_env(settings, NEGCASE_MIN_OUTCOMES="60")
+    one = {
+        "trade_id": "fx-1",
+        "symbol": "EUR/USD",
+        "side": "BUY",
+        "entry_price": 1.07219,
+        "exit_price": 1.07159,
+        "leverage": 10,
+        "fee_rate": 0.0002,
+        "features": [0.1] * 8,
+    }
+    publish_trades(client, settings.keys, [one])
+    finish(spawn("detect", "--burst", env=env))
+    [case_id] = [i.decode() for i in client.smembers(settings.keys.cases)]
+    assert CaseStore(client, settings.keys).get(case_id).what_should_have_been_done == "HOLD"
+    finish(spawn("train", "--burst", env=env))
+    assert CheckpointRegistry(client, settings.keys).latest_version() is None
+
+    publish_trades(client, settings.keys, rule_trades(100, seed=7))
+    finish(spawn("detect", "--burst", env=env))
+    finish(spawn("train", "--burst", "--batch-size", "16", env=env), timeout_s=240)
+
+    rng = random.Random(0)
+    with Predictor(client, settings) as predictor:
+        answers = Counter(predictor.predict(random_features(rng)).action for _ in range(1000))
+    assert answers["HOLD"] < 1000, answers
+    assert answers["BUY"] > 0 and answers["SELL"] > 0, answers

@@ -4,19 +4,19 @@ its market rather than with nothing (or with a constant policy learnt from one c
 from __future__ import annotations
 
 import argparse
-import logging
-import random
 from pathlib import Path
 
 import orjson
-import torch
 
-from negcase.cli.options import CommandError, common_options, redis_client, settings_from
+from negcase.cli.options import (
+    CommandError,
+    archive_options,
+    connection_options,
+    redis_client,
+    settings_from,
+)
 from negcase.cli.publish import read_json_lines
 from negcase.processes.losses import assess_trade
-from negcase.processes.model import build_model, spec_from_settings, state_of
-from negcase.processes.publishing import PublishResult, publish_update
-from negcase.processes.training import Examples, Update, fit_history
 from negcase.runtime.settings import Settings
 from negcase.schemas.case import case_id_for
 from negcase.schemas.outcome import Outcome
@@ -25,14 +25,12 @@ from negcase.store.archive import Archive
 from negcase.store.checkpoints import CheckpointRegistry
 from negcase.store.queue import is_held_out
 
-log = logging.getLogger(__name__)
-
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add `negcase bootstrap`."""
     parser = sub.add_parser(
         "bootstrap",
-        parents=[common_options()],
+        parents=[connection_options(), archive_options()],
         help="train and publish a first model from a file of past trades and skipped decisions",
         description=(
             "Read trade-close events (TradeClosed, one JSON object per line, skipped decisions "
@@ -56,6 +54,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run_bootstrap(args: argparse.Namespace) -> int:
     """Train on the file's outcomes and publish, or say why not."""
+    from negcase.processes.bootstrap import bootstrap_model
+
     settings = settings_from(args)
     history, window = read_outcomes(args.trades, settings)
     if len(history) == 0:
@@ -111,29 +111,3 @@ def read_outcomes(path: Path, settings: Settings) -> tuple[list[Outcome], list[O
     except OSError as error:
         raise CommandError(f"{path}: {error.strerror}") from None
     return history, window
-
-
-def bootstrap_model(
-    registry: CheckpointRegistry,
-    settings: Settings,
-    history: list[Outcome],
-    window: list[Outcome],
-) -> PublishResult:
-    """The warm start on `history`, gated on `window` and published; the PublishResult."""
-    spec = spec_from_settings(settings)
-    torch.manual_seed(settings.seed)
-    model = build_model(spec)
-    initial = state_of(model)
-    generator = torch.Generator().manual_seed(random.Random(settings.seed).getrandbits(63))
-    examples = Examples.of_outcomes(history, settings.feature_count)
-    fit_history(model, examples, settings.warm_start_epochs, lambda: False, generator)
-    meta = {
-        "feature_count": settings.feature_count,
-        "model_spec": spec.to_dict(),
-        "case_ids": [],
-        "metrics": {"bootstrap_outcomes": len(history), "warm_start": True},
-    }
-    update = Update(None, initial, state_of(model))
-    return publish_update(
-        registry, update, build_model(spec), settings.feature_count, window, meta, (), "bootstrap"
-    )

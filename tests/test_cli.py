@@ -230,6 +230,7 @@ def test_one_flag_name_per_concept_and_only_the_flags_a_command_uses():
         "checkpoints",
         "rollback",
         "predict",
+        "bootstrap",
         "demo",
         "config",
         "bench ingest",

@@ -61,8 +61,7 @@ def test_outcomes_make_a_first_model_of_the_market_and_sessions_build_on_it(
     outcomes = trained(client, settings).outcomes
 
     # then the first checkpoint was a warm start on every outcome, and it learnt the rule
-    registry = CheckpointRegistry(client, settings.keys)
-    first = registry.fetch(1)
+    first = CheckpointRegistry(client, settings.keys, Archive(settings.data_dir)).fetch_anywhere(1)
     assert first.meta["metrics"]["warm_start"] is True
     assert first.meta["metrics"]["replay_count"] > 400
     after = measure(latest_model(client, settings), unseen)

@@ -43,8 +43,10 @@ def trainer_env(settings: Settings, lease_s: float, **extra: str) -> dict[str, s
     return worker_env(
         settings,
         NEGCASE_LEASE_S=str(lease_s),
-        # These stories queue cases directly, with no outcomes: train on them at once.
+        # These stories queue cases directly, with no outcomes: train on them at once, and
+        # keep every version so that a lineage can be read whole.
         NEGCASE_MIN_OUTCOMES="0",
+        NEGCASE_KEEP_CHECKPOINTS="100",
         **extra,
     )
 
@@ -99,7 +101,12 @@ def test_a_killed_trainers_case_is_reclaimed_after_its_lease(client, settings, s
         "train",
         "--consumer",
         "victim",
-        env=trainer_env(settings, 1.0, NEGCASE_EARLY_STOP_PATIENCE="0"),
+        env=trainer_env(
+            settings,
+            1.0,
+            NEGCASE_EARLY_STOP_PATIENCE="0",
+            NEGCASE_WARM_START_EPOCHS=str(ENDLESS_EPOCHS),
+        ),
     )
     wait_training_started(client, settings)
     victim.send_signal(signal.SIGKILL)
@@ -121,7 +128,12 @@ def test_a_trainer_paused_past_its_lease_can_neither_publish_nor_ack(
         "train",
         "--consumer",
         "paused",
-        env=trainer_env(settings, 1.0, NEGCASE_EARLY_STOP_PATIENCE="0"),
+        env=trainer_env(
+            settings,
+            1.0,
+            NEGCASE_EARLY_STOP_PATIENCE="0",
+            NEGCASE_WARM_START_EPOCHS=str(ENDLESS_EPOCHS),
+        ),
     )
     wait_training_started(client, settings)
     paused.send_signal(signal.SIGSTOP)
@@ -163,7 +175,15 @@ def test_a_case_that_always_fails_ends_dead_while_others_flow(client, settings, 
 def test_sigterm_hands_the_case_back_without_counting_an_attempt(client, settings, spawn) -> None:
     case = make_case(1, [1.0] * 8, epochs=ENDLESS_EPOCHS)
     add_cases(client, settings, [case])
-    trainer = spawn("train", env=trainer_env(settings, 5.0, NEGCASE_EARLY_STOP_PATIENCE="0"))
+    trainer = spawn(
+        "train",
+        env=trainer_env(
+            settings,
+            5.0,
+            NEGCASE_EARLY_STOP_PATIENCE="0",
+            NEGCASE_WARM_START_EPOCHS=str(ENDLESS_EPOCHS),
+        ),
+    )
     wait_training_started(client, settings)
 
     trainer.send_signal(signal.SIGTERM)
@@ -189,7 +209,8 @@ def test_retrain_all_from_archive_restores_and_queues_every_case(client, setting
 
 def test_rollback_and_checkpoints_commands(client, settings, spawn) -> None:
     add_cases(client, settings, rule_cases(2, epochs=20))
-    lenient = settings.with_overrides(gate_tolerance=1000.0)  # publish both
+    # no outcomes, so no validation window: nothing to judge by, both publish
+    lenient = settings.with_overrides(min_outcomes=0)
     Trainer(client, lenient, "t1", Archive(settings.data_dir)).run(StopFlag(), burst=True)
     registry = CheckpointRegistry(client, settings.keys)
     assert registry.latest_version() == 2
@@ -221,7 +242,13 @@ def test_a_trainer_busy_longer_than_its_health_ttl_stays_healthy(client, setting
         "train",
         "--consumer",
         "busy",
-        env=trainer_env(settings, 30.0, NEGCASE_EARLY_STOP_PATIENCE="0", NEGCASE_HEALTH_TTL_S="2"),
+        env=trainer_env(
+            settings,
+            30.0,
+            NEGCASE_EARLY_STOP_PATIENCE="0",
+            NEGCASE_WARM_START_EPOCHS=str(ENDLESS_EPOCHS),
+            NEGCASE_HEALTH_TTL_S="2",
+        ),
     )
     wait_training_started(client, settings)
     [started] = events(client, settings, "training_started")
@@ -250,7 +277,8 @@ def test_a_redis_socket_timeout_is_waited_out_like_a_lost_connection(
     # given a trainer whose client gives up on a silent socket after 0.2 s, and cases to train
     add_cases(client, settings, rule_cases(3, epochs=20))
     impatient = redis.Redis.from_url(redis_url, socket_timeout=0.2)
-    trainer = Trainer(impatient, settings, "t1", Archive(settings.data_dir))
+    eager = settings.with_overrides(min_outcomes=0)
+    trainer = Trainer(impatient, eager, "t1", Archive(settings.data_dir))
 
     # when Redis stops answering for a while (every client paused) as the trainer starts
     client.execute_command("CLIENT", "PAUSE", 1500, "ALL")

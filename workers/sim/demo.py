@@ -54,6 +54,8 @@ TICK_S = 0.25
 HELD_OUT_PER_REGIME = 400
 # A model's live loss rate is shown once it has made this many trades.
 MIN_TRADES_FOR_RATE = 20
+# The first checkpoint: the trainers' warm start, once NEGCASE_MIN_OUTCOMES decisions exist.
+FIRST_VERSION = 1
 # The demo's own namespace: its synthetic trades, cases and models never mix with real ones.
 DEMO_NAMESPACE = "negcase-demo"
 # Keys that only exist once negcase has worked in a namespace.
@@ -111,39 +113,6 @@ def claim_namespace(client: redis.Redis, keys: Keys) -> bool:
     return earlier_demo
 
 
-def publish_first_model(client: redis.Redis, settings: Settings) -> int:
-    """Publish the seeded initial weights as the first checkpoint unless one exists, so the
-    engine gets signals from its first trade; trainers start from the same weights."""
-    import torch
-
-    from negcase.processes.model import (
-        build_model,
-        sha256_hex,
-        spec_from_settings,
-        state_of,
-        weights_bytes,
-    )
-
-    archive = Archive(settings.data_dir)
-    registry = CheckpointRegistry(
-        client, settings.keys, archive, settings.keep_checkpoints, acks=settings.replica_acks
-    )
-    with registry.publish_lock():
-        latest = registry.latest_version()
-        if latest is not None:
-            return latest
-        spec = spec_from_settings(settings)
-        torch.manual_seed(settings.seed)
-        weights = weights_bytes(state_of(build_model(spec)))
-        meta = {
-            "feature_count": settings.feature_count,
-            "model_spec": spec.to_dict(),
-            "case_ids": [],
-            "metrics": {"note": "seeded initial weights, before any training"},
-        }
-        return registry.publish(weights, sha256_hex(weights), meta, None, trainer="demo")
-
-
 @dataclass
 class EventTally:
     """Counts of what happened, read incrementally from `<ns>:events`."""
@@ -177,7 +146,9 @@ class EventTally:
 
 @dataclass
 class TradingEngine:
-    """The demo's trading engine: a signal before each trade, then the trade-close event."""
+    """The demo's trading engine: a signal before each decision, then its trade-close event
+    (a skip is reported too, as side HOLD with the market's move). Its own rule, used while
+    there is no checkpoint or the model has no opinion, is a coin flip."""
 
     client: redis.Redis
     settings: Settings
@@ -185,10 +156,11 @@ class TradingEngine:
     signals: SignalClient
     trades: int = 0
     holds: int = 0
+    by_own_rule: int = 0
     failed_signals: int = 0
 
     def trade(self, count: int) -> None:
-        """Open and close `count` positions (or hold), publishing the events in one pipeline."""
+        """Decide `count` times and publish every decision's event in one pipeline."""
         closed = []
         for _ in range(count):
             situation = self.engine.market.situation()
@@ -205,15 +177,23 @@ class TradingEngine:
 
         try:
             signal = self.signals.request(situation.features, timeout_s=5.0)
-        except (SignalTimeout, SignalRequestError) as error:
-            # A real engine falls back to its own rule; this one stays out of the market.
+        except SignalRequestError as error:
+            if error.field != "model":
+                raise
+            return self._own_rule(), None  # no checkpoint yet
+        except SignalTimeout as error:
             self.failed_signals += 1
             log.warning("signal request failed: %s", error)
             return None
+        if not signal.opinion:
+            return self._own_rule(), signal.model_version
         if signal.action == "HOLD":
             self.holds += 1
-            return None
         return signal.action, signal.model_version
+
+    def _own_rule(self) -> str:
+        self.by_own_rule += 1
+        return "BUY" if self.engine.market.rng.random() < 0.5 else "SELL"
 
 
 def held_out_loss_rate(
@@ -353,6 +333,9 @@ def summarize(
         "duration_s": round(duration_s, 1),
         "trades_published": trading.trades,
         "holds": trading.holds,
+        "decided_by_own_rule": trading.by_own_rule,
+        "skips": counters.get("skips", 0),
+        "missed_opportunities": counters.get("opportunities", 0),
         "signal_requests_failed": trading.failed_signals,
         "trades_valid": counters.get("trades", 0),
         "wins": counters.get("wins", 0),
@@ -377,7 +360,9 @@ def render_summary(summary: dict[str, Any]) -> str:
     held, live = summary["loss_rate_held_out"], summary["loss_rate_live"]
     by_priority = ", ".join(f"P{p} {n}" for p, n in summary["cases_by_priority"].items())
 
-    def held_text(row: dict[str, Any]) -> str:
+    def held_text(row: dict[str, Any] | None) -> str:
+        if row is None:
+            return "none (no checkpoint)"
         rate = "n/a" if row["loss_rate"] is None else f"{row['loss_rate']:.1%}"
         return f"v{row['version']} {rate} ({row['trades']} of {row['situations']} traded)"
 
@@ -385,13 +370,15 @@ def render_summary(summary: dict[str, Any]) -> str:
         [
             f"summary after {summary['duration_s']} s",
             f"  trades            {summary['trades_published']} published "
-            f"({summary['wins']} wins, {summary['losses']} losses), {summary['holds']} holds, "
+            f"({summary['wins']} wins, {summary['losses']} losses), {summary['holds']} holds "
+            f"({summary['missed_opportunities']} missed a move), "
+            f"{summary['decided_by_own_rule']} by the engine's own rule, "
             f"{summary['signal_requests_failed']} failed signal requests",
             f"  negative cases    {by_priority}",
             "  case queue        " + ", ".join(f"{n} {k}" for k, n in summary["cases"].items()),
             "  training sessions "
             + (", ".join(f"{n} {k}" for k, n in summary["training_sessions"].items()) or "none"),
-            f"  checkpoints       latest v{summary['latest_checkpoint']}, "
+            f"  checkpoints       latest v{summary['latest_checkpoint'] or '-'}, "
             f"{summary['reloads']} reloads by the inference worker",
             f"  dead letters      {summary['dead_letters']} malformed events, each with a reason",
             f"  loss rate, held-out situations: first {held_text(held['first'])} -> latest "
@@ -456,7 +443,6 @@ def run_demo(args: argparse.Namespace) -> int:
             f"{settings.namespace}{' (an earlier demo cleared)' if cleared else ''}, archive "
             f"{settings.data_dir}"
         )
-        first_version = publish_first_model(client, settings)
         supervisor = Supervisor(settings, settings.data_dir / "logs")
         run_id = time.strftime("%Y%m%d%H%M%S")
         market = Market(feature_count=settings.feature_count, seed=args.seed)
@@ -485,7 +471,7 @@ def run_demo(args: argparse.Namespace) -> int:
                     tally.update(client)
                     status = gather_status(client, settings.keys)
                     screen.show(
-                        live_view(elapsed, args.duration, trading, tally, status, first_version)
+                        live_view(elapsed, args.duration, trading, tally, status, FIRST_VERSION)
                     )
                     next_view_s += 1.0
             wait_for_detector(client, settings, timeout_s=15.0)
@@ -498,13 +484,12 @@ def run_demo(args: argparse.Namespace) -> int:
         status = gather_status(client, settings.keys)
         registry = CheckpointRegistry(client, settings.keys, Archive(settings.data_dir))
         situations = held_out_situations(args.seed, settings.feature_count, HELD_OUT_PER_REGIME)
+        latest = status["latest_checkpoint"]
         held_out = {
-            "first": held_out_loss_rate(registry, first_version, situations, settings),
-            "latest": held_out_loss_rate(
-                registry, status["latest_checkpoint"], situations, settings
-            ),
+            "first": latest and held_out_loss_rate(registry, FIRST_VERSION, situations, settings),
+            "latest": latest and held_out_loss_rate(registry, latest, situations, settings),
         }
-        summary = summarize(status, trading, tally, held_out, first_version, duration_s, exit_codes)
+        summary = summarize(status, trading, tally, held_out, FIRST_VERSION, duration_s, exit_codes)
         print(
             orjson.dumps(summary, option=orjson.OPT_INDENT_2).decode()
             if args.json

@@ -63,9 +63,15 @@ def test_the_demo_learns_from_its_losses_and_stops_everything(tmp_path):
     cases = summary["cases"]
     assert cases["queued"] + cases["leased"] + cases["done"] + cases["dead"] == cases["total"]
     assert set(summary["worker_exit_codes"].values()) == {0}
-    # the latest model loses less often than the first on the fixed held-out situations
+    # on the fixed held-out situations, the first model (a warm start on the first decisions)
+    # already loses far less often than the engine's own rule, and the latest keeps that
+    # (1,200 situations: a standard error of about one point)
     held_out = summary["loss_rate_held_out"]
-    assert held_out["latest"]["loss_rate"] < held_out["first"]["loss_rate"]
+    own, first, latest = (held_out[k]["loss_rate"] for k in ("own_rule", "first", "latest"))
+    assert latest < own - 0.15 and first < own - 0.15, held_out
+    assert latest <= first + 0.03, held_out
+    # decisions not to trade were reported, and some had missed a move
+    assert summary["skips"] > 0 and summary["missed_opportunities"] > 0
     # and the archive is left behind
     assert any((tmp_path / "negative" / "cases").iterdir())
     assert (tmp_path / "negative" / "case_index.json").exists()
@@ -178,6 +184,8 @@ def test_the_summary_reads_as_words():
         "wins": 600,
         "losses": 350,
         "holds": 50,
+        "missed_opportunities": 20,
+        "decided_by_own_rule": 200,
         "signal_requests_failed": 0,
         "cases_by_priority": {"5": 1, "4": 2, "3": 3, "2": 4, "1": 5},
         "cases": {"total": 15, "queued": 1, "leased": 2, "done": 12, "dead": 0},
@@ -185,7 +193,11 @@ def test_the_summary_reads_as_words():
         "latest_checkpoint": 4,
         "reloads": 3,
         "dead_letters": 9,
-        "loss_rate_held_out": {"first": held, "latest": held},
+        "loss_rate_held_out": {
+            "own_rule": {**held, "version": None},
+            "first": held,
+            "latest": held,
+        },
         "loss_rate_live": {"first": None, "latest": None},
         "worker_exit_codes": {"detector": 0, "trainer-1": 0, "trainer-2": 0, "inference": 0},
     }

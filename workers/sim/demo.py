@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import logging
 import os
+import random
 import shutil
 import socket
 import sys
@@ -148,7 +149,8 @@ class EventTally:
 class TradingEngine:
     """The demo's trading engine: a signal before each decision, then its trade-close event
     (a skip is reported too, as side HOLD with the market's move). Its own rule, used while
-    there is no checkpoint or the model has no opinion, is a coin flip."""
+    there is no checkpoint or the model has no opinion, is a three-sided die: BUY, SELL or
+    stay out."""
 
     client: redis.Redis
     settings: Settings
@@ -193,7 +195,10 @@ class TradingEngine:
 
     def _own_rule(self) -> str:
         self.by_own_rule += 1
-        return "BUY" if self.engine.market.rng.random() < 0.5 else "SELL"
+        side = ACTIONS[int(self.engine.market.rng.integers(3))]
+        if side == "HOLD":
+            self.holds += 1
+        return side
 
 
 def held_out_loss_rate(
@@ -225,6 +230,24 @@ def held_out_loss_rate(
         "trades": trades,
         "losses": losses,
         "loss_rate": round(losses / trades, 4) if trades else None,
+    }
+
+
+def own_rule_loss_rate(situations: list[Situation], seed: int) -> dict[str, Any]:
+    """The engine's own rule (a three-sided die) on the held-out situations: where it
+    stands without negcase."""
+    from negcase.sim.engine import pnl_pct
+
+    rng = random.Random(seed)
+    sides = [ACTIONS[rng.randrange(3)] for _ in situations]
+    traded = [(side, s) for side, s in zip(sides, situations, strict=True) if side != "HOLD"]
+    losses = sum(pnl_pct(side, s.move_pct) < 0 for side, s in traded)
+    return {
+        "version": None,
+        "situations": len(situations),
+        "trades": len(traded),
+        "losses": losses,
+        "loss_rate": round(losses / len(traded), 4),
     }
 
 
@@ -364,7 +387,8 @@ def render_summary(summary: dict[str, Any]) -> str:
         if row is None:
             return "none (no checkpoint)"
         rate = "n/a" if row["loss_rate"] is None else f"{row['loss_rate']:.1%}"
-        return f"v{row['version']} {rate} ({row['trades']} of {row['situations']} traded)"
+        name = "own rule" if row["version"] is None else f"v{row['version']}"
+        return f"{name} {rate} ({row['trades']} of {row['situations']} traded)"
 
     return "\n".join(
         [
@@ -381,8 +405,8 @@ def render_summary(summary: dict[str, Any]) -> str:
             f"  checkpoints       latest v{summary['latest_checkpoint'] or '-'}, "
             f"{summary['reloads']} reloads by the inference worker",
             f"  dead letters      {summary['dead_letters']} malformed events, each with a reason",
-            f"  loss rate, held-out situations: first {held_text(held['first'])} -> latest "
-            f"{held_text(held['latest'])}",
+            f"  loss rate, held-out situations: {held_text(held['own_rule'])} -> first "
+            f"{held_text(held['first'])} -> latest {held_text(held['latest'])}",
             "  loss rate, the engine's own trades: "
             + _rate_text("first", live["first"])
             + " -> "
@@ -486,6 +510,7 @@ def run_demo(args: argparse.Namespace) -> int:
         situations = held_out_situations(args.seed, settings.feature_count, HELD_OUT_PER_REGIME)
         latest = status["latest_checkpoint"]
         held_out = {
+            "own_rule": own_rule_loss_rate(situations, args.seed),
             "first": latest and held_out_loss_rate(registry, FIRST_VERSION, situations, settings),
             "latest": latest and held_out_loss_rate(registry, latest, situations, settings),
         }
@@ -531,11 +556,9 @@ def wait_for_signals(
     feature_count: int,
     supervisor: Supervisor,
     timeout_s: float,
-    need_model: bool = True,
 ) -> None:
-    """Block until the inference worker answers (with a signal, or, unless `need_model`,
-    with the error reply that says no checkpoint exists yet), so no trade waits on a
-    worker's start-up."""
+    """Block until the inference worker answers (with a signal, or with the error reply that
+    says no checkpoint exists yet), so no trade waits on a worker's start-up."""
     from negcase.client.signal_client import SignalTimeout
     from negcase.schemas.signal import SignalRequestError
 
@@ -545,12 +568,11 @@ def wait_for_signals(
             raise CommandError(f"a worker exited early: {crashed} (logs in {supervisor.log_dir})")
         try:
             signals.request([0.0] * feature_count, timeout_s=1.0)
-            return
         except SignalTimeout:
             continue
         except SignalRequestError:
-            if not need_model:
-                return
+            pass  # an error reply ("no checkpoint yet") is an answer too
+        return
     raise CommandError(f"the inference worker did not answer within {timeout_s:.0f} s")
 
 

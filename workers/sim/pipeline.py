@@ -75,9 +75,7 @@ class Pipeline:
         # would make a session depend on how many cases arrived before a claim.
         start_workers(self.supervisor, "backtest", trainers, batch=1)
         feature_count = self.settings.feature_count
-        wait_for_signals(
-            self.signals, feature_count, self.supervisor, STARTUP_TIMEOUT_S, need_model=False
-        )
+        wait_for_signals(self.signals, feature_count, self.supervisor, STARTUP_TIMEOUT_S)
         self._wait_for(self._detector_group, STARTUP_TIMEOUT_S, "the detector to start")
 
     def publish(self, trade: dict[str, Any]) -> None:

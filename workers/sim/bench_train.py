@@ -25,13 +25,14 @@ from negcase.processes.trainer import Trainer
 from negcase.runtime.settings import Settings
 from negcase.runtime.shutdown import StopFlag
 from negcase.schemas.case import ACTIONS, NegativeCase
+from negcase.schemas.outcome import Outcome
 from negcase.sim.bench_support import bench_redis, drop_namespace
 from negcase.sim.engine import synthetic_case
 from negcase.sim.supervisor import worker_environment
 from negcase.store.archive import Archive
-from negcase.store.cases import CaseStore
+from negcase.store.cases import Batch, CaseStore
 from negcase.store.connection import connect
-from negcase.store.queue import CaseQueue, is_held_out
+from negcase.store.queue import is_held_out
 
 ROOT = Path(__file__).resolve().parent.parent
 PRIORITY_LOSS_PCT = {1: 0.5, 2: 1.5, 3: 3.0, 4: 7.0, 5: 15.0}
@@ -60,16 +61,39 @@ def add_cases(client: redis.Redis, settings: Settings, cases: list[NegativeCase]
     CaseStore(client, settings.keys).add(cases, "bench")
 
 
+def add_outcomes(client: redis.Redis, settings: Settings, count: int) -> None:
+    """Record `count` decisions (the bench cases' features and labels) as outcomes, through
+    the detector's batch write: the replay store and validation window sessions draw on."""
+    batch = Batch()
+    for n in range(count):
+        case = bench_case(1_000_000 + n, 1, 1, settings.feature_count)
+        move = 0.01 if case.what_should_have_been_done == "BUY" else -0.01
+        outcome = Outcome(
+            case.trade_id,
+            "win",
+            "BUY",
+            case.what_should_have_been_done,
+            move,
+            0.0,
+            1.0,
+            case.features,
+            case.created_at_ms,
+        )
+        batch.outcomes.append((outcome.to_msgpack(), n % 10 == 0))
+    CaseStore(client, settings.keys).record_batch(
+        batch, "bench", 1000, 1000, 0, settings.outcomes_maxlen, settings.validation_size
+    )
+
+
 def session_times(settings: Settings, history: int) -> dict[int, dict[str, float]]:
     """Seconds for one session per priority, early stop off (every planned epoch runs), on a
-    store that already holds `history` trained cases to replay and hold out."""
+    store that already holds `history` outcomes to replay and judge by. The first session
+    (the warm start, not timed) makes the checkpoint the timed ones build on."""
     torch.set_num_threads(1)
     client = connect(settings.redis_url or "")
     fc = settings.feature_count
-    add_cases(client, settings, [bench_case(n, 1, 1, fc) for n in range(history)])
-    queue = CaseQueue(client, settings.keys)
-    queue.ack(queue.claim("bench", history))
-    full = settings.with_overrides(early_stop_patience=0)
+    add_outcomes(client, settings, history)
+    full = settings.with_overrides(early_stop_patience=0, min_outcomes=0)
     trainer = Trainer(client, full, "bench", Archive(settings.data_dir))
     results = {}
     # Timed cases must be trainable: a held-out case is never claimed for training.
@@ -104,7 +128,12 @@ def drain_rate(settings: Settings, trainers: int, cases: int, epochs: int) -> di
     add_cases(
         client, settings, [bench_case(n, 3, epochs, settings.feature_count) for n in range(cases)]
     )
-    env = {**worker_environment(settings), "NEGCASE_EARLY_STOP_PATIENCE": "0"}
+    add_outcomes(client, settings, 200)
+    env = {
+        **worker_environment(settings),
+        "NEGCASE_EARLY_STOP_PATIENCE": "0",
+        "NEGCASE_MIN_OUTCOMES": "0",
+    }
     processes = [
         subprocess.Popen(
             [sys.executable, "-m", "negcase", "train", "--burst"],

@@ -28,10 +28,11 @@ ROWS = ["control rule", "first checkpoint", "latest checkpoint", "offline model"
 
 
 def backtest_env() -> dict[str, str]:
-    """The user's environment without NEGCASE_* settings, and short training sessions (a
-    tenth of the epochs) so a slice runs in seconds."""
+    """The user's environment without NEGCASE_* settings, short training sessions (a tenth
+    of the epochs) so a slice runs in seconds, and a first checkpoint after 20 decisions (a
+    slice has a few dozen)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("NEGCASE_")}
-    return {**env, "NEGCASE_EPOCH_MULTIPLIER": "0.1"}
+    return {**env, "NEGCASE_EPOCH_MULTIPLIER": "0.1", "NEGCASE_MIN_OUTCOMES": "20"}
 
 
 def backtest(*args: str | Path, **settings: str) -> subprocess.Popen[str]:
@@ -113,12 +114,9 @@ def test_one_trainer_and_one_seed_print_the_same_table_twice(tmp_path):
     # given a slice of real bars
     bars = tmp_path / "sp500.csv"
     bars.write_text(sp500_csv(300, start=1000))
-    # when two runs with one trainer and the same seed go side by side, each on its own Redis,
-    # replaying a sample of 8 earlier cases (fewer than there are: the draw matters)
-    runs = [
-        backtest("--bars", bars, "--trainers", "1", "--seed", "5", replay_size="8")
-        for _ in range(2)
-    ]
+    # when two runs with one trainer and the same seed go side by side, each on its own Redis
+    # (every session draws seeded replay batches from the outcomes: the draws matter)
+    runs = [backtest("--bars", bars, "--trainers", "1", "--seed", "5") for _ in range(2)]
     first, second = (finished(run) for run in runs)
     # then they print the same table, to the last digit, after learning something
     assert first == second

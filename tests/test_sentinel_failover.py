@@ -34,9 +34,9 @@ FEATURES = [0.3, -0.2, 0.1, 0.4, -0.5, 0.6, 0.0, 0.2]
 DURABLE = {"NEGCASE_MIN_REPLICA_ACKS": "1", "NEGCASE_REPLICA_ACK_TIMEOUT_MS": "1000"}
 FAST_TRAINING = {
     "NEGCASE_EPOCH_MULTIPLIER": "0.05",
-    "NEGCASE_REPLAY_SIZE": "16",
-    "NEGCASE_HELDOUT_SIZE": "8",
-    "NEGCASE_GATE_TOLERANCE": "1000",  # every update publishes: versions are what we check
+    # No validation window and no minimum of outcomes: every session publishes, at once.
+    "NEGCASE_HELDOUT_SHARE": "0",
+    "NEGCASE_MIN_OUTCOMES": "0",
     "NEGCASE_LEASE_S": "5",
 }
 

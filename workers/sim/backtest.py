@@ -30,7 +30,7 @@ from negcase.client.predictor import Predictor
 from negcase.processes.model import spec_from_settings
 from negcase.processes.reloader import LoadedModel
 from negcase.runtime.settings import Settings
-from negcase.schemas.signal import signal_from_probabilities
+from negcase.schemas.signal import Signal, signal_from_probabilities
 from negcase.sim.bars import Bars, read_bars
 from negcase.sim.bench_support import drop_namespace
 from negcase.sim.demo import EventTally, demo_redis
@@ -317,25 +317,31 @@ def held_out_outcomes(
         ]
         return Outcomes(name, version, sides, np.array([np.nan if p is None else p for p in pnl]))
 
+    control = tuple(control_side(bars, t) for t in plan.held_out)
+
+    def served(signals: list[Signal]) -> tuple[str, ...]:
+        # As an engine uses a model: its action where it has an opinion, its own rule elsewhere.
+        return tuple(s.action if s.opinion else c for s, c in zip(signals, control, strict=True))
+
     def checkpoint(name: str, version: int | None) -> Outcomes:
         if version is None:
             return Outcomes(name, None, (), np.zeros(0))
         with Predictor(client, settings, name=f"backtest-v{version}", version=version) as pinned:
-            return outcomes(name, version, tuple(pinned.predict(row).action for row in rows))
+            return outcomes(name, version, served([pinned.predict(row) for row in rows]))
 
     return [
-        outcomes(CONTROL, None, tuple(control_side(bars, t) for t in plan.held_out)),
+        outcomes(CONTROL, None, control),
         checkpoint(FIRST, first),
         checkpoint(LATEST, latest),
-        outcomes(OFFLINE, None, offline_sides(settings, market, seed, rows)),
+        outcomes(OFFLINE, None, served(offline_signals(settings, market, seed, rows))),
         outcomes(ALWAYS_BUY, None, ("BUY",) * len(plan.held_out)),
     ]
 
 
-def offline_sides(
+def offline_signals(
     settings: Settings, market: Market, seed: int, held_out_rows: np.ndarray
-) -> tuple[str, ...]:
-    """The offline model's side at each held-out decision, after training it on every bar
+) -> list[Signal]:
+    """The offline model's signal at each held-out decision, after training it on every bar
     of the train part whose position closes within it."""
     # One thread: the same sums in the same order on any machine, so the model reproduces.
     torch.set_num_threads(1)
@@ -345,8 +351,10 @@ def offline_sides(
         spec_from_settings(settings),
         market.features.rows[bars_],
         [best_action(market.bars, t, terms) for t in bars_],
-        settings.learning_rate,
         seed,
     )
     probabilities = LoadedModel(0, model).probabilities(held_out_rows.astype(np.float32))
-    return tuple(signal_from_probabilities(row, 0).action for row in probabilities.tolist())
+    return [
+        signal_from_probabilities(row, 0, min_confidence=settings.min_confidence)
+        for row in probabilities.tolist()
+    ]

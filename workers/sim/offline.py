@@ -2,7 +2,7 @@
 the checkpoints, trained once by plain supervised learning on every bar of the train part
 (not only the losing trades), each labelled with the best action over the hold horizon.
 
-Full-batch Adam on cross-entropy at the deployment's learning rate. The latest
+Full-batch Adam on cross-entropy at OFFLINE_LEARNING_RATE. The latest
 VALIDATION_SHARE of the bars, in time order, is held back to choose when to stop: the
 weights with the lowest validation loss are kept.
 """
@@ -20,13 +20,20 @@ from negcase.processes.model import ModelSpec, build_model, state_of
 from negcase.schemas.case import ACTIONS
 
 VALIDATION_SHARE = 0.2
+# Fixed, apart from the trainers' NEGCASE_LEARNING_RATE (a rate for small steps from a
+# checkpoint): the yardstick must not move when training does.
+OFFLINE_LEARNING_RATE = 0.01
 MAX_EPOCHS = 2000
 CHECK_EVERY_EPOCHS = 10
 PATIENCE_CHECKS = 20
 
 
 def train_offline_model(
-    spec: ModelSpec, features: np.ndarray, labels: list[str], learning_rate: float, seed: int
+    spec: ModelSpec,
+    features: np.ndarray,
+    labels: list[str],
+    seed: int,
+    learning_rate: float = OFFLINE_LEARNING_RATE,
 ) -> nn.Module:
     """A model of `spec` trained on `features` (rows in time order) and their best actions,
     in eval mode."""

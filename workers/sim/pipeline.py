@@ -126,14 +126,18 @@ class Pipeline:
         pipe.xinfo_groups(self.keys.trades)
         pipe.zcard(self.keys.queue)
         pipe.zcard(self.keys.leased)
-        groups, queued, leased = pipe.execute()
+        pipe.exists(self.keys.latest)
+        pipe.hget(self.keys.stats, "outcomes")
+        groups, queued, leased, has_model, outcomes = pipe.execute()
         group = _detector_group_of(groups)
+        # Before the first checkpoint, trainers leave cases queued until enough outcomes
+        # exist for the warm start: nothing to wait for then.
+        waiting = not has_model and int(outcomes or 0) < self.settings.min_outcomes
         return (
             group is not None
             and group["pending"] == 0
             and stream_id(group["last-delivered-id"]) >= stream_id(entry_id)
-            and queued == 0
-            and leased == 0
+            and (waiting or (queued == 0 and leased == 0))
         )
 
     def _detector_group(self) -> bool:

@@ -93,34 +93,34 @@ class TrainWalk:
                 decision, trade = self._decide(t)
                 decisions.append(decision)
                 version = decision.version or version
-                if trade is not None:
-                    open_positions.append((exit_bar(t, self.terms), trade))
-                    trades += 1
+                open_positions.append((exit_bar(t, self.terms), trade))
+                trades += 1
             self.progress(t + 1 - self.plan.first, trades, version)
         for _, trade in open_positions:
             self.pipeline.publish(trade)
         return decisions
 
-    def _decide(self, t: int) -> tuple[Decision, dict[str, Any] | None]:
+    def _decide(self, t: int) -> tuple[Decision, dict[str, Any]]:
         features = self.features.rows[t].tolist()
         control = control_side(self.bars, t)
         signal = self.pipeline.ask(features)
-        side, by = (control, "control") if signal is None else (signal.action, "model")
+        # No checkpoint, no answer, or no opinion: the engine keeps its own rule.
+        if signal is None or not signal.opinion:
+            side, by = control, "control"
+        else:
+            side, by = signal.action, "model"
         control_pnl = side_pnl_pct(self.bars, t, control, self.terms, self.symbol)
-        if side == "HOLD":
-            return Decision(t, side, by, _version(signal), None, control, control_pnl), None
+        # A skip is reported too (side HOLD, the market's move over the hold), so that a
+        # missed move can be learnt from.
         trade = closed_trade(self.bars, t, side, self.terms, self.symbol)
         trade["features"] = features
         trade["decided_by"] = by  # not a TradeClosed field: kept with the case under extra
-        if signal is not None:
-            trade["model_version"] = signal.model_version
+        version = None
+        if by == "model":
+            version = trade["model_version"] = signal.model_version
             trade["confidence"] = signal.confidence
-        result = pnl_pct(trade, self.features.count)
-        return Decision(t, side, by, _version(signal), result, control, control_pnl), trade
-
-
-def _version(signal: Any) -> int | None:
-    return None if signal is None else signal.model_version
+        result = None if side == "HOLD" else pnl_pct(trade, self.features.count)
+        return Decision(t, side, by, version, result, control, control_pnl), trade
 
 
 def train_quarters(decisions: list[Decision], bars: Bars) -> list[dict[str, Any]]:

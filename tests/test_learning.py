@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 
+import orjson
 import redis
 import torch
 
@@ -24,6 +25,7 @@ from negcase.store.checkpoints import CheckpointRegistry
 from negcase.store.outcomes import OutcomeStore
 from negcase.store.queue import is_held_out
 from negcase.store.sessions import SessionStore
+from tests.conftest import worker_env
 from tests.training_cases import add_cases, assert_conserved, detect, rule_cases, rule_trades
 
 
@@ -180,3 +182,38 @@ def test_held_out_outcomes_only_judge_and_every_other_outcome_is_replayed(client
     trained_ids = {case_id for session in sessions for case_id in session.case_ids}
     assert trained_ids and not trained_ids & {case_id_for(t) for t in held}
     assert all(s.metrics["validation_count"] == len(held) for s in sessions if s.metrics)
+
+
+def test_bootstrap_publishes_a_first_model_of_a_file_of_past_decisions(
+    client, settings, spawn, tmp_path
+) -> None:
+    # given a file of past decisions (trades and skips) on a market with a learnable rule
+    history = tmp_path / "history.jsonl"
+    history.write_bytes(b"\n".join(orjson.dumps(t) for t in rule_trades(400, seed=11)))
+    env = worker_env(settings)
+
+    # when a deployment with no checkpoint is bootstrapped from it
+    done = spawn("bootstrap", "--trades", str(history), "--json", env=env)
+    out, err = done.communicate(timeout=120)
+
+    # then v1 is a warm start on the file's outcomes, judged on the ones it held out
+    assert done.returncode == 0, err
+    figures = orjson.loads(out)
+    assert figures["version"] == 1 and figures["outcomes_trained"] > 300
+    assert figures["outcomes_held_out"] > 0
+    unseen = Examples.of(rule_cases(500, seed=99), settings.feature_count)
+    assert measure(latest_model(client, settings), unseen).accuracy >= 0.7
+    # and a second bootstrap refuses to replace it unless told to
+    again = spawn("bootstrap", "--trades", str(history), env=env)
+    _, err = again.communicate(timeout=120)
+    assert again.returncode == 2 and "v1 is already published" in err
+
+
+def test_bootstrap_names_the_line_and_field_of_a_bad_trade(settings, spawn, tmp_path) -> None:
+    history = tmp_path / "history.jsonl"
+    good, bad = rule_trades(2, seed=1)
+    history.write_bytes(orjson.dumps(good) + b"\n" + orjson.dumps({**bad, "side": "LONG"}))
+    done = spawn("bootstrap", "--trades", str(history), env=worker_env(settings))
+    _, err = done.communicate(timeout=60)
+    assert done.returncode == 2
+    assert "trade 2: side: expected 'BUY', 'SELL' or 'HOLD'" in err

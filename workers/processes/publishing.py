@@ -63,8 +63,9 @@ def publish_update(
     """Gate and publish an update on top of whatever is latest now. When another trainer
     published since `update.base_version`, the update is rebased (latest + trained - base)
     and gated again against latest; a warm start (no base version) is not rebased but judged
-    against whatever was published first. `scratch` is a model of the right shape to measure
-    with. Raises LeaseLost when a lease is no longer held."""
+    against whatever was published first; the very first checkpoint is judged only for
+    finite output. `scratch` is a model of the right shape to measure with. Raises
+    LeaseLost when a lease is no longer held."""
     result = PublishResult()
     heldout = Examples.of_outcomes(window, feature_count)
     with registry.publish_lock():
@@ -85,7 +86,12 @@ def publish_update(
             result.trading_before = _trading_result_of(scratch, parent_state, window)
             result.heldout_after = measure_state(scratch, candidate, heldout)
             result.trading_after = _trading_result_of(scratch, candidate, window)
-            result.rejected_reason = gate_reason(result.trading_before, result.trading_after)
+            # The first checkpoint has no parent to beat: untrained weights are no policy an
+            # engine runs, and beside them a warm start would stand or fall by the noise of a
+            # small window. It must only be finite; from then on each version must not lose
+            # to its parent.
+            judged_against = None if parent is None else result.trading_before
+            result.rejected_reason = gate_reason(judged_against, result.trading_after)
             if result.rejected_reason:
                 return result
             weights = weights_bytes(candidate)

@@ -222,5 +222,6 @@ class Keys:
             self.reply(sample),
             self.rate_bucket(0),
             self.health(sample),
+            self.live(1),
         ]
         return fixed + per_id

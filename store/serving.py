@@ -4,8 +4,11 @@
   service           the version that answers signal requests
   canary            a newer version that answers `canary_share` of them on trial ('' none)
   canary_share      that share, fixed when the canary started, so every worker splits alike
+  canary_min_outcomes   the outcomes it needs before it is judged
   epoch             moved on by every change; each announcement carries it
-  service_since_ms, canary_since_ms, checked, watch   bookkeeping of serving_step.lua
+  service_since_ms, canary_since_ms   when each began
+  watch, checked    whether the version in service is judged against its predecessor, and
+                    its scored outcomes when it last was
 `<ns>:serving:history` lists the versions in service before, newest first, and
 `<ns>:serving:refused` the versions an inference worker could not load.
 

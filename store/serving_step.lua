@@ -128,7 +128,8 @@ local function promote(version, reason, with)
 end
 
 local function start_canary(version)
-  move({'canary', version, 'canary_share', share, 'canary_since_ms', now_ms})
+  move({'canary', version, 'canary_share', share, 'canary_since_ms', now_ms,
+    'canary_min_outcomes', min_outcomes})
   announce('canary_started', version, service)
   event('canary_started', {'version', version, 'service_version', service, 'share', share,
     'min_outcomes', min_outcomes})

@@ -9,6 +9,8 @@ import threading
 import pytest
 import redis
 
+from negcase.cli.status import gather_status
+from negcase.cli.status_view import render_status
 from negcase.runtime.settings import Settings
 from negcase.schemas.event import Event
 from negcase.store.checkpoints import CheckpointRegistry
@@ -305,3 +307,41 @@ def test_the_canary_takes_a_fixed_share_of_request_ids() -> None:
     assert chosen == [request_id for request_id in ids if takes_canary(request_id, 7, 0.1)]
     assert chosen != [request_id for request_id in ids if takes_canary(request_id, 8, 0.1)]
     assert not any(takes_canary(request_id, 7, 0.0) for request_id in ids)
+
+
+def test_status_shows_what_serves_and_each_versions_live_figures(client, settings) -> None:
+    # given a version in service with outcomes, and a canary part-way through its trial
+    service, canary = canary_on_trial(client, settings)
+    score(client, settings, service, GOOD * 4, "s")
+    score(client, settings, canary, [None, *GOOD[:4]], "c")  # None: a decision to hold
+    # when an operator asks
+    status = gather_status(client, settings.keys)
+    # then the JSON names both, with the canary's progress and each version's figures
+    live = status["live"]
+    figures = LiveScores(client, settings.keys, 32).stats([canary, service]).values()
+    assert live["service"] == service and live["epoch"] == 2
+    assert live["canary"] == {
+        "version": canary,
+        "share": 0.25,
+        "since_ms": live["canary"]["since_ms"],
+        "min_outcomes": 16,
+        "outcomes": 5,
+        "z": pytest.approx(z_score(*figures), abs=1e-3),
+    }
+    assert live["versions"][str(canary)] == {
+        "role": "canary",
+        "outcomes": 5,
+        "trades": 4,
+        "losses": 1,
+        "loss_rate": 0.25,
+        "mean_pnl_pct": 0.7,
+        "stdev_pct": pytest.approx(1.0368, abs=1e-4),
+    }
+    assert live["versions"][str(service)]["role"] == "service"
+    # and the text says the same in words
+    text = render_status(status)
+    assert f"serving  v{service} in service since " in text
+    assert f"\n  canary v{canary} on 25% of requests: 5 of 16 outcomes, z " in text
+    table = text[text.index("live figures") :].splitlines()
+    row = next(line for line in table if line.startswith(f"  v{canary} "))
+    assert row.split() == [f"v{canary}", "canary", "5", "4", "1", "25.0%", "+0.700%"]

@@ -18,6 +18,7 @@ def render_status(status: dict[str, Any]) -> str:
         _render_cases(status["cases"]),
         _render_leases(status["leases"], status["cases"]["leased"]),
         _render_checkpoints(status),
+        _render_live(status["live"]),
         _render_workers(status),
         _render_models(status["models"]),
         _render_counters(status["counters"]),
@@ -146,6 +147,45 @@ def _render_checkpoints(status: dict[str, Any]) -> list[str]:
             ]
         )
     return [title, *_table(rows, "<<<><<<")]
+
+
+def _render_live(live: dict[str, Any]) -> list[str]:
+    service, trial = live["service"], live["canary"]
+    if service is None:
+        return ["serving  nothing yet: no checkpoint published"]
+    line = f"serving  v{service} in service"
+    if live["service_since_ms"]:
+        line += f" since {_clock(live['service_since_ms'])}"
+    if live["history"]:
+        line += " | before it: " + ", ".join(f"v{v}" for v in live["history"][:5])
+    lines = [line]
+    if trial is not None:
+        needed = trial["min_outcomes"] or "?"
+        z = "" if trial["z"] is None else f", z {trial['z']:+.2f} against v{service} so far"
+        lines.append(
+            f"  canary v{trial['version']} on {trial['share']:.0%} of requests: "
+            f"{trial['outcomes']} of {needed} outcomes{z}"
+        )
+    rows = [["  live figures", "role", "outcomes", "trades", "losses", "loss rate", "P&L/decision"]]
+    for version, row in live["versions"].items():
+        traded = row["trades"] > 0
+        rows.append(
+            [
+                f"  v{version}",
+                row["role"],
+                row["outcomes"],
+                row["trades"],
+                row["losses"],
+                f"{row['loss_rate']:.1%}" if traded else "-",
+                f"{row['mean_pnl_pct']:+.3f}%" if row["outcomes"] else "-",
+            ]
+        )
+    table = _table(rows, "<<") if live["versions"] else []
+    return [*lines, *table]
+
+
+def _clock(at_ms: int) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(at_ms / 1000))
 
 
 def before_after(

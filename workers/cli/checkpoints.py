@@ -41,10 +41,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         parents=[connection_options(), archive_options()],
         help="list checkpoint versions with lineage and metrics",
         description="List every checkpoint (in Redis, or only in the archive's models/ folder) "
-        "with its parent, trainer, cases and held-out metrics; * marks latest. The load column "
-        "says whether a version can still be loaded (pinned with `negcase predict --version`, "
-        "or by `negcase rollback`): found, and passing every check a hot reload makes for a "
-        "model configured as this command is; the reason is printed below for those that fail.",
+        "with its parent, trainer, cases and held-out metrics, and what serving makes of it "
+        "(service, canary, earlier); * marks latest. The load column says whether a version "
+        "can still be loaded (pinned with `negcase predict --version`, or by `negcase "
+        "rollback`): found, and passing every check a hot reload makes for a model configured "
+        "as this command is; the reason is printed below for those that fail.",
     )
     listing.add_argument("--json", action="store_true", help="print JSON")
     listing.set_defaults(run=run_checkpoints)
@@ -52,10 +53,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     rollback = sub.add_parser(
         "rollback",
         parents=[connection_options(), archive_options()],
-        help="point <ns>:ckpt:latest back at VERSION",
-        description="Point latest at an earlier version (restored from the archive if Redis "
-        "no longer holds it) and announce it on <ns>:checkpoints, so inference loads it. "
-        "Trainers then build on it; versions keep increasing.",
+        help="put VERSION in service and point <ns>:ckpt:latest back at it",
+        description="Put a version in service (restored from the archive if Redis no longer "
+        "holds it), end any canary, point latest at it and announce it on <ns>:checkpoints, "
+        "so inference loads it. Trainers then build on it; versions keep increasing. A "
+        "version put in service by hand is not rolled back automatically.",
     )
     rollback.add_argument("version", type=int)
     rollback.set_defaults(run=run_rollback)

@@ -68,16 +68,21 @@ class LiveStats:
 
 
 def window_stats(values: Iterable[bytes | str]) -> LiveStats:
-    """The figures of a window's values, as live_stats.lua computes them."""
+    """The figures of a window's values, as live_stats.lua computes them (a value that is
+    neither a number nor `hold` is left out)."""
     pnls: list[float] = []
     trades = losses = 0
     for raw in values:
-        text = raw.decode() if isinstance(raw, bytes) else raw
-        pnl = 0.0
-        if text != HOLD:
+        text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+        if text == HOLD:
+            pnls.append(0.0)
+            continue
+        try:
             pnl = float(text)
-            trades += 1
-            losses += pnl < 0
+        except ValueError:
+            continue
+        trades += 1
+        losses += pnl < 0
         pnls.append(pnl)
     n = len(pnls)
     mean = math.fsum(pnls) / n if n else 0.0

@@ -2,21 +2,23 @@
 -- window and the comparison of two, the same as store/live.py window_stats and z_score.
 
 -- A window's figures: outcomes n, trades (not 'hold'), losses (P&L < 0), mean P&L per
--- decision (a hold counts as 0) and its sample variance.
+-- decision (a hold counts as 0) and its sample variance. A value that is neither a number
+-- nor 'hold' (not one score_live.lua writes) is left out.
 local function window_stats(key)
-  local values = redis.call('LRANGE', key, 0, -1)
-  local n, trades, losses, sum = #values, 0, 0, 0
   local pnls = {}
-  for i, text in ipairs(values) do
-    local pnl = 0
-    if text ~= 'hold' then
-      pnl = tonumber(text)
-      trades = trades + 1
-      if pnl < 0 then losses = losses + 1 end
+  local trades, losses, sum = 0, 0, 0
+  for _, text in ipairs(redis.call('LRANGE', key, 0, -1)) do
+    local pnl = text == 'hold' and 0 or tonumber(text)
+    if pnl ~= nil then
+      if text ~= 'hold' then
+        trades = trades + 1
+        if pnl < 0 then losses = losses + 1 end
+      end
+      table.insert(pnls, pnl)
+      sum = sum + pnl
     end
-    pnls[i] = pnl
-    sum = sum + pnl
   end
+  local n = #pnls
   local mean = n > 0 and sum / n or 0
   local squares = 0
   for _, pnl in ipairs(pnls) do squares = squares + (pnl - mean) ^ 2 end

@@ -59,7 +59,7 @@ def test_each_trade_is_scored_once_however_often_it_arrives(client, settings) ->
 
 
 def test_a_window_counts_holds_as_decisions_that_made_nothing(client, settings) -> None:
-    stats = window_stats([b"2.0", b"hold", b"-1.0", b"hold"])
+    stats = window_stats([b"2.0", b"hold", b"-1.0", b"hold", b"written by hand"])
     assert (stats.n, stats.trades, stats.losses) == (4, 2, 1)
     assert stats.mean_pnl_pct == pytest.approx(0.25)
     assert stats.loss_rate == 0.5
@@ -134,14 +134,17 @@ def test_a_worse_canary_is_retired_and_trainers_build_on_the_version_in_service(
 ) -> None:
     service, canary = canary_on_trial(client, settings)
     score(client, settings, service, GOOD * 2, "s")
-    # when the canary loses where the version in service earns
+    # when the canary loses where the version in service earns (beside a value someone
+    # pushed by hand, which no figure counts)
     score(client, settings, canary, BAD * 2, "c")
+    client.lpush(settings.keys.live(canary), "by hand")
     decision = control(client, settings).step()
     # then it is retired with its figures, and latest points back at the version in service
     assert (decision.change, decision.version) == ("retired", canary)
     state = read_state(client, settings.keys)
     assert (state.service, state.canary, state.latest) == (service, None, service)
     (retired,) = events_of(client, settings, "retired")
+    assert retired.details["n"] == "16"
     assert float(retired.details["z"]) < -settings.canary_z
     assert float(retired.details["mean_pnl_pct"]) < float(retired.details["baseline_mean_pnl_pct"])
     # and the next version, built on the one in service, is the next canary

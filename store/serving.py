@@ -51,6 +51,15 @@ def takes_canary(request_id: str, canary_version: int, share: float) -> bool:
     return digest < share * _HASH_RANGE
 
 
+def answering_version(state: ServingState, request_id: str) -> int | None:
+    """The version that answers a request under `state`: the canary for its share of
+    requests, the version in service for the rest (None before any checkpoint)."""
+    canary = state.canary
+    if canary is not None and takes_canary(request_id, canary, state.canary_share):
+        return canary
+    return state.service
+
+
 @dataclass(frozen=True, slots=True)
 class ServingState:
     """The serving state as read from Redis."""
@@ -64,7 +73,7 @@ class ServingState:
 
 
 @dataclass(frozen=True, slots=True)
-class Decision:
+class ServingChange:
     """A change one step made: canary_started, promoted, retired or rollback."""
 
     change: str
@@ -100,7 +109,7 @@ class ServingControl:
         self.acks = settings.replica_acks
         self._step = script(client, "serving_step", "clock", "live_stats")
 
-    def step(self, refused: int | None = None, reason: str = "") -> Decision | None:
+    def step(self, refused: int | None = None, reason: str = "") -> ServingChange | None:
         """Make the change the live results call for, if any (see serving_step.lua); with
         `refused`, first mark that version as one a worker could not load. Returns the
         change, or None."""
@@ -110,7 +119,7 @@ class ServingControl:
                 continue
             if reply[0] == b"unchanged":
                 return None
-            decision = Decision(reply[0].decode(), int(reply[1]), reply[2].decode())
+            decision = ServingChange(reply[0].decode(), int(reply[1]), reply[2].decode())
             log.info(f"serving: {decision.change} v{decision.version} ({decision.reason})")
             return decision
         # Others keep changing the state: their steps decided; the next call looks again.

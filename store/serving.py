@@ -76,7 +76,7 @@ class ServingState:
 class ServingChange:
     """A change one step made: canary_started, promoted, retired or rollback."""
 
-    change: str
+    kind: str
     version: int
     reason: str
 
@@ -119,9 +119,10 @@ class ServingControl:
                 continue
             if reply[0] == b"unchanged":
                 return None
-            decision = ServingChange(reply[0].decode(), int(reply[1]), reply[2].decode())
-            log.info(f"serving: {decision.change} v{decision.version} ({decision.reason})")
-            return decision
+            change = ServingChange(reply[0].decode(), int(reply[1]), reply[2].decode())
+            why = f": {change.reason}" if change.reason else ""
+            log.info(f"serving: {change.kind} v{change.version}{why}")
+            return change
         # Others keep changing the state: their steps decided; the next call looks again.
         log.warning(f"serving step refused as stale {MAX_STEP_TRIES} times in a row")
         return None

@@ -193,10 +193,10 @@ def serving_story(client: redis.Redis, settings: Settings) -> tuple[int, int, in
     versions = []
     for seed, (change, pnls) in enumerate(outcomes.items(), start=50):
         version = publish(client, settings, seed)
-        assert steps.step().change == "canary_started"
+        assert steps.step().kind == "canary_started"
         live.record([LiveOutcome(f"story-{seed}-{n}", version, p) for n, p in enumerate(pnls)])
-        assert steps.step().change == change
+        assert steps.step().kind == change
         versions.append(version)
     live.record([LiveOutcome(f"story-late-{n}", versions[1], -5.0) for n in range(4)])
-    assert steps.step().change == "rollback"
+    assert steps.step().kind == "rollback"
     return service, versions[0], versions[1]

@@ -12,6 +12,7 @@ from collections import defaultdict
 import pytest
 import redis
 
+from negcase.cli.status import gather_status
 from negcase.runtime.settings import Settings
 from negcase.store.serving import read_state, takes_canary
 from tests.conftest import wait_until, worker_env
@@ -140,6 +141,8 @@ def test_two_workers_split_requests_alike_and_killing_one_mid_canary_changes_not
     canary = publish_trained(client, settings, "right", seed=2)
     for worker in ("w1", "w2"):
         wait_until(lambda w=worker: loaded(client, settings, w, canary, "canary"), 60, worker)
+    # (and an operator sees both serve it, in `negcase status`)
+    wait_until(lambda: canaries_shown(client, settings) == {"w1": canary, "w2": canary}, 60)
     with LiveTrading(trial) as trading:
         wait_until(lambda: outcomes(client, settings, canary) >= 50, 120, "canary outcomes")
         # when a worker and the detector are killed mid-canary, and replacements start
@@ -175,6 +178,11 @@ def test_two_workers_split_requests_alike_and_killing_one_mid_canary_changes_not
     stats = client.hgetall(settings.keys.stats)
     for version, reported in trading.reported.items():
         assert int(stats[f"model:{version}:scored".encode()]) == reported, version
+
+
+def canaries_shown(client: redis.Redis, settings: Settings) -> dict[str, int | None]:
+    workers = gather_status(client, settings.keys)["workers"]
+    return {w["name"]: w["canary"] for w in workers if w["kind"] == "inference"}
 
 
 def drained(client: redis.Redis, settings: Settings) -> bool:

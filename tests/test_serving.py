@@ -72,12 +72,12 @@ def test_the_first_version_serves_at_once_and_a_newer_one_starts_as_a_canary(
     first = publish(client, settings, seed=1)
     # when the step runs, then it serves at once: there is nothing to compare it with
     decision = control(client, settings).step()
-    assert (decision.change, decision.version) == ("promoted", first)
+    assert (decision.kind, decision.version) == ("promoted", first)
     assert read_state(client, settings.keys).service == first
     # and when a newer one is published, it starts as the canary for a quarter of requests
     second = publish(client, settings, seed=2)
     decision = control(client, settings).step()
-    assert (decision.change, decision.version) == ("canary_started", second)
+    assert (decision.kind, decision.version) == ("canary_started", second)
     state = read_state(client, settings.keys)
     assert (state.service, state.canary, state.canary_share) == (first, second, 0.25)
     (started,) = events_of(client, settings, "canary_started")
@@ -113,7 +113,7 @@ def test_a_canary_no_worse_than_the_version_in_service_is_promoted_with_its_figu
     score(client, settings, canary, [1.5], "c-last")
     decision = control(client, settings).step()
     # then it is promoted, and the event carries the figures it was judged on
-    assert (decision.change, decision.version) == ("promoted", canary)
+    assert (decision.kind, decision.version) == ("promoted", canary)
     state = read_state(client, settings.keys)
     assert (state.service, state.canary, state.history) == (canary, None, (service,))
     (promoted,) = [e for e in events_of(client, settings, "promoted") if e.details.get("z")]
@@ -140,7 +140,7 @@ def test_a_worse_canary_is_retired_and_trainers_build_on_the_version_in_service(
     client.lpush(settings.keys.live(canary), "by hand")
     decision = control(client, settings).step()
     # then it is retired with its figures, and latest points back at the version in service
-    assert (decision.change, decision.version) == ("retired", canary)
+    assert (decision.kind, decision.version) == ("retired", canary)
     state = read_state(client, settings.keys)
     assert (state.service, state.canary, state.latest) == (service, None, service)
     (retired,) = events_of(client, settings, "retired")
@@ -149,7 +149,7 @@ def test_a_worse_canary_is_retired_and_trainers_build_on_the_version_in_service(
     assert float(retired.details["mean_pnl_pct"]) < float(retired.details["baseline_mean_pnl_pct"])
     # and the next version, built on the one in service, is the next canary
     following = publish(client, settings, seed=3)
-    assert control(client, settings).step().change == "canary_started"
+    assert control(client, settings).step().kind == "canary_started"
     assert read_state(client, settings.keys).canary == following
 
 
@@ -170,7 +170,7 @@ def test_a_version_in_service_worse_than_its_predecessor_is_rolled_back(client, 
     score(client, settings, second, BAD * 2, "v2")
     decision = control(client, settings).step()
     # then it is rolled back: the predecessor serves again, and trainers build on it
-    assert (decision.change, decision.version) == ("rollback", first)
+    assert (decision.kind, decision.version) == ("rollback", first)
     state = read_state(client, settings.keys)
     assert (state.service, state.latest, state.history) == (first, first, ())
     (rollback,) = events_of(client, settings, "rollback")
@@ -192,7 +192,7 @@ def test_a_version_in_service_is_judged_once_per_min_outcomes(client, settings) 
     score(client, settings, second, (BAD * 2)[:15], "v2-b")
     assert control(client, settings).step() is None
     score(client, settings, second, [-2.5], "v2-c")
-    assert control(client, settings).step().change == "rollback"
+    assert control(client, settings).step().kind == "rollback"
 
 
 def test_a_rollback_goes_back_only_to_a_version_that_still_loads(client, settings) -> None:
@@ -206,7 +206,7 @@ def test_a_rollback_goes_back_only_to_a_version_that_still_loads(client, setting
     score(client, settings, fourth, BAD * 2, "v4")
     decision = control(client, settings).step()
     # then it goes back past both, to the newest version that can still be loaded
-    assert (decision.change, decision.version) == ("rollback", first)
+    assert (decision.kind, decision.version) == ("rollback", first)
     # and with nothing loadable left to go back to, nothing moves
     (fifth,) = served_directly(client, settings, range(5, 6))
     client.delete(settings.keys.checkpoint(first))
@@ -220,13 +220,13 @@ def test_a_refused_canary_is_retired_and_a_refused_version_in_service_rolled_bac
 ) -> None:
     service, canary = canary_on_trial(client, settings)
     decision = control(client, settings).step(refused=canary, reason="holds NaN")
-    assert (decision.change, decision.reason) == (
+    assert (decision.kind, decision.reason) == (
         "retired",
         "refused by an inference worker: holds NaN",
     )
     (third,) = served_directly(client, settings, range(3, 4))
     decision = control(client, settings).step(refused=third, reason="not safetensors")
-    assert (decision.change, decision.version) == ("rollback", service)
+    assert (decision.kind, decision.version) == ("rollback", service)
     # and a refused version never starts as a canary
     assert control(client, settings).step() is None
 
@@ -237,7 +237,7 @@ def test_live_decisions_off_serve_every_version_at_once(client, settings) -> Non
     control(client, off).step()
     second = publish(client, settings, seed=2)
     decision = control(client, off).step()
-    assert (decision.change, decision.version) == ("promoted", second)
+    assert (decision.kind, decision.version) == ("promoted", second)
     assert "NEGCASE_AUTO_ROLLBACK=0" in decision.reason
     # and however badly it does, nothing is rolled back
     score(client, settings, first, GOOD * 4, "v1")
@@ -261,7 +261,7 @@ def test_steps_racing_from_many_clients_make_each_change_once(client, settings, 
         start.wait()
         for _ in range(10):
             if decision := steps.step():
-                decisions.append(decision.change)
+                decisions.append(decision.kind)
         own.close()
 
     threads = [threading.Thread(target=stepper) for _ in range(8)]

@@ -373,6 +373,7 @@ def _worker_rows(workers: list[dict[str, Any]], now_ms: int) -> list[dict[str, A
             "host": record.get("host"),
             "pid": record.get("pid"),
             "version": record.get("version"),
+            "canary": record.get("canary"),
             "beat_age_s": round((now_ms - record.get("at_ms", now_ms)) / 1000, 1),
         }
         for record in workers

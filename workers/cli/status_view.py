@@ -212,11 +212,17 @@ def _render_workers(status: dict[str, Any]) -> list[str]:
                 f"  {worker['kind']}",
                 worker["name"],
                 f"{worker['host']}:{worker['pid']}",
-                "-" if version is None else f"v{version}",
+                _serves(version, worker.get("canary")),
                 f"{worker['beat_age_s']:.1f}s ago",
             ]
         )
     return [f"workers alive  {alive}", *(_table(rows, "<<<<>") if status["workers"] else [])]
+
+
+def _serves(version: int | None, canary: int | None) -> str:
+    if version is None:
+        return "-"
+    return f"v{version}" if canary is None else f"v{version}, canary v{canary}"
 
 
 def _render_models(models: dict[str, dict[str, float]]) -> list[str]:

@@ -97,7 +97,13 @@ class InferenceWorker:
         version = None if live is None else live.version
         if version is not None:
             self.metrics.model_version.set(version)
-        return {"consumer": self.consumer, "version": version, "signals": self.totals.signals}
+        canary = self.reloader.serving.canary
+        return {
+            "consumer": self.consumer,
+            "version": version,
+            "canary": None if canary is None else canary.version,
+            "signals": self.totals.signals,
+        }
 
     def handle(self, entries: list[Entry]) -> None:
         """Answer a batch with the models serving now and write every reply in one round

@@ -70,7 +70,7 @@ class ServedPolicy:
                 closed.append(closing.popleft()[1])
             live.record(closed)
             changes += [
-                {"before": self.bars.label(t), "change": c.change, "version": c.version}
+                {"before": self.bars.label(t), "change": c.kind, "version": c.version}
                 for c in settle(steps)
             ]
             state = read_state(self.client, keys)

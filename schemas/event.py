@@ -2,7 +2,7 @@
 for the events Python writes, and the line `negcase tail` shows for it.
 
 An event is flat text fields (`type`, `at_ms`, then its details) so plain redis-cli reads it.
-Four types are written by Lua scripts, which cannot import Python: their entries here are
+Seven types are written by Lua scripts, which cannot import Python: their entries here are
 the documentation those scripts follow, and tests/test_events.py checks the scripts keep to
 it.
 """
@@ -125,12 +125,18 @@ def training_completed(session: TrainingSession, now_ms: int) -> Event:
 
 
 def checkpoint_loaded(
-    worker: str, version: int, serving_version: int | None, reload_ms: float, now_ms: int
+    worker: str,
+    version: int,
+    serving_version: int | None,
+    reload_ms: float,
+    now_ms: int,
+    role: str = "service",
 ) -> Event:
-    """A worker verified a checkpoint and serves it now."""
+    """A worker verified a checkpoint and serves it now, in service or as the canary."""
     details = {
         "worker": worker,
         "version": version,
+        "role": role,
         "serving_version": serving_version,
         "reload_ms": round(reload_ms, 3),
     }
@@ -138,12 +144,18 @@ def checkpoint_loaded(
 
 
 def checkpoint_rejected(
-    worker: str, version: int, serving_version: int | None, reason: str, now_ms: int
+    worker: str,
+    version: int,
+    serving_version: int | None,
+    reason: str,
+    now_ms: int,
+    role: str = "service",
 ) -> Event:
     """A worker refused a checkpoint and keeps serving the one it had."""
     details = {
         "worker": worker,
         "version": version,
+        "role": role,
         "serving_version": serving_version,
         "reason": reason,
     }
@@ -209,22 +221,60 @@ def _checkpoint_published_line(d: dict[str, str]) -> str:
 
 def _rollback_line(d: dict[str, str]) -> str:
     return (
-        f"ROLLBACK: latest is {_version(d.get('version'))} again "
-        f"(was {_version(d.get('previous_version'))}) | sha256 {d.get('sha256', '')[:12]}"
+        f"ROLLBACK: {_version(d.get('version'))} in service again "
+        f"(was {_version(d.get('previous_version'))}) | {d.get('reason', 'operator')}"
+        f"{_figures(d)} | sha256 {d.get('sha256', '')[:12]}"
+    )
+
+
+def _canary_started_line(d: dict[str, str]) -> str:
+    return (
+        f"CANARY STARTED: {_version(d.get('version'))} answers "
+        f"{float(d.get('share', 0)):.0%} of signal requests | in service: "
+        f"{_version(d.get('service_version'))} | judged after {d.get('min_outcomes')} outcomes"
+    )
+
+
+def _promoted_line(d: dict[str, str]) -> str:
+    return (
+        f"PROMOTED: {_version(d.get('version'))} in service "
+        f"(was {_version(d.get('previous_version'))}) | {d.get('reason')}{_figures(d)}"
+    )
+
+
+def _retired_line(d: dict[str, str]) -> str:
+    return (
+        f"RETIRED: canary {_version(d.get('version'))} | {d.get('reason')}{_figures(d)} | "
+        f"{_version(d.get('service_version'))} stays in service"
+    )
+
+
+def _figures(d: dict[str, str]) -> str:
+    """The live comparison a serving decision rests on, when it rests on one."""
+    if "z" not in d:
+        return ""
+    return (
+        f" | mean P&L {float(d['mean_pnl_pct']):+.3f}% per decision over {d.get('n')} "
+        f"(loss rate {float(d.get('loss_rate', 0)):.1%}) against "
+        f"{_version(d.get('baseline_version'))}'s {float(d['baseline_mean_pnl_pct']):+.3f}% "
+        f"over {d.get('baseline_n')} ({float(d.get('baseline_loss_rate', 0)):.1%}) | "
+        f"z {float(d['z']):+.2f}, threshold {float(d.get('z_threshold', 0)):+.2f}"
     )
 
 
 def _checkpoint_loaded_line(d: dict[str, str]) -> str:
+    role = " as canary" if d.get("role") == "canary" else ""
     return (
-        f"CHECKPOINT LOADED: {_version(d.get('version'))} on {d.get('worker')} "
+        f"CHECKPOINT LOADED: {_version(d.get('version'))}{role} on {d.get('worker')} "
         f"(was serving {_version(d.get('serving_version'))}) | "
         f"Reload: {float(d.get('reload_ms', 0)):.1f} ms"
     )
 
 
 def _checkpoint_rejected_line(d: dict[str, str]) -> str:
+    role = " (canary)" if d.get("role") == "canary" else ""
     return (
-        f"CHECKPOINT REJECTED: {_version(d.get('version'))} on {d.get('worker')} | "
+        f"CHECKPOINT REJECTED: {_version(d.get('version'))}{role} on {d.get('worker')} | "
         f"{d.get('reason')} | still serving {_version(d.get('serving_version'))}"
     )
 
@@ -244,6 +294,20 @@ def _case_dead_line(d: dict[str, str]) -> str:
         f"Last error: {d.get('error')}"
     )
 
+
+# The live comparison behind a promotion, retirement or rollback (absent when none was made:
+# the first version, a share of 0, a refusal, an operator).
+_FIGURES = {
+    "n": "outcomes in the judged version's live window",
+    "mean_pnl_pct": "its mean P&L per decision, percent of margin (a skip counts as 0)",
+    "loss_rate": "its losses per trade",
+    "baseline_version": "the version it was compared with",
+    "baseline_n": "outcomes in that version's window",
+    "baseline_mean_pnl_pct": "that version's mean P&L per decision",
+    "baseline_loss_rate": "that version's losses per trade",
+    "z": "(mean - baseline mean) / standard error (Welch)",
+    "z_threshold": "below this z the judged version is retired or rolled back",
+}
 
 _SESSION_FIELDS = {
     "session_id": "the session (`<ns>:session:<id>`)",
@@ -330,7 +394,8 @@ CATALOGUE: dict[str, EventType] = {
             {
                 "worker": "who loaded it",
                 "version": "the version now served",
-                "serving_version": "the version served before, if any",
+                "role": "service (answers requests) or canary (answers a share on trial)",
+                "serving_version": "the version in service before, if any",
                 "reload_ms": "fetch, verify and load time",
             },
             _checkpoint_loaded_line,
@@ -341,7 +406,8 @@ CATALOGUE: dict[str, EventType] = {
             {
                 "worker": "who refused it",
                 "version": "the version refused",
-                "serving_version": "the version still served, if any",
+                "role": "what it was to be: service or canary",
+                "serving_version": "the version still in service, if any",
                 "reason": "why it was refused",
             },
             _checkpoint_rejected_line,
@@ -368,12 +434,47 @@ CATALOGUE: dict[str, EventType] = {
             _case_dead_line,
         ),
         EventType(
-            "rollback",
-            "operator (store/rollback_checkpoint.lua)",
+            "canary_started",
+            "the serving step (store/serving_step.lua)",
             {
-                "version": "the version latest points at again",
-                "previous_version": "what latest pointed at before",
+                "version": "the new version, now answering a share of signal requests",
+                "service_version": "the version in service, answering the rest",
+                "share": "the canary's share of requests (NEGCASE_CANARY_SHARE)",
+                "min_outcomes": "live outcomes it needs before it is judged",
+            },
+            _canary_started_line,
+        ),
+        EventType(
+            "promoted",
+            "the serving step (store/serving_step.lua)",
+            {
+                "version": "the version now in service, answering every request",
+                "previous_version": "the version in service before ('' for none)",
+                "reason": "why, in words",
+                **_FIGURES,
+            },
+            _promoted_line,
+        ),
+        EventType(
+            "retired",
+            "the serving step (store/serving_step.lua)",
+            {
+                "version": "the canary taken off trial; latest points at the version in service",
+                "service_version": "the version that stays in service",
+                "reason": "why, in words",
+                **_FIGURES,
+            },
+            _retired_line,
+        ),
+        EventType(
+            "rollback",
+            "the serving step, or an operator (store/serving_step.lua, rollback_checkpoint.lua)",
+            {
+                "version": "the version in service again; latest points at it",
+                "previous_version": "the version in service before",
                 "sha256": "of the version's safetensors bytes",
+                "reason": "why: `operator`, or the live comparison or refusal in words",
+                **_FIGURES,
             },
             _rollback_line,
         ),
@@ -390,6 +491,9 @@ EVENT_TYPES = (
     "dead_lettered",
     "lease_expired",
     "case_dead",
+    "canary_started",
+    "promoted",
+    "retired",
     "rollback",
 )
 
@@ -410,19 +514,31 @@ NUMBER_FIELDS = frozenset(
         "accuracy_improvement",
         "attempts",
         "base_version",
+        "baseline_loss_rate",
+        "baseline_mean_pnl_pct",
+        "baseline_n",
+        "baseline_version",
         "duration_s",
         "epochs",
         "loss_amount",
         "loss_improvement",
         "loss_pct",
+        "loss_rate",
+        "mean_pnl_pct",
+        "min_outcomes",
         "model_version",
+        "n",
         "parent_version",
         "previous_version",
         "priority",
         "reload_ms",
+        "service_version",
         "serving_version",
+        "share",
         "trainable",
         "version",
+        "z",
+        "z_threshold",
     }
 )
 

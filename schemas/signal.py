@@ -53,6 +53,8 @@ class Signal:
     # False when the confidence is under NEGCASE_MIN_CONFIDENCE: the model has no opinion
     # here, and the engine should keep its own rule rather than follow `action`.
     opinion: bool = True
+    # True when a canary answered: a new version on trial for a share of the requests.
+    canary: bool = False
 
     def to_json(self) -> bytes:
         """The reply as it travels: one JSON object."""
@@ -64,6 +66,7 @@ class Signal:
                 "opinion": self.opinion,
                 "probabilities": self.probabilities,
                 "model_version": self.model_version,
+                "canary": self.canary,
                 "worker": self.worker,
                 "batch": self.batch,
             }
@@ -77,6 +80,7 @@ def signal_from_probabilities(
     worker: str | None = None,
     batch: int | None = None,
     min_confidence: float = 0.0,
+    canary: bool = False,
 ) -> Signal:
     """The signal for one row of softmax output, in ACTIONS order (BUY, SELL, HOLD); it has
     an opinion when its confidence reaches `min_confidence`."""
@@ -91,6 +95,7 @@ def signal_from_probabilities(
         worker=worker,
         batch=batch,
         opinion=probabilities[best] >= min_confidence,
+        canary=canary,
     )
 
 
@@ -129,6 +134,7 @@ def parse_reply(raw: bytes) -> Signal:
         worker=reply.get("worker"),
         batch=reply.get("batch"),
         opinion=reply.get("opinion", True),
+        canary=reply.get("canary", False),
     )
 
 

@@ -14,6 +14,7 @@ from negcase.schemas import event as events
 from negcase.schemas.case import NegativeCase
 from negcase.schemas.event import Event
 from negcase.store.keys import DETECTOR_GROUP, Keys
+from negcase.store.live import LiveOutcome
 from negcase.store.queue import queue_score
 from negcase.store.replication import NO_ACKS, ReplicaAcks
 from negcase.store.scripts import script
@@ -47,6 +48,9 @@ class Batch:
     handled_ids: list[bytes] = field(default_factory=list)
     # (msgpack outcome, held out) for every trade with features: what learning replays.
     outcomes: list[tuple[bytes, bool]] = field(default_factory=list)
+    # Decisions that named a model version, for the live windows (store/live.py, written
+    # before record_batch: each trade is scored once however often it is delivered).
+    live: list[LiveOutcome] = field(default_factory=list)
 
     def add_case(self, case: NegativeCase) -> None:
         """Add a case; it is encoded here, once, for both Redis and the archive."""

@@ -3,12 +3,16 @@ announcement stream that inference workers follow.
 
 Redis layout (DESIGN.md, "Checkpoints and hot reload"):
   <ns>:ckpt:<version>   hash: weights (safetensors bytes), sha256 (hex), meta (JSON object)
-  <ns>:ckpt:latest      the version inference serves, a decimal string
+  <ns>:ckpt:latest      the newest version of the lineage (trainers build on it), decimal
   <ns>:ckpt:versions    sorted set of the versions still in Redis (score = version)
   <ns>:ckpt:counter     the highest version handed out (INCR), so versions only increase;
                         in an empty Redis it starts at the highest version the archive holds
   <ns>:ckpt:lock        held by the one trainer that rebases and publishes right now
-  <ns>:checkpoints      stream: kind (published|rollback), version, parent_version, sha256, at_ms
+  <ns>:checkpoints      stream: kind (published, rollback, canary_started, promoted, retired),
+                        version, previous_version, parent_version, sha256, epoch, at_ms
+
+What serves (the version in service, a canary) is store/serving.py; `latest` is the head of
+the lineage trainers build on, which a new version serves from only once serving says so.
 
 The archive's models/ folder, where every version is kept, is store/model_files.py.
 """
@@ -203,8 +207,9 @@ class CheckpointRegistry:
         raise LeaseLost(detail.decode())
 
     def rollback(self, version: int) -> int | None:
-        """Point latest at `version` (restored from the archive when Redis trimmed it) and
-        announce it. Returns the version latest pointed at before."""
+        """Put `version` in service and point latest at it (restored from the archive when
+        Redis trimmed it), cancelling any canary, and announce it. Returns the version latest
+        pointed at before."""
         stored = self.fetch(version)
         restore = None if stored else self._read_archived(version)
         meta = (stored or restore).meta
@@ -218,6 +223,8 @@ class CheckpointRegistry:
                 self.keys.versions,
                 self.keys.checkpoints,
                 self.keys.events,
+                self.keys.serving,
+                self.keys.serving_history,
             ],
             args=[
                 version,
@@ -254,8 +261,16 @@ class CheckpointRegistry:
         return [infos[version] for version in sorted(infos)]
 
     def _stale_versions(self) -> list[int]:
-        """Versions to drop from Redis once one more is added: all but the newest keep - 1."""
-        return [int(v) for v in self.client.zrevrange(self.keys.versions, self.keep - 1, -1)]
+        """Versions to drop from Redis once one more is added: all but the newest keep - 1,
+        except those serving may need (in service, canary, or in the history a rollback goes
+        back to): a version whose blob is gone can no longer be loaded."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.zrevrange(self.keys.versions, self.keep - 1, -1)
+        pipe.hmget(self.keys.serving, ["service", "canary"])
+        pipe.lrange(self.keys.serving_history, 0, -1)
+        old, serving, history = pipe.execute()
+        needed = {int(v) for v in (*serving, *history) if v}
+        return [int(v) for v in old if int(v) not in needed]
 
     def _next_version(self) -> int:
         """A version number never handed out before: INCR, and past the newest version the

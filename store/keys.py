@@ -106,7 +106,8 @@ class Keys:
 
     @property
     def latest(self) -> str:
-        """The version inference serves: an integer string."""
+        """The head of the lineage, an integer string: trainers build on it, and inference
+        serves it once the serving step puts it in service (`serving`)."""
         return self._key("ckpt", "latest")
 
     @property
@@ -128,6 +129,41 @@ class Keys:
     def versions(self) -> str:
         """Sorted set of every published version (score = version) kept in Redis."""
         return self._key("ckpt", "versions")
+
+    @property
+    def serving(self) -> str:
+        """Hash: which version is in service (answers signal requests), which is the canary
+        (answers a share of them on trial), that share, and `epoch`, which every change
+        moves on: the one state every inference worker follows (store/serving.py)."""
+        return self._key("serving")
+
+    @property
+    def serving_history(self) -> str:
+        """List of the versions in service before the current one, newest first: where an
+        automatic rollback goes back to."""
+        return self._key("serving", "history")
+
+    @property
+    def serving_refused(self) -> str:
+        """Hash version -> why an inference worker refused it: never a canary or a rollback
+        target again."""
+        return self._key("serving", "refused")
+
+    def live(self, version: int | str) -> str:
+        """List of a version's most recent live outcomes, newest first: the P&L of each
+        decision in percent of the margin, or `hold` for a decision not to trade."""
+        return self._key("live", str(version))
+
+    @property
+    def live_versions(self) -> str:
+        """Sorted set of the versions that have a live window (score = version)."""
+        return self._key("live", "versions")
+
+    @property
+    def live_seen(self) -> str:
+        """Sorted set trade_id -> when it was scored (ms): each trade enters a live window
+        once, however often it is delivered or published."""
+        return self._key("live", "seen")
 
     @property
     def requests(self) -> str:
@@ -186,5 +222,6 @@ class Keys:
             self.reply(sample),
             self.rate_bucket(0),
             self.health(sample),
+            self.live(1),
         ]
         return fixed + per_id

@@ -46,12 +46,13 @@ def client(redis_server: LocalRedis) -> Iterator[redis.Redis]:
 
 @pytest.fixture
 def settings(client: redis.Redis, redis_url: str, tmp_path: Path) -> Settings:
-    """Default settings pointed at the test Redis and a fresh archive folder."""
-    return Settings(redis_url=redis_url, data_dir=tmp_path / "negative")
+    """Default settings pointed at the test Redis and a fresh archive folder, except that a
+    published version serves at once (no canary): the tests of the canary say so."""
+    return Settings(redis_url=redis_url, data_dir=tmp_path / "negative", canary_share=0.0)
 
 
 def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
-    """Environment for a worker process: the test's Redis, namespace and archive."""
+    """Environment for a worker process: the test's Redis, namespace, archive and settings."""
     return {**worker_environment(settings), **extra}
 
 

@@ -26,6 +26,8 @@ from negcase.runtime.settings import Settings
 from negcase.schemas.event import Event
 from negcase.schemas.signal import Signal, SignalRequestError
 from negcase.store.checkpoints import CheckpointRegistry
+from negcase.store.live import LiveOutcome, LiveScores
+from negcase.store.serving import ServingControl
 
 FEATURES = [0.1, -0.2, 0.3, -0.4, 0.5, -0.6, 0.7, -0.8]
 BAD_KINDS = (
@@ -175,3 +177,26 @@ class Load:
             except (SignalTimeout, SignalRequestError, redis.RedisError) as error:
                 self.failures.append(repr(error))
         client.close()
+
+
+def serving_story(client: redis.Redis, settings: Settings) -> tuple[int, int, int]:
+    """Every serving decision the live figures make: a fresh version put in service, a canary
+    that loses retired, one that earns promoted and then, losing, rolled back. Returns
+    (the version in service, the retired one, the one promoted then rolled back)."""
+    judged = settings.with_overrides(canary_share=0.25, canary_min_outcomes=2, live_window=4)
+    steps = ServingControl(client, judged)
+    live = LiveScores(client, settings.keys, judged.live_window)
+    service = publish(client, settings, seed=49)
+    assert ServingControl(client, judged.with_overrides(canary_share=0.0)).step()
+    live.record([LiveOutcome(f"story-s{n}", service, pnl) for n, pnl in enumerate((1.0, 2.0))])
+    outcomes = {"retired": (-1.0, -2.0), "promoted": (2.0, 3.0)}
+    versions = []
+    for seed, (change, pnls) in enumerate(outcomes.items(), start=50):
+        version = publish(client, settings, seed)
+        assert steps.step().kind == "canary_started"
+        live.record([LiveOutcome(f"story-{seed}-{n}", version, p) for n, p in enumerate(pnls)])
+        assert steps.step().kind == change
+        versions.append(version)
+    live.record([LiveOutcome(f"story-late-{n}", versions[1], -5.0) for n in range(4)])
+    assert steps.step().kind == "rollback"
+    return service, versions[0], versions[1]

@@ -24,7 +24,14 @@ from tests.market_data import sp500_csv
 
 pytestmark = pytest.mark.slow
 
-ROWS = ["control rule", "first checkpoint", "latest checkpoint", "offline model", "always BUY"]
+ROWS = [
+    "control rule",
+    "first checkpoint",
+    "latest checkpoint",
+    "served policy",
+    "offline model",
+    "always BUY",
+]
 
 
 def backtest_env() -> dict[str, str]:
@@ -74,14 +81,26 @@ def test_the_real_loop_learns_on_the_train_part_and_is_judged_on_the_held_out_pa
     rows = held["rows"]
     assert [row["policy"] for row in rows] == ROWS
     assert {row["decisions"] for row in rows} == {held["decisions"]} and held["decisions"] >= 15
-    control, first, latest, offline, always_buy = rows
+    control, first, latest, served, offline, always_buy = rows
     assert (always_buy["trades"], always_buy["hold_share"]) == (held["decisions"], 0)
     assert control["loss_rate_vs_control_95"] is None
-    for row in (first, latest, offline, always_buy):
+    for row in (first, latest, served, offline, always_buy):
         low, high = row["loss_rate_vs_control_95"]
         assert -1 <= low <= high <= 1
         difference = row["loss_rate"] - control["loss_rate"]
         assert row["loss_rate_vs_control"] == pytest.approx(difference, abs=1e-5)
+    # and the served policy is the live logic carried on: each decision answered by the
+    # version serving named (or the control rule), starting from what served at the end
+    served_report = report["served"]
+    assert served_report["decisions"] == held["decisions"] == served["decisions"]
+    assert sum(served_report["answered_by"].values()) == held["decisions"]
+    assert served_report["in_service_first"] is not None
+    assert report["options"]["canary"] == {
+        "share": 0.5,
+        "min_outcomes": 30,
+        "live_window": 100,
+        "auto_rollback": True,
+    }
     # and the checkpoints judged are the first and the latest that training published
     training = report["training"]
     assert training["checkpoints_published"] == training["sessions"]["published"] >= 2

@@ -58,8 +58,14 @@ def client(cluster: LocalCluster) -> Iterator[redis.RedisCluster]:
 
 @pytest.fixture
 def settings(client, cluster: LocalCluster, tmp_path: Path) -> Settings:
-    """A hash-tagged namespace on the cluster, so every key lands in one slot."""
-    return Settings(redis_url=cluster.url, namespace="{negcase}", data_dir=tmp_path / "negative")
+    """A hash-tagged namespace on the cluster, so every key lands in one slot; a published
+    version serves at once (no canary), as in every test but the canary's."""
+    return Settings(
+        redis_url=cluster.url,
+        namespace="{negcase}",
+        data_dir=tmp_path / "negative",
+        canary_share=0.0,
+    )
 
 
 def negcase(settings: Settings, *args: str, **env: str) -> subprocess.CompletedProcess:

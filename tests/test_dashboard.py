@@ -53,7 +53,9 @@ def test_the_page_shows_live_numbers_that_update(client, settings, spawn, browse
     spawn("detect", "--block-ms", "100")
     dashboard = spawn("dashboard", "--port", "0", "--interval", "0.3")
     url = dashboard.stdout.readline().split(" on ")[1].strip()
-    publish_trades(client, settings.keys, [next(trades) for _ in range(200)])
+    # and trades decided by model version 3, whose live figures the page shows
+    decided = [{**next(trades), "model_version": 3} for _ in range(20)]
+    publish_trades(client, settings.keys, [next(trades) for _ in range(200)] + decided)
     # (trades are counted only once the detector's group exists, so test that first)
     wait_until(
         lambda: (
@@ -72,6 +74,9 @@ def test_the_page_shows_live_numbers_that_update(client, settings, spawn, browse
     lessons = browser.find_elements(By.CSS_SELECTOR, "#cases-table tr")
     assert lessons and "Should have" in lessons[0].text
     assert browser.find_elements(By.CSS_SELECTOR, "#chart rect")
+    live = [row.text.split() for row in browser.find_elements(By.CSS_SELECTOR, "#live-table tr")]
+    assert live and live[0][0] == "v3" and int(live[0][2]) > 0
+    assert browser.find_element(By.ID, "service").text == "none"
     # and when more trades arrive, the same page updates without a reload
     publish_trades(client, settings.keys, [next(trades) for _ in range(200)])
     wait.until(lambda d: number(d, "trades") > first)

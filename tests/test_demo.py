@@ -57,6 +57,9 @@ def test_the_demo_learns_from_its_losses_and_stops_everything(tmp_path):
     assert sum(1 for n in summary["cases_by_priority"].values() if n) >= 3
     assert summary["checkpoints_published"] >= 3
     assert summary["reloads"] >= 2
+    # a canary started and was judged on the engine's trades (the demo's short trials)
+    serving = summary["serving"]
+    assert serving["canary_started"] >= 1 and serving["promoted"] + serving["retired"] >= 1
     assert summary["dead_letters"] > 0
     assert summary["signal_requests_failed"] == 0
     # every case is accounted for, and every worker stopped cleanly
@@ -192,6 +195,14 @@ def test_the_summary_reads_as_words():
         "training_sessions": {"published": 3, "rejected": 1},
         "latest_checkpoint": 4,
         "reloads": 3,
+        "serving": {
+            "in_service": 3,
+            "canary": 4,
+            "canary_started": 3,
+            "promoted": 2,
+            "retired": 0,
+            "rollback": 0,
+        },
         "dead_letters": 9,
         "loss_rate_held_out": {
             "own_rule": {**held, "version": None},
@@ -203,6 +214,9 @@ def test_the_summary_reads_as_words():
     }
     text = render_summary(summary)
     assert "workers stopped   all 4 exited cleanly" in text
+    assert "v3 in service, canary v4 on trial; 3 canaries: 2 promoted, 0 retired, 0 rollbacks" in (
+        text
+    )
     assert "{" not in text
     summary["worker_exit_codes"]["trainer-2"] = -9
     assert "trainer-2 exited with -9" in render_summary(summary)

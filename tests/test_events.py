@@ -11,11 +11,19 @@ from negcase.runtime.shutdown import StopFlag
 from negcase.schemas.event import CATALOGUE, EVENT_TYPES, Event
 from negcase.store.checkpoints import CheckpointRegistry
 from negcase.store.queue import CaseQueue
-from tests.serving import write_bad_checkpoint
+from tests.serving import serving_story, write_bad_checkpoint
 from tests.test_monitor import detect, publish_checkpoint, small, trade
 
 # Written by Lua scripts, which cannot use the Python builders.
-LUA_EMITTED = ("checkpoint_published", "rollback", "lease_expired", "case_dead")
+LUA_EMITTED = (
+    "checkpoint_published",
+    "rollback",
+    "lease_expired",
+    "case_dead",
+    "canary_started",
+    "promoted",
+    "retired",
+)
 
 
 def test_every_event_written_keeps_to_the_catalogue(client, settings) -> None:
@@ -37,6 +45,7 @@ def test_every_event_written_keeps_to_the_catalogue(client, settings) -> None:
     trainer.train_claimed(trainer.queue.claim("t1"), StopFlag())
     second = publish_checkpoint(client, settings, 2, 0.6)
     CheckpointRegistry(client, keys).rollback(1)
+    serving_story(client, settings)
     reloader = Reloader(client, settings, "w1")
     reloader.load(second)
     reloader.load(write_bad_checkpoint(client, settings, "wrong_sha256"))

@@ -32,8 +32,15 @@ from negcase.store.checkpoints import CheckpointRegistry
 from negcase.store.health import HealthKey
 from negcase.store.keys import DETECTOR_GROUP
 from negcase.store.queue import CaseQueue
+from negcase.store.serving import ServingControl
 from tests.conftest import ROOT
-from tests.serving import FEATURES, checkpoint_meta, seeded_model, write_bad_checkpoint
+from tests.serving import (
+    FEATURES,
+    checkpoint_meta,
+    seeded_model,
+    serving_story,
+    write_bad_checkpoint,
+)
 
 # Exit prices of a BUY at 3000 whose loss (15, 6, 3, 1.5, 0.5 %) lands on each priority.
 EXIT_BY_PRIORITY = {5: 2550, 4: 2820, 3: 2910, 2: 2955, 1: 2985}
@@ -238,11 +245,15 @@ def test_tail_has_a_readable_line_for_every_event_type(client, settings) -> None
     trainer.train_claimed(trainer.queue.claim("t1"), StopFlag())
     registry = CheckpointRegistry(client, keys)
     second = publish_checkpoint(client, settings, 2, 0.6)
+    ServingControl(client, settings).step()  # as a worker does: it serves at once
     registry.rollback(1)
+    # and canaries judged by their live figures: one retired, one promoted then rolled back
+    service, retired, rolled_back = serving_story(client, settings)
     # and a reloader that loads v1, then refuses a checkpoint with the wrong sha256
     reloader = Reloader(client, settings, "w1")
     reloader.load(1)
-    reloader.load(write_bad_checkpoint(client, settings, "wrong_sha256"))
+    bad = write_bad_checkpoint(client, settings, "wrong_sha256")
+    reloader.load(bad)
     # and a case that fails for good, and one whose lease expires on its last attempt
     dying = CaseQueue(client, keys, lease_s=30, max_attempts=1)
     dying.fail(dying.claim("t2"), "CUDA out of memory", "t2")
@@ -276,12 +287,25 @@ def test_tail_has_a_readable_line_for_every_event_type(client, settings) -> None
     published = lines["checkpoint_published"]
     assert "CHECKPOINT PUBLISHED: v1 (parent none) | by t1 | sha256 " in published[0]
     assert f"CHECKPOINT PUBLISHED: v{second} (parent v1)" in published[1]
-    assert f"ROLLBACK: latest is v1 again (was v{second})" in lines["rollback"][0]
+    assert (
+        f"ROLLBACK: v1 in service again (was v{second}) | operator | sha256 "
+        in (lines["rollback"][0])
+    )
+    s = f"v{service}"
+    started = f"CANARY STARTED: v{retired} answers 25% of signal requests | in service: {s}"
+    assert started in lines["canary_started"][0]
+    [retire] = lines["retired"]
+    assert f"RETIRED: canary v{retired} | worse than {s} in service | mean P&L -1.500%" in retire
+    assert f"against {s}'s +1.500% over 2 (0.0%) | z -4.24, threshold -1.65 | {s} stays" in retire
+    promoted = f"PROMOTED: v{rolled_back} in service (was {s}) | not worse than {s}"
+    assert promoted in lines["promoted"][-1]
+    rolled = f"ROLLBACK: {s} in service again (was v{rolled_back}) | worse than {s} before it"
+    assert rolled in lines["rollback"][1]
     assert (
         "CHECKPOINT LOADED: v1 on w1 (was serving none) | Reload: " in lines["checkpoint_loaded"][0]
     )
     [rejected] = lines["checkpoint_rejected"]
-    assert "CHECKPOINT REJECTED: v3 on w1 | " in rejected and "sha256" in rejected
+    assert f"CHECKPOINT REJECTED: v{bad} on w1 | " in rejected and "sha256" in rejected
     assert rejected.endswith("| still serving v1")
     assert f"LEASE EXPIRED: {small_loss} | held by t3 | Attempts: 1" in lines["lease_expired"][0]
     failed, expired = lines["case_dead"]

@@ -228,6 +228,13 @@ def test_the_deployment_gauges_say_what_status_says(client, settings):
     assert samples[("negcase_latest_checkpoint_version", ())] == 1
     assert samples[("negcase_model_loss_rate", (("version", "1"),))] == 0.5
     assert samples[("negcase_redis_up", ())] == 1
+    # and what serves, with the live figures of v1's window: a 15 % loss and a 1 % win
+    assert samples[("negcase_serving_version", (("role", "service"),))] == 1
+    assert samples[("negcase_serving_version", (("role", "canary"),))] == 0
+    assert samples[("negcase_canary_share", ())] == 0
+    assert samples[("negcase_live_outcomes", (("version", "1"),))] == 2
+    assert samples[("negcase_live_loss_rate", (("version", "1"),))] == 0.5
+    assert samples[("negcase_live_mean_pnl_pct", (("version", "1"),))] == -7.0
 
 
 def test_the_grafana_dashboard_shows_the_gauges_and_only_metrics_that_exist(client, settings):

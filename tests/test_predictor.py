@@ -120,7 +120,7 @@ def test_a_checkpoint_for_another_model_spec_is_refused_and_the_old_one_serves(
     # given a reloader serving version 1
     publish(client, settings, seed=1)
     reloader = Reloader(client, settings, "w1")
-    reloader.sync(allow_back=True)
+    reloader.sync()
     # when a checkpoint's metadata names a model this worker was not configured with
     meta = checkpoint_meta(settings)
     meta["model_spec"].update(spec_change)

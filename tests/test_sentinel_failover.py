@@ -59,8 +59,9 @@ def client(deployment: SentinelDeployment) -> Iterator[redis.Redis]:
 
 @pytest.fixture
 def settings(client, deployment: SentinelDeployment, tmp_path: Path) -> Settings:
-    """The deployment's sentinel URL and a fresh archive."""
-    return Settings(redis_url=deployment.url, data_dir=tmp_path / "negative")
+    """The deployment's sentinel URL and a fresh archive; a published version serves at once
+    (no canary), as in every test but the canary's."""
+    return Settings(redis_url=deployment.url, data_dir=tmp_path / "negative", canary_share=0.0)
 
 
 @dataclass

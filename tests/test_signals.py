@@ -18,7 +18,7 @@ from redis.retry import Retry
 
 from negcase.client.signal_client import SignalClient, SignalTimeout
 from negcase.processes.inference import DELETED_REASON, NO_MODEL_REASON, InferenceWorker
-from negcase.processes.reloader import LoadedModel, Reloader
+from negcase.processes.reloader import LoadedModel, Reloader, Serving
 from negcase.runtime.shutdown import StopFlag
 from negcase.schemas.signal import (
     SignalRequestError,
@@ -126,7 +126,7 @@ def test_one_batch_is_answered_by_one_forward_pass_of_the_given_model(client, se
         (b"4-0", request_fields("good-2", other)),
     ]
     # when the worker answers it
-    batch = worker_for(client, settings).answer(entries, loaded)
+    batch = worker_for(client, settings).answer(entries, Serving(loaded))
     replies = {request_id: orjson.loads(raw) for request_id, raw in batch.replies}
     # then the good ones carry the local forward pass of that model, all from version 7
     for request_id, features in (("good-1", FEATURES), ("good-2", other)):
@@ -147,7 +147,9 @@ def test_one_batch_is_answered_by_one_forward_pass_of_the_given_model(client, se
 
 
 def test_without_a_model_every_request_gets_the_no_model_error(client, settings):
-    batch = worker_for(client, settings).answer([(b"1-0", request_fields("r", FEATURES))], None)
+    batch = worker_for(client, settings).answer(
+        [(b"1-0", request_fields("r", FEATURES))], Serving()
+    )
     ((_, raw),) = batch.replies
     assert orjson.loads(raw)["error"] == {"field": "model", "reason": NO_MODEL_REASON}
 
@@ -184,7 +186,8 @@ def test_an_oversized_request_gets_an_error_reply_or_is_dead_lettered(client, se
         (b"3-0", request_fields("small", FEATURES)),
     ]
     # when a worker answers them
-    batch = worker_for(client, settings).answer(entries, LoadedModel(7, seeded_model(settings, 1)))
+    served = Serving(LoadedModel(7, seeded_model(settings, 1)))
+    batch = worker_for(client, settings).answer(entries, served)
     replies = {request_id: orjson.loads(raw) for request_id, raw in batch.replies}
     # then the one with an id is told why, the other is kept with its reason, and a request
     # under the limit is answered as usual

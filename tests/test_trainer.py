@@ -223,8 +223,9 @@ def test_rollback_and_checkpoints_commands(client, settings, spawn) -> None:
     lines = out.splitlines()
     assert lines[1].split()[:3] == ["*", "1", "-"]
     assert lines[2].split()[:2] == ["2", "1"]
+    # each publish was put in service by the trainer's serving step (no canary here)
     kinds = [fields[b"kind"] for _, fields in client.xrange(settings.keys.checkpoints)]
-    assert kinds == [b"published", b"published", b"rollback"]
+    assert kinds == [b"published", b"promoted", b"published", b"promoted", b"rollback"]
 
 
 def trainer_health(client: redis.Redis, settings: Settings) -> dict | None:

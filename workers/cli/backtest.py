@@ -7,13 +7,14 @@ that building the parser (`negcase --help`) does without them."""
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import orjson
 
 from negcase.cli.options import CommandError
-from negcase.runtime.settings import Settings, SettingsError
+from negcase.runtime.settings import Settings, SettingsError, variable_of
 from negcase.runtime.shutdown import interrupt_on_sigterm
 
 if TYPE_CHECKING:
@@ -29,11 +30,21 @@ HOW_IT_RUNS = (
     "inference worker (processes, in a Redis namespace of their own: a local redis-server, "
     "or NEGCASE_REDIS_URL under negcase-backtest-<random>, deleted after), and the engine "
     "waits (at most --catch-up-s) for them to catch up before each decision, so what is "
-    "learned from one bar is served at the next. The held-out part is never published: the "
-    "control rule, the first and the latest checkpoint (pinned), an offline model of the same "
-    "architecture trained on every train bar, and always BUY are judged on it. The features "
-    "are computed from bars before the decision only (see negcase.sim.features)."
+    "learned from one bar is served at the next: a new version first answers a share of the "
+    "decisions as a canary (NEGCASE_CANARY_SHARE, 0.5 here; NEGCASE_CANARY_MIN_OUTCOMES, 30 "
+    "here), as live. The held-out part is never published: the control rule, the first and "
+    "the latest checkpoint (pinned), the served policy (the live logic carried on over the "
+    "held-out bars: whichever published version it puts in service, or on trial, answers), "
+    "an offline model of the same architecture trained on every train bar, and always BUY "
+    "are judged on it. The features are computed from bars before the decision only (see "
+    "negcase.sim.features)."
 )
+
+
+# A deployment's canary (10 % of decisions, judged after 200 outcomes) would take 2,000
+# decisions a trial, more than a backtest of 20 years of daily bars has: here a canary
+# answers half of them and is judged after 30 outcomes, so a run holds several trials.
+BACKTEST_CANARY = {"canary_share": 0.5, "canary_min_outcomes": 30, "live_window": 100}
 
 
 def walk_options() -> argparse.ArgumentParser:
@@ -138,9 +149,15 @@ def config_from(args: argparse.Namespace, bars: Path, symbol: str, seed: int) ->
 
 
 def base_settings(args: argparse.Namespace) -> Settings:
-    """Settings from the environment and --redis-url."""
+    """Settings from the environment and --redis-url; canary trials scaled to a backtest's
+    few hundred decisions (BACKTEST_CANARY) where the environment does not set them."""
+    trials = {
+        name: value
+        for name, value in BACKTEST_CANARY.items()
+        if variable_of(name) not in os.environ
+    }
     try:
-        return Settings.from_env().with_overrides(redis_url=args.redis_url)
+        return Settings.from_env().with_overrides(redis_url=args.redis_url, **trials)
     except SettingsError as error:
         raise CommandError(str(error)) from None
 

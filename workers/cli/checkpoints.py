@@ -29,6 +29,7 @@ from negcase.store.checkpoints import CheckpointInfo, CheckpointMissing, Checkpo
 from negcase.store.keys import Keys
 from negcase.store.queue import CaseQueue, queue_counts
 from negcase.store.replication import ReplicaAcksMissing
+from negcase.store.serving import ServingState, read_state
 
 REQUEUE_CHUNK = 500
 
@@ -40,10 +41,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         parents=[connection_options(), archive_options()],
         help="list checkpoint versions with lineage and metrics",
         description="List every checkpoint (in Redis, or only in the archive's models/ folder) "
-        "with its parent, trainer, cases and held-out metrics; * marks latest. The load column "
-        "says whether a version can still be loaded (pinned with `negcase predict --version`, "
-        "or by `negcase rollback`): found, and passing every check a hot reload makes for a "
-        "model configured as this command is; the reason is printed below for those that fail.",
+        "with its parent, trainer, cases and held-out metrics, and what serving makes of it "
+        "(service, canary, earlier); * marks latest. The load column says whether a version "
+        "can still be loaded (pinned with `negcase predict --version`, or by `negcase "
+        "rollback`): found, and passing every check a hot reload makes for a model configured "
+        "as this command is; the reason is printed below for those that fail.",
     )
     listing.add_argument("--json", action="store_true", help="print JSON")
     listing.set_defaults(run=run_checkpoints)
@@ -51,10 +53,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     rollback = sub.add_parser(
         "rollback",
         parents=[connection_options(), archive_options()],
-        help="point <ns>:ckpt:latest back at VERSION",
-        description="Point latest at an earlier version (restored from the archive if Redis "
-        "no longer holds it) and announce it on <ns>:checkpoints, so inference loads it. "
-        "Trainers then build on it; versions keep increasing.",
+        help="put VERSION in service and point <ns>:ckpt:latest back at it",
+        description="Put a version in service (restored from the archive if Redis no longer "
+        "holds it), end any canary, point latest at it and announce it on <ns>:checkpoints, "
+        "so inference loads it. Trainers then build on it; versions keep increasing. A "
+        "version put in service by hand is not rolled back automatically.",
     )
     rollback.add_argument("version", type=int)
     rollback.set_defaults(run=run_rollback)
@@ -77,12 +80,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run_checkpoints(args: argparse.Namespace) -> int:
     """Print the lineage table."""
     settings = settings_from(args)
-    registry = CheckpointRegistry(redis_client(settings), settings.keys, Archive(settings.data_dir))
+    client = redis_client(settings)
+    registry = CheckpointRegistry(client, settings.keys, Archive(settings.data_dir))
     latest = registry.latest_version()
     infos = registry.list()
     refusals = _refusals(registry, infos, settings)
+    roles = _roles(read_state(client, settings.keys))
     if args.json:
-        rows = [_json_row(info, latest, refusals.get(info.version)) for info in infos]
+        rows = [_json_row(info, latest, refusals.get(info.version), roles) for info in infos]
         print(
             orjson.dumps(
                 {"latest": latest, "checkpoints": rows}, option=orjson.OPT_INDENT_2
@@ -94,10 +99,11 @@ def run_checkpoints(args: argparse.Namespace) -> int:
         return 0
     print(
         f"{'':1} {'version':>7} {'parent':>6} {'created':19} {'cases':>5} "
-        f"{'held-out loss':>17} {'held-out acc':>15} {'where':6} {'load':4} trainer"
+        f"{'held-out loss':>17} {'held-out acc':>15} {'where':6} {'load':4} {'serving':8} "
+        "trainer"
     )
     for info in infos:
-        print(_row(info, latest, info.version not in refusals))
+        print(_row(info, latest, info.version not in refusals, roles))
     for version, reason in refusals.items():
         print(f"v{version} cannot be loaded: {reason}")
     return 0
@@ -122,11 +128,24 @@ def _refusals(
     return refusals
 
 
-def _json_row(info: CheckpointInfo, latest: int | None, refusal: str | None) -> dict[str, Any]:
+def _roles(state: ServingState) -> dict[int, str]:
+    """What serving makes of each version it names: in service, canary, or earlier."""
+    roles = dict.fromkeys(state.history, "earlier")
+    if state.canary is not None:
+        roles[state.canary] = "canary"
+    if state.service is not None:
+        roles[state.service] = "service"
+    return roles
+
+
+def _json_row(
+    info: CheckpointInfo, latest: int | None, refusal: str | None, roles: dict[int, str]
+) -> dict[str, Any]:
     meta = info.meta
     return {
         "version": info.version,
         "latest": info.version == latest,
+        "serving": roles.get(info.version),
         "parent_version": meta.get("parent_version"),
         "created_at_ms": meta.get("created_at_ms"),
         "trainer": meta.get("trainer"),
@@ -139,7 +158,7 @@ def _json_row(info: CheckpointInfo, latest: int | None, refusal: str | None) -> 
     }
 
 
-def _row(info: CheckpointInfo, latest: int | None, loadable: bool) -> str:
+def _row(info: CheckpointInfo, latest: int | None, loadable: bool, roles: dict[int, str]) -> str:
     meta = info.meta
     metrics = meta.get("metrics") or {}
     before, after = metrics.get("heldout_before"), metrics.get("heldout_after")
@@ -154,24 +173,27 @@ def _row(info: CheckpointInfo, latest: int | None, loadable: bool) -> str:
         f"{'-' if parent is None else parent:>6} {created:19} {len(meta.get('case_ids', [])):>5} "
         f"{loss:>17} {accuracy:>15} "
         f"{'redis' if info.in_redis else 'disk':6} {'yes' if loadable else 'no':4} "
+        f"{roles.get(info.version, '-'):8} "
         f"{meta.get('trainer', '')}"
     )
 
 
 def run_rollback(args: argparse.Namespace) -> int:
-    """Move latest back to a version."""
+    """Put a version in service and move latest back to it."""
     settings = settings_from(args)
+    client = redis_client(settings)
     registry = CheckpointRegistry(
-        redis_client(settings),
+        client,
         settings.keys,
         Archive(settings.data_dir),
         settings.keep_checkpoints,
         settings.events_maxlen,
         settings.replica_acks,
     )
-    if registry.latest_version() == args.version:
+    state = read_state(client, settings.keys)
+    if (state.service, state.latest, state.canary) == (args.version, args.version, None):
         # Nothing to roll back: announcing it would make every inference worker log a reload.
-        print(f"latest is already v{args.version}: nothing to do")
+        print(f"v{args.version} is already in service and latest, with no canary: nothing to do")
         return 0
     try:
         previous = registry.rollback(args.version)
@@ -179,7 +201,11 @@ def run_rollback(args: argparse.Namespace) -> int:
         raise CommandError(str(error)) from None
     except ReplicaAcksMissing as error:
         raise CommandError(f"rolled back to v{args.version}, unconfirmed: {error}") from None
-    print(f"latest: v{previous} -> v{args.version} (announced on {settings.keys.checkpoints})")
+    ended = "" if state.canary is None else f", canary v{state.canary} ended"
+    print(
+        f"in service: v{state.service} -> v{args.version}, latest: v{previous} -> "
+        f"v{args.version}{ended} (announced on {settings.keys.checkpoints})"
+    )
     return 0
 
 

@@ -1,7 +1,8 @@
 """Prometheus gauges of the whole deployment, read from Redis at scrape time: the case queue
 by priority and state, each consumer group's lag, pending entries and oldest pending age,
 dead letters, the latest checkpoint, the version each inference worker serves, live workers
-by kind, and the live loss rate per model version. `negcase dashboard` serves them at
+by kind, the live loss rate per model version, what serves (in service, canary) and each
+version's live figures. `negcase dashboard` serves them at
 /metrics (one scrape target for what is shared; each worker's own port has its counters)."""
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class ClusterCollector(Collector):
         yield from case_gauges(status)
         yield from group_gauges(status)
         yield from model_gauges(status)
+        yield from live_gauges(status)
 
 
 def _gauge(name: str, text: str, labels: list[str], rows: dict[Any, float]) -> GaugeMetricFamily:
@@ -146,4 +148,42 @@ def model_gauges(status: dict[str, Any]) -> Iterator[GaugeMetricFamily]:
         "Closed trades that named the model version",
         ["version"],
         {v: row["trades"] for v, row in models.items()},
+    )
+
+
+def live_gauges(status: dict[str, Any]) -> Iterator[GaugeMetricFamily]:
+    """What serves (in service, the canary and its share) and each version's live figures
+    over its window (store/live.py)."""
+    live = status["live"]
+    trial = live["canary"] or {}
+    yield _gauge(
+        "negcase_serving_version",
+        "The version in service and the canary on trial (0: none)",
+        ["role"],
+        {"service": live["service"] or 0, "canary": trial.get("version") or 0},
+    )
+    yield _gauge(
+        "negcase_canary_share",
+        "Share of signal requests the canary answers (0: no canary)",
+        [],
+        {(): trial.get("share") or 0},
+    )
+    versions = live["versions"]
+    yield _gauge(
+        "negcase_live_outcomes",
+        "Outcomes in a version's live window",
+        ["version"],
+        {v: row["outcomes"] for v, row in versions.items()},
+    )
+    yield _gauge(
+        "negcase_live_loss_rate",
+        "Losses per trade over a version's live window",
+        ["version"],
+        {v: row["loss_rate"] for v, row in versions.items()},
+    )
+    yield _gauge(
+        "negcase_live_mean_pnl_pct",
+        "Mean P&L per decision over a version's live window, percent of margin",
+        ["version"],
+        {v: row["mean_pnl_pct"] for v, row in versions.items()},
     )

@@ -4,6 +4,7 @@ round trips."""
 from __future__ import annotations
 
 import argparse
+import math
 import socket
 import sys
 import time
@@ -23,6 +24,7 @@ from negcase.store.checkpoints import version_of
 from negcase.store.connection import server_of
 from negcase.store.health import live_workers
 from negcase.store.keys import DETECTOR_GROUP, INFERENCE_GROUP, Keys
+from negcase.store.live import LiveStats, window_stats, z_score
 from negcase.store.queue import priority_of_score, queue_counts, score_range
 
 PRIORITIES = (5, 4, 3, 2, 1)
@@ -30,6 +32,7 @@ RATE_FIELDS = ("trades", "losses", "cases_added", "dead_lettered")
 LEASES_SHOWN = 10
 REASONS_SHOWN = 3
 CHECKPOINTS_SHOWN = 5
+LIVE_VERSIONS_SHOWN = 6
 # XINFO GROUPS has no `lag` before Redis 7, and from 7 on it is nil once entries were deleted
 # (inference XDELs what it answered): the undelivered entries are then counted with an
 # exclusive XRANGE, which reads them, so it stops at this many.
@@ -86,6 +89,7 @@ def gather_status(client: redis.Redis, keys: Keys) -> dict[str, Any]:
         "workers": _worker_rows(workers, now_ms),
         "workers_alive": _alive_by_kind(workers),
         "serving": serving_versions(workers),
+        "live": _live_status(first, second),
     }
 
 
@@ -129,6 +133,9 @@ def _first_reads(keys: Keys, streams: Sequence[GroupStream]) -> Reads:
         "leased": lambda p: p.zrange(keys.leased, 0, LEASES_SHOWN - 1, withscores=True),
         "latest": lambda p: p.get(keys.latest),
         "versions": lambda p: p.zrevrange(keys.versions, 0, CHECKPOINTS_SHOWN - 1),
+        "serving": lambda p: p.hgetall(keys.serving),
+        "serving_history": lambda p: p.lrange(keys.serving_history, 0, -1),
+        "live_versions": lambda p: p.zrevrange(keys.live_versions, 0, LIVE_VERSIONS_SHOWN - 1),
     }
     for priority in PRIORITIES:
         reads[f"priority:{priority}"] = lambda p, n=priority: p.zcount(keys.queue, *score_range(n))
@@ -157,6 +164,9 @@ def _second_reads(keys: Keys, streams: Sequence[GroupStream], first: dict[str, A
     for raw in first["versions"]:
         key = keys.checkpoint(int(raw))
         reads[f"meta:{int(raw)}"] = lambda p, key=key: p.hget(key, "meta")
+    for version in _live_versions_shown(first):
+        key = keys.live(version)
+        reads[f"live:{version}"] = lambda p, key=key: p.lrange(key, 0, -1)
     for s in streams:
         group = _group_info(first[f"{s.section}:groups"], s.group)
         if group is not None and group.get("lag") is None:
@@ -286,6 +296,58 @@ def _checkpoint_rows(versions: list[bytes], second: dict[str, Any]) -> list[dict
     return rows
 
 
+def _live_versions_shown(first: dict[str, Any]) -> list[int]:
+    """The versions with live figures to show: those serving names, then the newest."""
+    state = first["serving"]
+    named = [state.get(b"service"), state.get(b"canary"), *first["serving_history"][:2]]
+    versions = [int(v) for v in named if v] + [int(v) for v in first["live_versions"]]
+    return list(dict.fromkeys(versions))[:LIVE_VERSIONS_SHOWN]
+
+
+def _live_status(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
+    """What serves (in service, the canary on trial) and each version's live figures over
+    its window; before any serving step, latest is in service."""
+    state = {_text(k): _text(v) for k, v in first["serving"].items()}
+    service = version_of(state.get("service")) or version_of(first["latest"])
+    canary = version_of(state.get("canary"))
+    history = [int(v) for v in first["serving_history"]]
+    stats = {v: window_stats(second[f"live:{v}"]) for v in _live_versions_shown(first)}
+    trial = None
+    if canary is not None:
+        trial = {
+            "version": canary,
+            "share": float(state.get("canary_share") or 0),
+            "since_ms": _int_or_none(state.get("canary_since_ms")),
+            "min_outcomes": _int_or_none(state.get("canary_min_outcomes")),
+            "outcomes": stats[canary].n,
+            "z": _z_against(stats, canary, service),
+        }
+    roles = {service: "service", canary: "canary", **dict.fromkeys(history, "earlier")}
+    return {
+        "service": service,
+        "service_since_ms": _int_or_none(state.get("service_since_ms")),
+        "canary": trial,
+        "history": history,
+        "epoch": int(state.get("epoch") or 0),
+        "versions": {
+            str(v): {"role": roles.get(v, "-"), **row.to_dict()} for v, row in stats.items()
+        },
+    }
+
+
+def _z_against(stats: dict[int, LiveStats], version: int, baseline: int | None) -> float | None:
+    """The serving step's comparison so far, once both windows have two outcomes."""
+    ours, theirs = stats.get(version), stats.get(baseline) if baseline is not None else None
+    if ours is None or theirs is None or ours.n < 2 or theirs.n < 2:
+        return None
+    z = z_score(ours, theirs)
+    return round(z, 3) if math.isfinite(z) else None
+
+
+def _int_or_none(raw: str | None) -> int | None:
+    return int(raw) if raw else None
+
+
 def worker_name(record: dict[str, Any]) -> str:
     """How a health record names its worker: consumer or trainer name, else host:pid."""
     return (
@@ -311,6 +373,7 @@ def _worker_rows(workers: list[dict[str, Any]], now_ms: int) -> list[dict[str, A
             "host": record.get("host"),
             "pid": record.get("pid"),
             "version": record.get("version"),
+            "canary": record.get("canary"),
             "beat_age_s": round((now_ms - record.get("at_ms", now_ms)) / 1000, 1),
         }
         for record in workers

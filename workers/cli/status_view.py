@@ -18,6 +18,7 @@ def render_status(status: dict[str, Any]) -> str:
         _render_cases(status["cases"]),
         _render_leases(status["leases"], status["cases"]["leased"]),
         _render_checkpoints(status),
+        _render_live(status["live"]),
         _render_workers(status),
         _render_models(status["models"]),
         _render_counters(status["counters"]),
@@ -148,6 +149,45 @@ def _render_checkpoints(status: dict[str, Any]) -> list[str]:
     return [title, *_table(rows, "<<<><<<")]
 
 
+def _render_live(live: dict[str, Any]) -> list[str]:
+    service, trial = live["service"], live["canary"]
+    if service is None:
+        return ["serving  nothing yet: no checkpoint published"]
+    line = f"serving  v{service} in service"
+    if live["service_since_ms"]:
+        line += f" since {_clock(live['service_since_ms'])}"
+    if live["history"]:
+        line += " | before it: " + ", ".join(f"v{v}" for v in live["history"][:5])
+    lines = [line]
+    if trial is not None:
+        needed = trial["min_outcomes"] or "?"
+        z = "" if trial["z"] is None else f", z {trial['z']:+.2f} against v{service} so far"
+        lines.append(
+            f"  canary v{trial['version']} on {trial['share']:.0%} of requests: "
+            f"{trial['outcomes']} of {needed} outcomes{z}"
+        )
+    rows = [["  live figures", "role", "outcomes", "trades", "losses", "loss rate", "P&L/decision"]]
+    for version, row in live["versions"].items():
+        traded = row["trades"] > 0
+        rows.append(
+            [
+                f"  v{version}",
+                row["role"],
+                row["outcomes"],
+                row["trades"],
+                row["losses"],
+                f"{row['loss_rate']:.1%}" if traded else "-",
+                f"{row['mean_pnl_pct']:+.3f}%" if row["outcomes"] else "-",
+            ]
+        )
+    table = _table(rows, "<<") if live["versions"] else []
+    return [*lines, *table]
+
+
+def _clock(at_ms: int) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(at_ms / 1000))
+
+
 def before_after(
     before: dict[str, Any] | None,
     after: dict[str, Any] | None,
@@ -172,11 +212,17 @@ def _render_workers(status: dict[str, Any]) -> list[str]:
                 f"  {worker['kind']}",
                 worker["name"],
                 f"{worker['host']}:{worker['pid']}",
-                "-" if version is None else f"v{version}",
+                _serves(version, worker.get("canary")),
                 f"{worker['beat_age_s']:.1f}s ago",
             ]
         )
     return [f"workers alive  {alive}", *(_table(rows, "<<<<>") if status["workers"] else [])]
+
+
+def _serves(version: int | None, canary: int | None) -> str:
+    if version is None:
+        return "-"
+    return f"v{version}" if canary is None else f"v{version}, canary v{canary}"
 
 
 def _render_models(models: dict[str, dict[str, float]]) -> list[str]:

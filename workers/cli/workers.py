@@ -156,10 +156,11 @@ def register_serve(sub: argparse._SubParsersAction) -> None:
         help="run an inference worker (consumer group 'inference' on <ns>:signals:requests)",
         description=(
             "Answer signal requests from <ns>:signals:requests in the consumer group "
-            "'inference': read a batch, run one forward pass of the live model, push every "
+            "'inference': read a batch, run one forward pass of the model in service (and "
+            "one of the canary for its share of requests, chosen by request id), push every "
             "reply to <ns>:signals:reply:<request_id> in one round trip. A thread follows "
-            "<ns>:checkpoints and swaps in each new checkpoint after verifying it; a batch "
-            "is always answered by one model version. The model is built from this worker's "
+            "<ns>:checkpoints and swaps in what <ns>:serving names after verifying it; a "
+            "batch is always answered by the same models. The model is built from this worker's "
             "own settings (--model / NEGCASE_MODEL_FACTORY, NEGCASE_HIDDEN_SIZES, "
             "NEGCASE_FEATURE_COUNT), which must match what the trainers were given. Several "
             "workers can run side by side. It is ready (`negcase health --ready`, /readyz) "
@@ -187,6 +188,7 @@ def run_serve(args: argparse.Namespace) -> int:
     """Run one inference worker until stopped (or drained, with --burst)."""
     from negcase.processes.inference import InferenceWorker
     from negcase.processes.reloader import Reloader, configure_torch_for_serving
+    from negcase.store.serving import ServingControl
 
     settings = settings_from(
         args, serve_batch_size=args.batch_size, block_ms=args.block_ms, model_factory=args.model
@@ -197,9 +199,11 @@ def run_serve(args: argparse.Namespace) -> int:
     log_startup(log, "inference worker", settings, consumer, INFERENCE_GROUP)
     stop = StopFlag()
     install_signal_handlers(stop, f"serve {consumer}")
-    reloader = Reloader(client, settings, consumer).start()
-    # Serve only after the first look at `latest`: a worker started after several
-    # publishes answers with the newest version from its first reply on.
+    # A worker takes part in the serving decision: it starts a canary when a version is
+    # published and reports a checkpoint it cannot load (store/serving.py).
+    reloader = Reloader(client, settings, consumer, ServingControl(client, settings)).start()
+    # Serve only after the first look at what serves: a worker started after several
+    # publishes answers with the version in service from its first reply on.
     while not reloader.synced.wait(0.1):
         if stop.is_set():
             return 0

@@ -37,8 +37,9 @@ class NoModelYet(RuntimeError):
 
 
 class Predictor:
-    """`predict(features) -> Signal` from the newest verified checkpoint, or from the one
-    `version` it is pinned to.
+    """`predict(features) -> Signal` from the verified checkpoint in service (and a canary
+    for its share of decisions, when given their ids), or from the one `version` it is
+    pinned to.
 
     Use as a context manager, or call `start()` and `close()`. `client` must return bytes
     (redis-py's default): a client with decode_responses=True is a TypeError here, before it
@@ -105,16 +106,28 @@ class Predictor:
     def _live(self) -> LoadedModel | None:
         return self._pinned if self.pinned_version is not None else self.reloader.live
 
+    def _answering(self, request_id: str | None) -> tuple[LoadedModel | None, bool]:
+        """The model that answers, and whether it is the canary on trial."""
+        if self.pinned_version is not None:
+            return self._pinned, False
+        serving = self.reloader.serving
+        canary = request_id is not None and serving.takes_canary(request_id)
+        return (serving.canary if canary else serving.service), canary
+
     def _why_no_model(self) -> str:
         if self.pinned_version is None:
             return "no checkpoint published yet"
         return f"pinned v{self.pinned_version} is not loaded: call start() first"
 
-    def predict(self, features: Sequence[float] | np.ndarray) -> Signal:
-        """The signal for one set of features; SignalRequestError names a bad value,
-        NoModelYet means nothing can answer yet. Not safe to call from several threads at
-        once (it reuses one input buffer); use one Predictor per thread."""
-        live = self._live()
+    def predict(
+        self, features: Sequence[float] | np.ndarray, request_id: str | None = None
+    ) -> Signal:
+        """The signal for one set of features, from the version in service; with a
+        `request_id` (the decision's id), a canary answers its share of them as inference
+        workers do. SignalRequestError names a bad value, NoModelYet means nothing can answer
+        yet. Not safe to call from several threads at once (it reuses one input buffer); use
+        one Predictor per thread."""
+        live, canary = self._answering(request_id)
         if live is None:
             raise NoModelYet(self._why_no_model())
         row = self._row
@@ -125,7 +138,11 @@ class Predictor:
         row[0] = features
         probabilities = live.probabilities(row)[0].tolist()
         return signal_from_probabilities(
-            probabilities, live.version, min_confidence=self.settings.min_confidence
+            probabilities,
+            live.version,
+            request_id,
+            min_confidence=self.settings.min_confidence,
+            canary=canary,
         )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Sequence
 
@@ -10,6 +11,7 @@ import numpy as np
 
 from negcase.runtime.settings import DEFAULT_REDIS_URL, Settings
 from negcase.schemas.signal import (
+    REQUEST_ID_PATTERN,
     Signal,
     check_features,
     parse_reply,
@@ -18,6 +20,7 @@ from negcase.schemas.signal import (
 from negcase.store.connection import Client, check_namespace_slot, connect
 from negcase.store.keys import Keys
 
+_REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
 # Requests are deleted once answered; this cap only matters while no worker is running.
 REQUESTS_MAXLEN = 100_000
 # A blocking command that outlasts the client's socket timeout fails with TimeoutError
@@ -62,17 +65,27 @@ class SignalClient:
         client = connect(settings.redis_url or DEFAULT_REDIS_URL)
         return cls(client, settings.namespace, settings.feature_count)
 
-    def request(self, features: Sequence[float] | np.ndarray, timeout_s: float = 1.0) -> Signal:
+    def request(
+        self,
+        features: Sequence[float] | np.ndarray,
+        timeout_s: float = 1.0,
+        request_id: str | None = None,
+    ) -> Signal:
         """The signal for `features`, or SignalRequestError (the worker's error reply naming
         the field and reason), or SignalTimeout. `timeout_s` must be positive. When the
         signal's `opinion` is false (confidence under NEGCASE_MIN_CONFIDENCE), keep your own
-        rule: the model does not know better here."""
+        rule: the model does not know better here. `request_id` (1-128 characters of
+        A-Z a-z 0-9 . _ : -) names the decision instead of a fresh id: whether a canary
+        answers depends on it, so asking again for one decision keeps it with the same
+        version."""
         if not timeout_s > 0:  # NaN too; BLPOP 0 would wait forever
             raise ValueError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
+        if request_id is not None and not _REQUEST_ID.match(request_id):
+            raise ValueError(f"request_id {request_id!r}: expected 1-128 of A-Z a-z 0-9 . _ : -")
         if self.feature_count is not None:
             values = features.tolist() if isinstance(features, np.ndarray) else features
             check_features(values, self.feature_count)
-        request_id = self.next_request_id()
+        request_id = request_id or self.next_request_id()
         reply_key = self.keys.reply(request_id)
         # XADD and BLPOP in one pipeline: one network round trip per request. BLPOP
         # blocks only this connection, after the XADD has run.

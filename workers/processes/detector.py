@@ -1,4 +1,5 @@
-"""The loss detector: reads trade-close events, turns each loss into a NegativeCase."""
+"""The loss detector: reads trade-close events, turns each loss into a NegativeCase, and
+scores each decision a model version made in that version's live window."""
 
 from __future__ import annotations
 
@@ -29,7 +30,9 @@ from negcase.store.archive import Archive
 from negcase.store.cases import Batch, CaseStore, DeadLetter, version_label
 from negcase.store.health import HealthKey
 from negcase.store.keys import DETECTOR_GROUP
+from negcase.store.live import LiveOutcome, LiveScores
 from negcase.store.queue import is_held_out
+from negcase.store.serving import ServingControl
 from negcase.store.streams import (
     Entry,
     claim_abandoned,
@@ -67,6 +70,8 @@ class LossDetector:
         self.consumer = consumer
         self.archive = archive
         self.cases = CaseStore(client, self.keys, settings.replica_acks)
+        self.live = LiveScores(client, self.keys, settings.live_window)
+        self.serving = ServingControl(client, settings)
         self.defaults = TradeDefaults(
             feature_count=settings.feature_count,
             leverage=settings.default_leverage,
@@ -144,11 +149,15 @@ class LossDetector:
         self.store(self.assess(entries), len(entries))
 
     def store(self, batch: Batch, entry_count: int) -> None:
-        """Archive a batch's cases, then record it and acknowledge its entries in one script."""
+        """Archive a batch's cases, score its decisions in their versions' live windows, then
+        record it and acknowledge its entries in one script, and take the serving step the
+        new scores may call for. Scoring comes first and is idempotent, and the step reads
+        only state: a crash anywhere in between repeats nothing twice."""
         started = time.perf_counter()
         if self.archive is not None:
             self.archive.add_cases(batch.cases, batch.blobs)
         settings = self.settings
+        self.live.record(batch.live)
         added, duplicates = self.cases.record_batch(
             batch,
             self.consumer,
@@ -158,6 +167,8 @@ class LossDetector:
             settings.outcomes_maxlen,
             settings.validation_size,
         )
+        if batch.live:
+            self.serving.step()
         totals = self.totals
         totals.entries += entry_count
         totals.cases_added += added
@@ -204,6 +215,9 @@ class LossDetector:
         return batch
 
     def _add(self, batch: Batch, trade: TradeClosed, assessment: Assessment) -> None:
+        if trade.model_version is not None:
+            pnl_pct = None if trade.side == "HOLD" else assessment.pnl_pct
+            batch.live.append(LiveOutcome(trade.trade_id, trade.model_version, pnl_pct))
         if assessment.outcome is not None:
             held_out = is_held_out(case_id_for(trade.trade_id), self.settings.heldout_share)
             batch.outcomes.append((assessment.outcome.to_msgpack(), held_out))

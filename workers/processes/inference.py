@@ -1,5 +1,6 @@
-"""The inference worker: answers signal requests from `<ns>:signals:requests` with the live
-model, in batches, while the reloader swaps in every new checkpoint."""
+"""The inference worker: answers signal requests from `<ns>:signals:requests` in batches with
+the model in service (and a canary for its share of requests), while the reloader swaps in
+what serving names."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import redis
 
-from negcase.processes.reloader import LoadedModel, Reloader
+from negcase.processes.reloader import Reloader, Serving
 from negcase.runtime.logging import Progress
 from negcase.runtime.loop import BURST_POLL_S, WorkerLoop
 from negcase.runtime.metrics import InferenceMetrics
@@ -96,12 +97,19 @@ class InferenceWorker:
         version = None if live is None else live.version
         if version is not None:
             self.metrics.model_version.set(version)
-        return {"consumer": self.consumer, "version": version, "signals": self.totals.signals}
+        canary = self.reloader.serving.canary
+        return {
+            "consumer": self.consumer,
+            "version": version,
+            "canary": None if canary is None else canary.version,
+            "signals": self.totals.signals,
+        }
 
     def handle(self, entries: list[Entry]) -> None:
-        """Answer a batch with one model version and write every reply in one round trip."""
+        """Answer a batch with the models serving now and write every reply in one round
+        trip."""
         started = time.perf_counter()
-        batch = self.answer(entries, self.reloader.live)
+        batch = self.answer(entries, self.reloader.serving)
         self.store.write(batch)
         counters = batch.counters
         self.progress.add(
@@ -114,11 +122,12 @@ class InferenceWorker:
         )
         self.metrics.batch_seconds.observe(time.perf_counter() - started)
 
-    def answer(self, entries: list[Entry], loaded: LoadedModel | None) -> ReplyBatch:
-        """Pure computation: the reply to every entry, from `loaded` alone. No I/O."""
+    def answer(self, entries: list[Entry], serving: Serving) -> ReplyBatch:
+        """Pure computation: the reply to every entry, from `serving` alone. No I/O."""
         totals = self.totals
         number = totals.batches
         totals.batches += 1
+        loaded = serving.service
         version = None if loaded is None else loaded.version
         batch = ReplyBatch(handled_ids=[entry_id for entry_id, _ in entries])
         request_ids: list[str] = []
@@ -145,23 +154,54 @@ class InferenceWorker:
                 continue
             request_ids.append(request_id)
         if request_ids:
+            on_trial = self._on_trial(serving, request_ids)
+            rows = self._forward(serving, on_trial)
             min_confidence = self.settings.min_confidence
-            rows = loaded.probabilities(self.features[: len(request_ids)]).tolist()
-            for request_id, probabilities in zip(request_ids, rows, strict=True):
+            for request_id, probabilities, canary in zip(
+                request_ids, rows, on_trial.tolist(), strict=True
+            ):
+                model = serving.canary if canary else loaded
                 signal = signal_from_probabilities(
-                    probabilities, version, request_id, self.consumer, number, min_confidence
+                    probabilities,
+                    model.version,
+                    request_id,
+                    self.consumer,
+                    number,
+                    min_confidence=min_confidence,
+                    canary=canary,
                 )
                 batch.replies.append((request_id, signal.to_json()))
-        self._count(batch, len(request_ids), len(entries), version)
+            trial = int(on_trial.sum())
+            batch.count(f"model:{version}:signals", len(request_ids) - trial)
+            if trial:
+                batch.count(f"model:{serving.canary.version}:signals", trial)
+                batch.count("signals_canary", trial)
+        self._count(batch, len(request_ids), len(entries))
         return batch
 
-    def _count(self, batch: ReplyBatch, signals: int, entries: int, version: int | None) -> None:
+    @staticmethod
+    def _on_trial(serving: Serving, request_ids: list[str]) -> np.ndarray:
+        """Which requests the canary answers (all False without one)."""
+        if serving.canary is None:
+            return np.zeros(len(request_ids), bool)
+        return np.fromiter(map(serving.takes_canary, request_ids), bool, len(request_ids))
+
+    def _forward(self, serving: Serving, on_trial: np.ndarray) -> list[list[float]]:
+        """Probabilities for each decoded row: one forward pass per model that has rows."""
+        features = self.features[: len(on_trial)]
+        if not on_trial.any():
+            return serving.service.probabilities(features).tolist()
+        rows = np.empty((len(on_trial), 3), np.float32)
+        for model, chosen in ((serving.service, ~on_trial), (serving.canary, on_trial)):
+            if chosen.any():
+                rows[chosen] = model.probabilities(features[chosen])
+        return rows.tolist()
+
+    def _count(self, batch: ReplyBatch, signals: int, entries: int) -> None:
         errors = entries - signals - len(batch.dead)
         batch.count("signals", signals)
         batch.count("signal_errors", errors)
         batch.count("signals_dead", len(batch.dead))
-        if version is not None:
-            batch.count(f"model:{version}:signals", signals)
         totals = self.totals
         totals.signals += signals
         totals.errors += errors

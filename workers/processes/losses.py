@@ -85,6 +85,8 @@ class Assessment:
     kind: str
     case: NegativeCase | None
     outcome: Outcome | None
+    # The trade's P&L in percent of the margin (0 for a skip): what it made for its version.
+    pnl_pct: float = 0.0
 
 
 def assess_trade(trade: TradeClosed, settings: Settings, now_ms: int) -> Assessment:
@@ -112,7 +114,7 @@ def assess_trade(trade: TradeClosed, settings: Settings, now_ms: int) -> Assessm
             closed_at_ms=trade.closed_at_ms or now_ms,
             model_version=trade.model_version,
         )
-    return Assessment(kind, case, outcome)
+    return Assessment(kind, case, outcome, result.pnl_pct)
 
 
 def lesson_for(trade: TradeClosed, outcome: TradeResult, action: str) -> str:

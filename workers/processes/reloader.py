@@ -1,9 +1,10 @@
-"""Hot reload: follow `<ns>:checkpoints` in a thread of its own, load each new checkpoint
-beside the live model, verify it, and swap the reference that serving reads.
+"""Hot reload: follow `<ns>:checkpoints` in a thread of its own, load what `<ns>:serving`
+names (the version in service and, on trial, a canary) beside the models in use, verify
+them, and swap the reference that serving reads.
 
-Serving never waits for a load: it reads `Reloader.live` once per batch (one attribute
-read, atomic under the GIL) and uses that model for the whole batch. A load builds a fresh
-model, so the model a batch is using is never written to.
+Serving never waits for a load: it reads `Reloader.serving` once per batch (one attribute
+read, atomic under the GIL) and uses those models for the whole batch. A load builds a fresh
+model, so a model a batch is using is never written to.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from negcase.runtime.settings import Settings
 from negcase.schemas import event as events
 from negcase.schemas.event import Event
 from negcase.store.checkpoints import CheckpointMissing, CheckpointRegistry, StoredCheckpoint
+from negcase.store.serving import ServingControl, read_state, takes_canary
 from negcase.store.streams import entries_of
 
 log = logging.getLogger(__name__)
@@ -49,23 +51,47 @@ class LoadedModel:
             return torch.softmax(self.model(torch.from_numpy(features)), dim=1).numpy()
 
 
-class Reloader:
-    """Keeps `live` at the version `<ns>:ckpt:latest` names, for one worker or Predictor.
+@dataclass(frozen=True, slots=True)
+class Serving:
+    """What a worker answers with: the model in service and, on trial, a canary that
+    answers `canary_share` of the requests, chosen by request id."""
 
-    Versions only move forward, except when a rollback is announced, or on start and
-    reconnect, where `latest` is the only truth left (a rollback may have been missed).
+    service: LoadedModel | None = None
+    canary: LoadedModel | None = None
+    canary_share: float = 0.0
+    epoch: int = 0
+
+    def takes_canary(self, request_id: str) -> bool:
+        """Whether the canary answers this request (the same answer in every worker)."""
+        canary = self.canary
+        return canary is not None and takes_canary(request_id, canary.version, self.canary_share)
+
+
+class Reloader:
+    """Keeps `serving` at what `<ns>:serving` names, for one worker or Predictor.
+
+    It reads that state on start, on every reconnect and after every announcement, so a
+    missed announcement is caught up with. With a `control`, it also runs the serving step
+    when a version is published (a canary starts) and reports a version it cannot load.
     """
 
-    def __init__(self, client: redis.Redis, settings: Settings, worker: str) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        settings: Settings,
+        worker: str,
+        control: ServingControl | None = None,
+    ) -> None:
         self.client = client
         self.settings = settings
         self.keys = settings.keys
         self.worker = worker
+        self.control = control
         self.registry = CheckpointRegistry(client, settings.keys)
         # The network is built from this worker's own configuration, never from metadata
         # in Redis: a checkpoint only supplies weights, for exactly this spec.
         self.spec = spec_from_settings(settings)
-        self.live: LoadedModel | None = None
+        self.serving = Serving()
         # Versions that failed verification: refused once, not refetched on every wake-up.
         self.rejected: set[int] = set()
         self.synced = threading.Event()
@@ -88,27 +114,56 @@ class Reloader:
         if self._thread is not None:
             self._thread.join(timeout_s)
 
-    def sync(self, allow_back: bool) -> None:
-        """Load the version `latest` names, unless it is live, refused before, or older than
-        the live one while going back is not allowed."""
-        latest = self.registry.latest_version()
-        live = self.live
-        if latest is None or latest in self.rejected:
-            return
-        if live is not None and (
-            latest == live.version or (latest < live.version and not allow_back)
-        ):
-            return
-        self.load(latest)
+    @property
+    def live(self) -> LoadedModel | None:
+        """The model in service (None before the first load)."""
+        return self.serving.service
+
+    def sync(self, step: bool = False) -> None:
+        """Load what `<ns>:serving` names and swap it in: the version in service (a refused
+        one leaves the model in use), and the canary (a refused one answers nothing). With
+        `step` and a control, run the serving step first."""
+        if step and self.control is not None:
+            self.control.step()
+        state = read_state(self.client, self.keys)
+        current = self.serving
+        service = current.service
+        if state.service is not None:
+            service = self._model(state.service, "service") or service
+        canary = None
+        if state.canary is not None and state.canary != state.service:
+            canary = self._model(state.canary, "canary")
+        updated = Serving(service, canary, state.canary_share, state.epoch)
+        if updated != current:
+            self.serving = updated
+
+    def _model(self, version: int, role: str) -> LoadedModel | None:
+        """The model of `version`: one in use already, else freshly loaded (None when it
+        was refused, now or before)."""
+        for loaded in (self.serving.service, self.serving.canary):
+            if loaded is not None and loaded.version == version:
+                return loaded
+        if version in self.rejected:
+            return None
+        return self._load(version, role)
 
     def load(self, version: int) -> LoadedModel | None:
-        """Fetch, verify and load `version` beside the live model, then swap; on failure,
-        announce checkpoint_rejected and keep serving the live one. Only a lost or stalled
-        Redis connection is raised (the caller reconnects and tries again): anything else
-        that goes wrong with a checkpoint is that checkpoint's fault, and retrying it
-        would fail the same way forever."""
+        """Fetch, verify and load `version` beside the models in use, then swap it in as the
+        one in service; on failure, announce checkpoint_rejected and keep serving."""
+        loaded = self._load(version, "service")
+        if loaded is not None:
+            current = self.serving
+            self.serving = Serving(loaded, current.canary, current.canary_share, current.epoch)
+        return loaded
+
+    def _load(self, version: int, role: str) -> LoadedModel | None:
+        """Fetch and verify `version` into a fresh model; on failure, announce
+        checkpoint_rejected (and report it to the serving step) and return None. Only a lost
+        or stalled Redis connection is raised (the caller reconnects and tries again):
+        anything else that goes wrong with a checkpoint is that checkpoint's fault, and
+        retrying it would fail the same way forever."""
         started_s = time.perf_counter()
-        previous = self.live
+        previous = self.serving.service
         try:
             loaded = self._verified(version)
         except redis.RedisError:
@@ -123,16 +178,22 @@ class Reloader:
             log.warning(f"{self.worker} refused v{version}, serving {_label(previous)}: {reason}")
             self._announce(
                 events.checkpoint_rejected(
-                    self.worker, version, _version_of(previous), reason, _now_ms()
+                    self.worker, version, _version_of(previous), reason, _now_ms(), role
                 )
             )
+            # A fault of the checkpoint: it must never serve nor be gone back to. A spec
+            # this worker does not share is this worker's configuration, not the checkpoint.
+            if self.control is not None and not isinstance(error, SpecMismatch):
+                self.control.step(refused=version, reason=reason)
             return None
-        self.live = loaded
         reload_ms = (time.perf_counter() - started_s) * 1000
-        log.info(f"{self.worker} loaded v{version} in {reload_ms:.1f} ms (was {_label(previous)})")
+        log.info(
+            f"{self.worker} loaded v{version} as {role} in {reload_ms:.1f} ms "
+            f"(in service was {_label(previous)})"
+        )
         self._announce(
             events.checkpoint_loaded(
-                self.worker, version, _version_of(previous), reload_ms, _now_ms()
+                self.worker, version, _version_of(previous), reload_ms, _now_ms(), role
             )
         )
         return loaded
@@ -158,16 +219,17 @@ class Reloader:
         loop.run(self._follow_step)
 
     def _catch_up(self) -> None:
-        """On start and reconnect: note the stream position, then load what `latest` names.
-        Reading `latest` after noting the position means an announcement that lands in
+        """On start and reconnect: note the stream position, then load what serving names.
+        Reading the state after noting the position means an announcement that lands in
         between is read by the next step, so nothing is missed."""
         self._last_id = self._last_announcement_id()
-        self.sync(allow_back=True)
+        self.sync(step=True)
         self.synced.set()
 
     def _follow_step(self) -> bool:
-        """Wait for announcements; a burst of them needs one load, of whatever `latest` is
-        now. Returns whether there were any."""
+        """Wait for announcements; a burst of them needs one sync, to whatever serving names
+        now (after a serving step when a version was published). Returns whether there
+        were any."""
         reply = self.client.xread(
             {self.keys.checkpoints: self._last_id}, block=self.settings.block_ms, count=100
         )
@@ -175,8 +237,8 @@ class Reloader:
         if not entries:
             return False
         self._last_id = entries[-1][0]
-        rollback = any(fields.get(b"kind") == b"rollback" for _, fields in entries)
-        self.sync(allow_back=rollback)
+        published = any(fields.get(b"kind") == b"published" for _, fields in entries)
+        self.sync(step=published)
         return True
 
     def _last_announcement_id(self) -> bytes:
@@ -232,6 +294,11 @@ def load_version(
         raise CheckpointError(f"v{version}: {error!r}") from None
 
 
+class SpecMismatch(CheckpointError):
+    """A checkpoint trained for another network than this worker's: the worker's settings
+    or the trainer's differ, which is no fault of the weights."""
+
+
 def _check_spec(version: int, meta: object, spec: ModelSpec) -> None:
     """CheckpointError unless the checkpoint was trained for exactly `spec`. Checked before
     any model is built: metadata from Redis never decides the network's shape (a hidden
@@ -241,7 +308,7 @@ def _check_spec(version: int, meta: object, spec: ModelSpec) -> None:
     except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise CheckpointError(f"v{version}: meta.model_spec unusable ({error!r})") from None
     if theirs != spec:
-        raise CheckpointError(
+        raise SpecMismatch(
             f"v{version}: model_spec {theirs.to_dict()} is not this worker's {spec.to_dict()} "
             "(give serve the same NEGCASE_MODEL_FACTORY / --model, NEGCASE_HIDDEN_SIZES and "
             "NEGCASE_FEATURE_COUNT as train)"

@@ -51,6 +51,7 @@ from negcase.store.leases import Lease, LeaseLost
 from negcase.store.outcomes import OutcomeStore
 from negcase.store.queue import CaseQueue, priority_of_score, queue_counts
 from negcase.store.replication import ReplicaAcksMissing
+from negcase.store.serving import ServingControl
 from negcase.store.sessions import SessionStore
 
 State = dict[str, torch.Tensor]
@@ -132,6 +133,7 @@ class Trainer:
             settings.events_maxlen,
             settings.replica_acks,
         )
+        self.serving = ServingControl(client, settings)
         self.sessions = SessionStore(client, self.keys, archive, settings.events_maxlen)
         self.outcome_store = OutcomeStore(client, self.keys, settings.outcomes_maxlen)
         self.spec = spec_from_settings(settings)
@@ -321,6 +323,8 @@ class Trainer:
             self.name,
         )
         self._ack(leases, cases, result.rejected_reason)
+        if result.version is not None:
+            self.serving.step()  # the new version starts as the canary (or serves at once)
         session.outcome = "rejected" if result.rejected_reason else "published"
         session.published_version = result.version
         session.rejected_reason = result.rejected_reason

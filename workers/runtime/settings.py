@@ -132,6 +132,21 @@ class Settings:
     # A signal request is a few hundred bytes: a larger one gets an error reply unread.
     max_request_bytes: int = 65536
 
+    # Live safety (store/serving.py, README "Live safety"): a new version first answers
+    # this share of signal requests, chosen by request id (0: it serves everything at once).
+    canary_share: float = 0.1
+    # Outcomes a canary (and the version in service) must have before it is judged, and how
+    # many of each version's most recent outcomes the live figures are computed over.
+    canary_min_outcomes: int = 200
+    live_window: int = 500
+    # One-sided z thresholds on mean P&L per decision: a canary is retired when it is worse
+    # than the version in service by more than canary_z standard errors, a version in
+    # service rolled back when worse than its predecessor by more than rollback_z.
+    canary_z: float = 1.645
+    rollback_z: float = 2.326
+    # Off: live results decide nothing; every published version serves at once.
+    auto_rollback: bool = True
+
     # Health keys.
     health_ttl_s: int = 15
 
@@ -188,6 +203,12 @@ class Settings:
             raise SettingsError("heldout_share: must be at least 0 and below 1")
         if self.default_leverage < 1 or self.default_fee_rate < 0:
             raise SettingsError("default_leverage >= 1 and default_fee_rate >= 0 are required")
+        if not 0 <= self.canary_share <= 0.5:
+            raise SettingsError("canary_share: must be 0 to 0.5 (service keeps the most)")
+        if not 2 <= self.canary_min_outcomes <= self.live_window:
+            raise SettingsError("canary_min_outcomes: must be at least 2 and at most live_window")
+        if not (self.canary_z > 0 and self.rollback_z > 0):
+            raise SettingsError("canary_z and rollback_z: must be positive")
         if self.log_level.upper() not in LOG_LEVELS:
             raise SettingsError(
                 f"log_level: one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}"

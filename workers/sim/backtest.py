@@ -6,8 +6,9 @@ decision and falls back to the control rule while there is no checkpoint; every 
 trade goes to the detector, the trainers and the inference worker, running as processes in
 a namespace of their own, and the engine waits for them to catch up before each decision.
 The held-out part is never published: the control rule, the first and the latest
-checkpoint (pinned), an offline model trained on every train bar, and always BUY are each
-judged on it, decision for decision (verdict.py).
+checkpoint (pinned), the served policy (the live logic carried on over the held-out bars,
+served.py), an offline model trained on every train bar, and always BUY are each judged on
+it, decision for decision (verdict.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import logging
 import shutil
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,6 +45,7 @@ from negcase.sim.features import (
 from negcase.sim.offline import train_offline_model
 from negcase.sim.pipeline import Pipeline, backtest_namespace
 from negcase.sim.progress import ProgressLine, clock
+from negcase.sim.served import Served, served_policy
 from negcase.sim.supervisor import Supervisor
 from negcase.sim.trading import (
     CONTROL_LOOKBACK,
@@ -58,6 +61,7 @@ from negcase.sim.verdict import (
     FIRST,
     LATEST,
     OFFLINE,
+    SERVED,
     Outcomes,
     block_resamples,
     row_figures,
@@ -242,7 +246,10 @@ def _report(
     registry = CheckpointRegistry(client, settings.keys, Archive(settings.data_dir))
     versions = [info.version for info in registry.list()]
     first, latest = (min(versions), registry.latest_version()) if versions else (None, None)
-    outcomes = held_out_outcomes(client, settings, market, config.seed, first, latest)
+    # Before anything else reads the namespace: the live logic carries on over the held-out
+    # part (it writes live windows and serving changes there, never a checkpoint).
+    served = served_policy(client, settings, registry, market, _held_out_rows(market))
+    outcomes = held_out_outcomes(client, settings, market, config.seed, first, latest, served)
     indices = block_resamples(len(plan.held_out), config.seed)
     rows = [row_figures(row, outcomes[0], indices) for row in outcomes]
     tally = EventTally(settings.keys)
@@ -261,6 +268,12 @@ def _report(
         "options": {
             **{k: v for k, v in asdict(config).items() if k not in ("bars_path", "archive")},
             "control_rule": f"momentum: the sign of the last {CONTROL_LOOKBACK} bars' move",
+            "canary": {
+                "share": settings.canary_share,
+                "min_outcomes": settings.canary_min_outcomes,
+                "live_window": settings.live_window,
+                "auto_rollback": settings.auto_rollback,
+            },
         },
         "held_out": {
             "from": bars.label(plan.train_end),
@@ -288,6 +301,7 @@ def _report(
             "by_control": sum(d.by == "control" for d in decisions),
             "quarters": train_quarters(decisions, bars),
         },
+        "served": served_summary(served, bars, plan),
         "verdict": verdict_line(rows),
         "run": {
             "pipeline_waits": walked.waits,
@@ -298,6 +312,25 @@ def _report(
     }
 
 
+def _held_out_rows(market: Market) -> np.ndarray:
+    return market.features.rows[list(market.plan.held_out)]
+
+
+def served_summary(served: Served, bars: Bars, plan: Plan) -> dict[str, Any]:
+    """What the live logic did over the held-out part: the version in service at its start
+    and end, each change it made (with the bar it came before), and which versions answered
+    how many decisions (`control`: the control rule, no model or no opinion)."""
+    answered = Counter("control" if v is None else f"v{v}" for v in served.answered_by)
+    return {
+        "in_service_first": served.in_service[0] if served.in_service else None,
+        "in_service_last": served.in_service[-1] if served.in_service else None,
+        "changes": list(served.changes),
+        "answered_by": dict(sorted(answered.items())),
+        "decisions": len(plan.held_out),
+        "from": bars.label(plan.train_end),
+    }
+
+
 def held_out_outcomes(
     client: redis.Redis,
     settings: Settings,
@@ -305,10 +338,11 @@ def held_out_outcomes(
     seed: int,
     first: int | None,
     latest: int | None,
+    served: Served,
 ) -> list[Outcomes]:
     """What each policy does at every held-out decision, the control rule first."""
     bars, plan = market.bars, market.plan
-    rows = market.features.rows[list(plan.held_out)]
+    rows = _held_out_rows(market)
 
     def outcomes(name: str, version: int | None, sides: tuple[str, ...]) -> Outcomes:
         pnl = [
@@ -319,7 +353,7 @@ def held_out_outcomes(
 
     control = tuple(control_side(bars, t) for t in plan.held_out)
 
-    def served(signals: list[Signal]) -> tuple[str, ...]:
+    def as_served(signals: list[Signal]) -> tuple[str, ...]:
         # As an engine uses a model: its action where it has an opinion, its own rule elsewhere.
         return tuple(s.action if s.opinion else c for s, c in zip(signals, control, strict=True))
 
@@ -327,13 +361,14 @@ def held_out_outcomes(
         if version is None:
             return Outcomes(name, None, (), np.zeros(0))
         with Predictor(client, settings, name=f"backtest-v{version}", version=version) as pinned:
-            return outcomes(name, version, served([pinned.predict(row) for row in rows]))
+            return outcomes(name, version, as_served([pinned.predict(row) for row in rows]))
 
     return [
         outcomes(CONTROL, None, control),
         checkpoint(FIRST, first),
         checkpoint(LATEST, latest),
-        outcomes(OFFLINE, None, served(offline_signals(settings, market, seed, rows))),
+        outcomes(SERVED, None, served.sides),
+        outcomes(OFFLINE, None, as_served(offline_signals(settings, market, seed, rows))),
         outcomes(ALWAYS_BUY, None, ("BUY",) * len(plan.held_out)),
     ]
 

@@ -69,7 +69,13 @@ class Workers:
     """`negcase serve` processes for one namespace; stopped when the block ends."""
 
     def __init__(self, settings: Settings, url: str) -> None:
-        self.env = dict(os.environ, NEGCASE_REDIS_URL=url, NEGCASE_NAMESPACE=settings.namespace)
+        # No canary: the bench measures hot reload, and no trade outcomes would judge one.
+        self.env = dict(
+            os.environ,
+            NEGCASE_REDIS_URL=url,
+            NEGCASE_NAMESPACE=settings.namespace,
+            NEGCASE_CANARY_SHARE="0",
+        )
         self.processes: list[subprocess.Popen[bytes]] = []
 
     def start(self, name: str) -> subprocess.Popen[bytes]:

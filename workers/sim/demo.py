@@ -36,7 +36,7 @@ from negcase.cli.options import (
 )
 from negcase.cli.status import gather_status
 from negcase.client.trades import publish_trades
-from negcase.runtime.settings import Settings
+from negcase.runtime.settings import Settings, variable_of
 from negcase.runtime.shutdown import interrupt_on_sigterm
 from negcase.schemas.case import ACTIONS
 from negcase.sim.bench_support import drop_namespace
@@ -52,6 +52,7 @@ if TYPE_CHECKING:
     from negcase.sim.engine import Situation, SyntheticEngine
 
 TICK_S = 0.25
+SERVING_CHANGES = ("canary_started", "promoted", "retired", "rollback")
 HELD_OUT_PER_REGIME = 400
 # A model's live loss rate is shown once it has made this many trades.
 MIN_TRADES_FOR_RATE = 20
@@ -59,6 +60,9 @@ MIN_TRADES_FOR_RATE = 20
 FIRST_VERSION = 1
 # The demo's own namespace: its synthetic trades, cases and models never mix with real ones.
 DEMO_NAMESPACE = "negcase-demo"
+# A canary answers a quarter of the engine's requests and is judged after 50 outcomes: at
+# the demo's 40 trades a second, a trial takes seconds, not the minute the defaults take.
+DEMO_CANARY = {"canary_share": 0.25, "canary_min_outcomes": 50, "live_window": 200}
 # Keys that only exist once negcase has worked in a namespace.
 _USED_KEYS = (
     "trades",
@@ -125,6 +129,7 @@ class EventTally:
     cases_by_label: Counter[str] = field(default_factory=Counter)
     sessions: Counter[str] = field(default_factory=Counter)
     loaded_versions: list[int] = field(default_factory=list)
+    serving: Counter[str] = field(default_factory=Counter)
 
     def update(self, client: redis.Redis) -> None:
         """Read every event since the last update."""
@@ -143,6 +148,8 @@ class EventTally:
             self.sessions[fields.get(b"outcome", b"?").decode()] += 1
         elif kind == "checkpoint_loaded":
             self.loaded_versions.append(int(fields[b"version"]))
+        elif kind in SERVING_CHANGES:
+            self.serving[kind] += 1
 
 
 @dataclass
@@ -332,7 +339,20 @@ def live_view(
         f"{sessions.get('rejected', 0)} rejected)  checkpoint v{status['latest_checkpoint']}  "
         f"reloads {len(tally.loaded_versions)}  dead letters {status['trades']['dead_letters']}",
         "loss rate  " + _rate_text("first", first) + "   " + _rate_text("latest", latest),
+        _serving_text(status["live"], tally.serving),
     ]
+
+
+def _serving_text(live: dict[str, Any], changes: Counter[str]) -> str:
+    """What serves now, and how many of each serving decision so far."""
+    trial = live["canary"]
+    canary = (
+        "no canary"
+        if trial is None
+        else f"canary v{trial['version']} {trial['outcomes']}/{trial['min_outcomes']} outcomes"
+    )
+    counts = ", ".join(f"{changes.get(kind, 0)} {kind}" for kind in SERVING_CHANGES[1:])
+    return f"serving    v{live['service']} in service, {canary} ({counts})"
 
 
 def _rate_text(label: str, row: dict[str, Any] | None) -> str:
@@ -370,6 +390,11 @@ def summarize(
         "latest_checkpoint": status["latest_checkpoint"],
         "checkpoints_published": tally.types.get("checkpoint_published", 0),
         "reloads": len(tally.loaded_versions),
+        "serving": {
+            "in_service": status["live"]["service"],
+            "canary": (status["live"]["canary"] or {}).get("version"),
+            **{kind: tally.serving.get(kind, 0) for kind in SERVING_CHANGES},
+        },
         "checkpoints_rejected_by_inference": tally.types.get("checkpoint_rejected", 0),
         "loss_rate_live": live_loss_rates(status["models"], first_version),
         "loss_rate_held_out": held_out,
@@ -404,6 +429,7 @@ def render_summary(summary: dict[str, Any]) -> str:
             + (", ".join(f"{n} {k}" for k, n in summary["training_sessions"].items()) or "none"),
             f"  checkpoints       latest v{summary['latest_checkpoint'] or '-'}, "
             f"{summary['reloads']} reloads by the inference worker",
+            f"  serving           {_serving_summary(summary['serving'])}",
             f"  dead letters      {summary['dead_letters']} malformed events, each with a reason",
             f"  loss rate, held-out situations: {held_text(held['own_rule'])} -> first "
             f"{held_text(held['first'])} -> latest {held_text(held['latest'])}",
@@ -413,6 +439,15 @@ def render_summary(summary: dict[str, Any]) -> str:
             + _rate_text("latest", live["latest"]),
             f"  workers stopped   {_exit_text(summary['worker_exit_codes'])}",
         ]
+    )
+
+
+def _serving_summary(serving: dict[str, Any]) -> str:
+    canary = "" if serving["canary"] is None else f", canary v{serving['canary']} on trial"
+    return (
+        f"v{serving['in_service']} in service{canary}; {serving['canary_started']} canaries: "
+        f"{serving['promoted']} promoted, {serving['retired']} retired, "
+        f"{serving['rollback']} rollbacks"
     )
 
 
@@ -526,10 +561,17 @@ def run_demo(args: argparse.Namespace) -> int:
 def demo_settings(args: argparse.Namespace) -> Settings:
     """Settings from the environment and flags, except the namespace and the archive: those
     come from the demo's flags or its own defaults, never from NEGCASE_NAMESPACE or
-    NEGCASE_DATA_DIR, which describe the user's own deployment."""
+    NEGCASE_DATA_DIR, which describe the user's own deployment. Canary trials are shorter
+    than a deployment's (DEMO_CANARY) unless the environment sets them, so a minute shows
+    several."""
     defaults = Settings()
+    trials = {
+        name: value for name, value in DEMO_CANARY.items() if variable_of(name) not in os.environ
+    }
     return settings_from(args).with_overrides(
-        namespace=args.namespace or DEMO_NAMESPACE, data_dir=args.data_dir or defaults.data_dir
+        namespace=args.namespace or DEMO_NAMESPACE,
+        data_dir=args.data_dir or defaults.data_dir,
+        **trials,
     )
 
 

@@ -1,7 +1,8 @@
 """The real loop, for a backtest: a namespace of its own, the loss detector, trainers and an
 inference worker as processes, and an engine-side view that publishes one closed trade at
 a time and waits (bounded) until the pipeline has handled it, so that what is learned from
-bar t is served at bar t + 1, as it would be live."""
+bar t is served at bar t + 1, as it would be live: by the version in service, or by a canary
+on trial for its share of decisions (chosen by the decision's id, the bar's trade id)."""
 
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ from negcase.runtime.settings import Settings
 from negcase.schemas.signal import Signal, SignalRequestError
 from negcase.sim.demo import start_workers, wait_for_signals
 from negcase.sim.supervisor import Supervisor
-from negcase.store.checkpoints import CheckpointRegistry
 from negcase.store.keys import DETECTOR_GROUP
+from negcase.store.serving import ServingChange, ServingControl, answering_version, read_state
 from negcase.store.streams import entries_of
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,8 @@ log = logging.getLogger(__name__)
 NAP_MS = 10
 REQUEST_TIMEOUT_S = 5.0
 STARTUP_TIMEOUT_S = 120.0
+# Serving steps before a decision, at most: each makes one change, and few are due at once.
+SETTLE_STEPS = 4
 
 
 class PipelineError(RuntimeError):
@@ -62,7 +65,7 @@ class Pipeline:
         self.supervisor = supervisor
         self.catch_up_s = catch_up_s
         self.signals = SignalClient(client, settings.namespace, settings.feature_count)
-        self.registry = CheckpointRegistry(client, settings.keys)
+        self.serving = ServingControl(client, settings)
         self.waits = 0
         self.late = 0
         self.failed_requests = 0
@@ -87,32 +90,41 @@ class Pipeline:
         if not self._wait_for(lambda: self._handled(entry_id), self.catch_up_s, "the pipeline"):
             self.late += 1
 
-    def ask(self, features: Sequence[float]) -> Signal | None:
-        """The signal of the latest checkpoint, waiting (bounded) until inference serves it;
+    def ask(self, features: Sequence[float], decision_id: str) -> Signal | None:
+        """The signal for one decision from what serves now (the version in service, or the
+        canary for its share of decisions), waiting (bounded) until inference serves that;
         None when there is no checkpoint yet, or no answer came (a real engine would then
-        use its own rule too)."""
-        latest = self.registry.latest_version()
+        use its own rule too). The serving step is taken first, so that every outcome
+        recorded so far has had its say, whichever process would have taken it live."""
+        self._settle()
         deadline_s = time.monotonic() + self.catch_up_s
         while True:
-            signal = self._request(features)
-            if latest is None or (signal is not None and signal.model_version >= latest):
+            state = read_state(self.client, self.keys)
+            signal = self._request(features, decision_id)
+            expected = answering_version(state, decision_id)
+            if expected is None or (signal is not None and signal.model_version == expected):
                 return signal
             if time.monotonic() > deadline_s:
                 served = None if signal is None else signal.model_version
                 log.warning(
-                    "after %.0f s inference serves v%s, not v%s", self.catch_up_s, served, latest
+                    "after %.0f s inference serves v%s, not v%s", self.catch_up_s, served, expected
                 )
                 self.late += 1
                 return signal
             self._nap()
 
+    def _settle(self) -> None:
+        settle(self.serving)
+
     def stop(self) -> dict[str, int]:
         """Stop every worker; their exit codes."""
         return self.supervisor.stop_all()
 
-    def _request(self, features: Sequence[float]) -> Signal | None:
+    def _request(self, features: Sequence[float], decision_id: str) -> Signal | None:
         try:
-            return self.signals.request(features, timeout_s=REQUEST_TIMEOUT_S)
+            return self.signals.request(
+                features, timeout_s=REQUEST_TIMEOUT_S, request_id=decision_id
+            )
         except SignalRequestError as error:
             if error.field == "model":  # no checkpoint loaded yet
                 return None
@@ -166,6 +178,18 @@ class Pipeline:
         reply = self.client.xread({self.keys.events: self._events_cursor}, block=NAP_MS, count=500)
         if entries := entries_of(reply):
             self._events_cursor = entries[-1][0]
+
+
+def settle(serving: ServingControl) -> list[ServingChange]:
+    """Take serving steps until nothing changes (a promotion can start the next canary, in
+    the step after it); the changes made, at most SETTLE_STEPS."""
+    changes = []
+    for _ in range(SETTLE_STEPS):
+        change = serving.step()
+        if change is None:
+            break
+        changes.append(change)
+    return changes
 
 
 def _detector_group_of(groups: list[dict[str, Any]]) -> dict[str, Any] | None:

@@ -19,6 +19,7 @@ import numpy as np
 CONTROL = "control rule"
 FIRST = "first checkpoint"
 LATEST = "latest checkpoint"
+SERVED = "served policy"
 OFFLINE = "offline model"
 ALWAYS_BUY = "always BUY"
 
@@ -117,13 +118,17 @@ def _rounded(value: float | None, digits: int = 6) -> float | None:
 
 
 def verdict_line(rows: list[dict[str, Any]]) -> str:
-    """One sentence: the latest checkpoint against the control rule, and the offline model."""
+    """One sentence: the latest checkpoint against the control rule, the served policy, and
+    the offline model."""
     by_name = {row["policy"]: row for row in rows}
     latest, offline = by_name.get(LATEST), by_name.get(OFFLINE)
+    served = by_name.get(SERVED)
     if latest is None or latest["version"] is None:
         judged = "no checkpoint was published, so nothing learned can be judged"
     else:
         judged = f"the latest checkpoint (v{latest['version']}) {_against_control(latest)}"
+        if served is not None:
+            judged += f"; the served policy {_against_control(served)}"
     if offline is not None:
         judged += f"; the offline model {_against_control(offline)}"
     return judged + "."
@@ -220,12 +225,34 @@ def render_report(report: dict[str, Any]) -> str:
         "training  "
         + (_counts(training["sessions"]) or "no sessions")
         + f"; {training['checkpoints_published']} checkpoints published",
+        *_served_lines(report.get("served"), options.get("canary")),
         "train part, loss rate of the model's live trades by quarter, beside the control rule "
         "on the same bars:",
         *(_quarter_line(quarter) for quarter in train["quarters"]),
         "verdict   " + report["verdict"],
     ]
     return "\n".join(lines)
+
+
+def _served_lines(served: dict[str, Any] | None, canary: dict[str, Any] | None) -> list[str]:
+    """What the live logic did over the held-out part, for the served policy's row."""
+    if not served or not canary:
+        return []
+    changes = ", ".join(
+        f"{c['change']} v{c['version']} before {c['before']}" for c in served["changes"]
+    )
+    return [
+        f"served    canary on {canary['share'] * 100:g} % of decisions, judged after "
+        f"{canary['min_outcomes']} outcomes; in service {_v(served['in_service_first'])} at "
+        f"the held-out start, {_v(served['in_service_last'])} at its end; "
+        + (f"changes: {changes}" if changes else "no change")
+        + "; answered by "
+        + _counts(served["answered_by"]),
+    ]
+
+
+def _v(version: int | None) -> str:
+    return "none" if version is None else f"v{version}"
 
 
 def _counts(counts: dict[str, int], prefix: str = "") -> str:

@@ -13,7 +13,15 @@ from typing import Any
 from negcase.sim.bars import Bars
 from negcase.sim.features import FeatureTable
 from negcase.sim.pipeline import Pipeline
-from negcase.sim.trading import Terms, closed_trade, control_side, exit_bar, pnl_pct, side_pnl_pct
+from negcase.sim.trading import (
+    Terms,
+    closed_trade,
+    control_side,
+    exit_bar,
+    pnl_pct,
+    side_pnl_pct,
+    trade_id,
+)
 
 QUARTERS = 4
 
@@ -103,7 +111,7 @@ class TrainWalk:
     def _decide(self, t: int) -> tuple[Decision, dict[str, Any]]:
         features = self.features.rows[t].tolist()
         control = control_side(self.bars, t)
-        signal = self.pipeline.ask(features)
+        signal = self.pipeline.ask(features, trade_id(self.symbol, t))
         # No checkpoint, no answer, or no opinion: the engine keeps its own rule.
         if signal is None or not signal.opinion:
             side, by = control, "control"

@@ -17,6 +17,7 @@ from negcase.processes.training import (
     trading_result,
     train_on_cases,
 )
+from negcase.runtime.settings import Settings
 from negcase.schemas.outcome import Outcome, hindsight_action, pnl_of
 
 MIN_MOVE = 0.001
@@ -116,13 +117,14 @@ def test_one_intensive_case_does_not_flip_a_learned_policy() -> None:
     fresh, _ = _rule_examples(400, seed=2)
     before = (model(fresh.features).argmax(1) == fresh.labels).float().mean().item()
     contrary = Examples(torch.ones(1, 8), torch.tensor([1]))  # SELL where the rule says BUY
+    defaults = Settings()  # the deployment's rate and pull
     train_on_cases(
         model,
         contrary,
         history,
         1000,
-        3e-4,
-        0.1,
+        defaults.learning_rate,
+        defaults.anchor_weight,
         0,
         lambda: False,
         torch.Generator().manual_seed(0),

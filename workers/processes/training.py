@@ -9,9 +9,9 @@ The design follows what works for learning from mistakes without forgetting:
   training (epochs by priority), but always beside a replay of recent outcomes;
 - online hard example mining: losses and missed opportunities are the cases, wins and
   right skips are context the replay draws from, so training sees what was right too;
-- continual learning with an L2 pull toward the parent's weights (a plain form of EWC,
-  Kirkpatrick et al., 2017): one case, however intensive its training, cannot flip the
-  whole policy;
+- continual learning: replay in every step keeps one case, however intensive its training,
+  from flipping the whole policy; an L2 pull toward the parent's weights (a plain form of
+  EWC, Kirkpatrick et al., 2017) is available, off by default (see the settings);
 - counterfactual evaluation: every outcome carries the market's move, so the P&L of any
   action on it is known, and the gate compares policies exactly, on the same decisions.
 """

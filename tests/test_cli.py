@@ -392,11 +392,12 @@ def test_a_pinned_version_answers_and_checkpoints_say_which_still_load(settings,
     # when the checkpoints are listed, then each says whether it can be loaded, and why not
     listing = negcase(settings, "checkpoints")
     assert listing.returncode == 0, listing.stderr
-    # (columns: mark, version, parent, created, cases, metrics, where, load, trainer)
+    # (columns: mark, version, parent, created, cases, metrics, where, load, serving, trainer;
+    # before any serving step, latest is in service)
     rows = [line[1:].split() for line in listing.stdout.splitlines()[1:3]]
-    assert [(row[0], row[-3], row[-2]) for row in rows] == [
-        ("1", "disk", "yes"),
-        ("2", "redis", "no"),
+    assert [(row[0], row[-4], row[-3], row[-2]) for row in rows] == [
+        ("1", "disk", "yes", "-"),
+        ("2", "redis", "no", "service"),
     ]
     assert "v2 cannot be loaded: v2: sha256 does not match the weights" in listing.stdout
     as_json = json.loads(negcase(settings, "checkpoints", "--json").stdout)["checkpoints"]

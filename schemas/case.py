@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import hashlib
-import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 import msgpack
 
+from negcase.schemas.trade import FLOAT32_MAX
+
 ACTIONS = ("BUY", "SELL", "HOLD")
+
+
+def trade_key(trade_id: str) -> str:
+    """A trade's idempotency key: a short fixed-size digest of its id (20 hex characters),
+    the same for every outcome, so a trade seen twice is recognized whatever it was."""
+    return hashlib.blake2b(trade_id.encode(), digest_size=10).hexdigest()
 
 
 def case_id_for(trade_id: str) -> str:
     """The case id of a trade: derived, so a redelivered or duplicated trade maps to one case."""
-    return "nc-" + hashlib.blake2b(trade_id.encode(), digest_size=10).hexdigest()
+    return "nc-" + trade_key(trade_id)
 
 
 @dataclass(slots=True)
@@ -90,8 +97,9 @@ def case_problem(case: NegativeCase, feature_count: int) -> str | None:
     if features is None or len(features) != feature_count:
         found = "none" if features is None else len(features)
         return f"features: expected {feature_count} numbers, got {found}"
-    if not all(isinstance(x, int | float) and math.isfinite(x) for x in features):
-        return "features: not all finite numbers"
+    # float32 is what the model trains in: a finite float64 beyond its range is infinity.
+    if not all(isinstance(x, int | float) and -FLOAT32_MAX <= x <= FLOAT32_MAX for x in features):
+        return "features: not all finite numbers in float32's range"
     if case.what_should_have_been_done not in ACTIONS:
         return f"label: unknown action {case.what_should_have_been_done!r}"
     return None

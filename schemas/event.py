@@ -362,10 +362,12 @@ CATALOGUE: dict[str, EventType] = {
         ),
         EventType(
             "training_completed",
-            "trainer (store/sessions.py)",
+            "trainer, or any trainer's reaper for a session whose trainer stopped beating "
+            "(store/sessions.py, complete_session.lua: once per session)",
             {
                 **_SESSION_FIELDS,
-                "outcome": "published, rejected, lease_lost, interrupted or failed",
+                "outcome": "published, rejected, lease_lost, interrupted, failed, cut_off "
+                "(Redis went away mid-session) or abandoned (its trainer stopped beating)",
                 "epochs": "epochs completed",
                 "loss_improvement": "held-out loss improvement, percent",
                 "accuracy_improvement": "held-out accuracy gained, points",

@@ -9,8 +9,11 @@ import msgpack
 
 # How a session ended. Only "published" moved `latest`; "rejected" means the validation gate
 # refused the update (the cases are done-but-rejected); "lease_lost" means another worker
-# owns the cases now; "interrupted" means the trainer was stopped and handed them back.
-OUTCOMES = ("published", "rejected", "lease_lost", "interrupted", "failed")
+# owns the cases now; "interrupted" means the trainer was stopped and handed them back;
+# "cut_off" means Redis went away mid-session (the trainer closes it once Redis is back);
+# "abandoned" means its trainer stopped beating (killed, or cut off for longer than a
+# lease) and a reaper closed it: its cases were reaped like any expired lease.
+OUTCOMES = ("published", "rejected", "lease_lost", "interrupted", "failed", "cut_off", "abandoned")
 # How each outcome reads in logs and `negcase tail`: only a published session completed.
 _HEADLINES = {
     "published": "INTENSIVE TRAINING COMPLETED",
@@ -18,6 +21,8 @@ _HEADLINES = {
     "interrupted": "TRAINING INTERRUPTED",
     "lease_lost": "TRAINING ABANDONED (lease lost)",
     "failed": "TRAINING FAILED",
+    "cut_off": "TRAINING CUT OFF (Redis went away)",
+    "abandoned": "TRAINING ABANDONED (its trainer stopped beating)",
 }
 
 

@@ -31,6 +31,14 @@ _TRADE_ID = re.compile(TRADE_ID_PATTERN)
 _SYMBOL = re.compile(SYMBOL_PATTERN)
 _ISO_8601 = re.compile(ISO_8601_PATTERN)
 _DIGITS = re.compile(r"^\d+$")
+# Integers travel as int64 (msgpack, Redis counters): anything larger is refused here, with
+# a reason, rather than raising OverflowError far from the entry that held it.
+MAX_INTEGER = 2**63 - 1
+_MAX_INTEGER_DIGITS = len(str(MAX_INTEGER))
+# The last millisecond of 9999-12-31, UTC: the latest time ISO 8601 can spell.
+MAX_TIMESTAMP_MS = 253_402_300_799_999
+# The model trains and serves in float32: a finite float64 beyond this becomes infinity there.
+FLOAT32_MAX = 3.4028234663852886e38
 
 # Fields carried as JSON text when the entry uses flat stream fields.
 _JSON_TEXT_FIELDS = frozenset(
@@ -201,15 +209,25 @@ def _flat_value(name: str, raw: bytes) -> Any:
     try:
         text = raw.decode()
     except UnicodeDecodeError:
-        raise TradeError(name, "not valid UTF-8") from None
+        # An empty field name is legal in a stream entry: name it so a person can see it.
+        raise TradeError(name or "''", "not valid UTF-8") from None
     if name == "model_version":
-        try:
-            return int(text)
-        except ValueError:
-            raise TradeError(name, f"expected an integer, got {text!r}") from None
+        return _integer_text(name, text)
     if name in ("opened_at", "closed_at") and _DIGITS.fullmatch(text):
-        return int(text)
+        return _integer_text(name, text)
     return text
+
+
+def _integer_text(name: str, text: str) -> int:
+    """An integer field's text as an int; more digits than int64 holds is out of range
+    (and int() of thousands of digits would raise, or take quadratic time)."""
+    digits = text.strip().lstrip("+-").lstrip("0")
+    if len(digits) > _MAX_INTEGER_DIGITS:
+        raise TradeError(name, f"must be at most {MAX_INTEGER}, got {len(digits)} digits")
+    try:
+        return int(text)
+    except ValueError:
+        raise TradeError(name, f"expected an integer, got {text[:40]!r}") from None
 
 
 def _text_of(raw: bytes) -> str:
@@ -240,7 +258,7 @@ def validate_trade(obj: Mapping[str, Any], defaults: TradeDefaults) -> TradeClos
         opened_at_ms=_timestamp_ms(obj, "opened_at"),
         closed_at_ms=_timestamp_ms(obj, "closed_at"),
         confidence=_number(obj, "confidence", None),
-        model_version=_integer(obj, "model_version"),
+        model_version=_integer(obj, "model_version", MAX_INTEGER),
         features=None if features is None else _features(features, defaults.feature_count),
         market_state_before=_object(obj, "market_state_before"),
         market_state_after=_object(obj, "market_state_after"),
@@ -299,7 +317,7 @@ def _number(obj: Mapping[str, Any], name: str, default: Any = _MISSING) -> Any:
     return value
 
 
-def _integer(obj: Mapping[str, Any], name: str) -> int | None:
+def _integer(obj: Mapping[str, Any], name: str, maximum: int) -> int | None:
     value = obj.get(name)
     if value is None:
         return None
@@ -307,6 +325,10 @@ def _integer(obj: Mapping[str, Any], name: str) -> int | None:
         raise TradeError(name, f"expected an integer, got {_kind(value)}")
     if value < 0:
         raise TradeError(name, f"must be >= 0, got {value}")
+    # Compared before int(): int(1e308) is exact, and far too large to store.
+    if value > maximum:
+        got = f"{value:.6g}" if isinstance(value, float) else f"{value.bit_length()} bits"
+        raise TradeError(name, f"must be at most {maximum}, got {got}")
     return int(value)
 
 
@@ -324,8 +346,7 @@ def _timestamp_ms(obj: Mapping[str, Any], name: str) -> int | None:
         if moment.tzinfo is None:
             moment = moment.replace(tzinfo=UTC)
         return int(moment.timestamp() * 1000)
-    ms = _integer(obj, name)
-    return ms
+    return _integer(obj, name, MAX_TIMESTAMP_MS)
 
 
 def _features(value: Any, feature_count: int) -> list[float]:
@@ -333,12 +354,21 @@ def _features(value: Any, feature_count: int) -> list[float]:
         raise TradeError("features", f"expected an array of numbers, got {_kind(value)}")
     if len(value) != feature_count:
         raise TradeError("features", f"expected {feature_count} numbers, got {len(value)}")
-    # Fast path for the usual case, all floats: a NaN or infinity makes the sum non-finite.
-    if all(type(item) is float for item in value) and math.isfinite(sum(value)):
+    # Fast path for the usual case, all floats: a NaN or infinity makes the sum non-finite
+    # (min and max alone can step over a NaN), then the float32 range.
+    if (
+        all(type(item) is float for item in value)
+        and math.isfinite(sum(value))
+        and min(value) >= -FLOAT32_MAX
+        and max(value) <= FLOAT32_MAX
+    ):
         return value
     for index, item in enumerate(value):
-        if not _is_number(item) or not math.isfinite(item):
-            raise TradeError(f"features[{index}]", f"expected a finite number, got {item!r}")
+        # False for NaN and both infinities too; ints compare without float overflow.
+        if not _is_number(item) or not -FLOAT32_MAX <= item <= FLOAT32_MAX:
+            raise TradeError(
+                f"features[{index}]", f"expected a finite number in float32's range, got {item!r}"
+            )
     return [float(item) for item in value]
 
 

@@ -22,6 +22,7 @@ from negcase.schemas.case import NegativeCase
 from negcase.store.files import (
     fsync_folder,
     give_name,
+    remove_stale_temps,
     sync_filesystem_of,
     temp_name,
     write_atomic,
@@ -105,6 +106,12 @@ class Archive:
         if self._syncer is None:
             self._syncer = ThreadPoolExecutor(SYNCFS_FROM_FILES, thread_name_prefix="fdatasync")
         list(self._syncer.map(os.fdatasync, fds))
+
+    def remove_stale_temps(self) -> int:
+        """Remove temp files killed writers left in the archive's folders (see
+        store/files.py `remove_stale_temps`); returns how many."""
+        folders = (self.root, self.cases_dir, self.sessions_dir, self.models_dir)
+        return sum(remove_stale_temps(folder) for folder in folders)
 
     def replace_case(self, case: NegativeCase) -> None:
         """Store a newer state of a case (its retraining count, say) over the old file."""

@@ -1,17 +1,17 @@
-"""The case store: case blobs, the idempotency set, and the detector's batch write."""
+"""The case store: case blobs, the idempotency record, and the detector's batch write."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from itertools import chain
 
 import msgpack
 import redis
 
 from negcase.schemas import event as events
-from negcase.schemas.case import NegativeCase
+from negcase.schemas.case import NegativeCase, trade_key
 from negcase.schemas.event import Event
 from negcase.store.keys import DETECTOR_GROUP, Keys
 from negcase.store.live import LiveOutcome
@@ -38,28 +38,185 @@ class DeadLetter:
 
 
 @dataclass(slots=True)
+class Effect:
+    """What one entry becomes, packed for record_batch.lua: its kind (loss, opportunity: a
+    skip that missed a move, win, skip, or dead), its case, its outcome for learning. All
+    that can fail on odd input (msgpack refusing a value, say) happens when it is built,
+    inside the detector's per-entry handling."""
+
+    entry_id: bytes
+    kind: str
+    key: str = ""
+    case: NegativeCase | None = None
+    blob: bytes = b""
+    version: str = ""
+    score: str = ""
+    loss_pct: str = ""
+    payload: bytes = b""
+    event: bytes = b""
+    # The outcome learning replays (msgpack, b"" for none) and whether its trade is held out.
+    outcome: bytes = b""
+    held_out: bool = False
+    # The entry as read, and its trade id: kept (not copied) to dead-letter it if Redis
+    # refuses to store what it became.
+    fields: Mapping[bytes, bytes] | None = None
+    trade_id: str | None = None
+
+    def args(self) -> list[bytes | str]:
+        """The entry's eleven arguments of record_batch.lua."""
+        return [
+            self.entry_id,
+            self.kind,
+            self.key,
+            self.case.case_id if self.case else "",
+            self.version,
+            self.score,
+            self.loss_pct,
+            self.payload,
+            self.event,
+            self.outcome,
+            "1" if self.held_out else "0",
+        ]
+
+
+@dataclass(slots=True)
 class Batch:
     """What one detector batch produced, written by `CaseStore.record_batch` in one call."""
 
-    cases: list[NegativeCase] = field(default_factory=list)
-    blobs: list[bytes] = field(default_factory=list)
-    dead_letters: list[DeadLetter] = field(default_factory=list)
-    counters: dict[str, int] = field(default_factory=dict)
-    handled_ids: list[bytes] = field(default_factory=list)
-    # (msgpack outcome, held out) for every trade with features: what learning replays.
-    outcomes: list[tuple[bytes, bool]] = field(default_factory=list)
+    effects: list[Effect] = field(default_factory=list)
     # Decisions that named a model version, for the live windows (store/live.py, written
     # before record_batch: each trade is scored once however often it is delivered).
     live: list[LiveOutcome] = field(default_factory=list)
 
-    def add_case(self, case: NegativeCase) -> None:
-        """Add a case; it is encoded here, once, for both Redis and the archive."""
-        self.cases.append(case)
-        self.blobs.append(case.to_msgpack())
+    def add_case(
+        self,
+        case: NegativeCase,
+        worker: str = "",
+        now_ms: int | None = None,
+        entry_id: bytes = b"",
+        fields: Mapping[bytes, bytes] | None = None,
+        outcome: tuple[bytes, bool] = (b"", False),
+    ) -> None:
+        """Add a loss, or a skip that missed a move (a case whose side is HOLD); its blob
+        and event are encoded here, once, for Redis and the archive."""
+        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+        blob = case.to_msgpack()
+        self.effects.append(
+            Effect(
+                entry_id=entry_id,
+                kind="opportunity" if case.side == "HOLD" else "loss",
+                key=trade_key(case.trade_id),
+                case=case,
+                blob=blob,
+                version=version_label(case.model_version),
+                score=_score_arg(case),
+                loss_pct=repr(float(case.loss_percentage)),
+                payload=blob,
+                event=_packed_event(events.case_added(case, worker, now_ms)),
+                outcome=outcome[0],
+                held_out=outcome[1],
+                fields=fields,
+                trade_id=case.trade_id,
+            )
+        )
 
-    def count(self, name: str, by: int = 1) -> None:
-        """Add to a stats counter."""
-        self.counters[name] = self.counters.get(name, 0) + by
+    def add_outcome_only(
+        self,
+        kind: str,
+        trade_id: str,
+        model_version: int | None,
+        entry_id: bytes = b"",
+        fields: Mapping[bytes, bytes] | None = None,
+        outcome: tuple[bytes, bool] = (b"", False),
+    ) -> None:
+        """Add a win or a skip (a HOLD that missed nothing): counted once per trade, never a
+        case, its outcome replayed."""
+        self.effects.append(
+            Effect(
+                entry_id,
+                kind,
+                key=trade_key(trade_id),
+                version=version_label(model_version),
+                outcome=outcome[0],
+                held_out=outcome[1],
+                fields=fields,
+                trade_id=trade_id,
+            )
+        )
+
+    def add_dead_letter(self, dead: DeadLetter, worker: str, now_ms: int) -> None:
+        """Add an entry that cannot be used, with its original fields and the reason."""
+        self.effects.append(
+            Effect(
+                entry_id=dead.entry_id,
+                kind="dead",
+                payload=packed_dead_letter(
+                    dead.fields,
+                    dead.field,
+                    dead.reason,
+                    entry_id=dead.entry_id,
+                    consumer=worker,
+                    at_ms=str(now_ms),
+                ),
+                event=_packed_event(
+                    events.dead_lettered(
+                        dead.entry_id.decode(),
+                        dead.trade_id,
+                        dead.field,
+                        dead.reason,
+                        worker,
+                        now_ms,
+                    )
+                ),
+                fields=dead.fields,
+                trade_id=dead.trade_id,
+            )
+        )
+
+    @property
+    def cases(self) -> list[NegativeCase]:
+        """The batch's losses, in entry order (duplicates included: the script decides)."""
+        return [effect.case for effect in self.effects if effect.case is not None]
+
+    @property
+    def blobs(self) -> list[bytes]:
+        """The stored form of each of `cases`."""
+        return [effect.blob for effect in self.effects if effect.case is not None]
+
+    def split(self) -> list[Batch]:
+        """One batch per entry: to find the entry a whole batch could not be stored for."""
+        return [Batch([effect]) for effect in self.effects]  # live scores went before
+
+    def __len__(self) -> int:
+        return len(self.effects)
+
+
+@dataclass(frozen=True, slots=True)
+class BatchLimits:
+    """Caps a batch write keeps: stream lengths, and the idempotency record's window (ms) and
+    size (trade keys)."""
+
+    events_maxlen: int = 100_000
+    dead_maxlen: int = 100_000
+    trades_maxlen: int = 0
+    seen_window_ms: int = 86_400_000
+    seen_max: int = 2_000_000
+    outcomes_maxlen: int = 5000
+    validation_maxlen: int = 500
+
+
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    """What a batch write did. `elsewhere`: entries another detector had recorded already."""
+
+    added: int = 0
+    duplicates: int = 0
+    wins: int = 0
+    dead_lettered: int = 0
+    elsewhere: int = 0
+
+    def __add__(self, other: Recorded) -> Recorded:
+        return Recorded(*(a + b for a, b in zip(astuple(self), astuple(other), strict=True)))
 
 
 def version_label(model_version: int | None) -> str:
@@ -81,53 +238,27 @@ class CaseStore:
         self.acks = acks
         self._record_batch = script(client, "record_batch")
 
-    def record_batch(
-        self,
-        batch: Batch,
-        consumer: str,
-        events_maxlen: int,
-        dead_maxlen: int,
-        trades_maxlen: int = 0,
-        outcomes_maxlen: int = 5000,
-        validation_maxlen: int = 500,
-    ) -> tuple[int, int]:
-        """Store a batch's cases, dead letters, counters and events, and acknowledge its
-        entries, atomically. Returns (new cases, duplicates)."""
+    def record_batch(self, batch: Batch, limits: BatchLimits = BatchLimits()) -> Recorded:
+        """Store a batch's cases, wins, dead letters, counters and events, and acknowledge
+        its entries, atomically and exactly once per entry and per trade (DESIGN.md).
+        Raises redis.ResponseError, having written nothing, when the batch cannot be stored."""
         keys = self.keys
         now_ms = int(time.time() * 1000)
-        case_keys = [keys.case(case.case_id) for case in batch.cases]
-        args: list[bytes | str | int | float] = [
+        args: list[bytes | str | int] = [
             DETECTOR_GROUP,
-            events_maxlen,
-            dead_maxlen,
+            limits.events_maxlen,
+            limits.dead_maxlen,
             RATE_TTL_S,
-            trades_maxlen,
-            len(batch.cases),
-            len(batch.dead_letters),
-            len(batch.counters),
-            len(batch.handled_ids),
-            len(batch.outcomes),
-            outcomes_maxlen,
-            validation_maxlen,
+            limits.trades_maxlen,
+            limits.seen_window_ms,
+            limits.seen_max,
+            limits.outcomes_maxlen,
+            limits.validation_maxlen,
+            len(batch.effects),
         ]
-        for case, blob in zip(batch.cases, batch.blobs, strict=True):
-            args += [
-                case.case_id,
-                blob,
-                _score_arg(case),
-                version_label(case.model_version),
-                case.loss_percentage,
-                _packed_event(events.case_added(case, consumer, now_ms)),
-                "opportunity" if case.side == "HOLD" else "loss",
-            ]
-        for dead in batch.dead_letters:
-            args += _dead_letter_args(dead, consumer, now_ms)
-        for name, by in batch.counters.items():
-            args += [name, by]
-        for blob, held_out in batch.outcomes:
-            args += [blob, int(held_out)]
-        args += batch.handled_ids
-        added, duplicates = self.acks.run_script(
+        for effect in batch.effects:
+            args += effect.args()
+        reply = self.acks.run_script(
             self.client,
             self._record_batch,
             keys=[
@@ -139,22 +270,23 @@ class CaseStore:
                 keys.stats,
                 keys.trades_dead,
                 keys.rate_bucket(rate_bucket_s(now_ms / 1000)),
+                keys.seen,
+                keys.retire,
                 keys.outcomes,
                 keys.validation,
-                *case_keys,
+                *(keys.case(case.case_id) for case in batch.cases),
             ],
             args=args,
         )
-        return int(added), int(duplicates)
+        return Recorded(*(int(n) for n in reply))
 
-    def add(self, cases: Iterable[NegativeCase], worker: str, events_maxlen: int = 10_000) -> int:
+    def add(self, cases: Iterable[NegativeCase], worker: str) -> int:
         """Store and queue cases made without a trade (tools, tests, benchmarks) through the
         detector's batch write. Returns how many were new."""
         batch = Batch()
         for case in cases:
-            batch.add_case(case)
-        added, _ = self.record_batch(batch, worker, events_maxlen, events_maxlen)
-        return added
+            batch.add_case(case, worker)
+        return self.record_batch(batch).added
 
     def get(self, case_id: str) -> NegativeCase | None:
         """One case from Redis, or None."""
@@ -175,22 +307,6 @@ def _score_arg(case: NegativeCase) -> str:
         return ""
     score = queue_score(case.training_priority, case.loss_percentage, case.created_at_ms)
     return repr(score)
-
-
-def _dead_letter_args(dead: DeadLetter, consumer: str, now_ms: int) -> list[bytes]:
-    """record_batch.lua's two arguments for a dead letter: its copy and its event."""
-    copy = packed_dead_letter(
-        dead.fields,
-        dead.field,
-        dead.reason,
-        entry_id=dead.entry_id,
-        consumer=consumer,
-        at_ms=str(now_ms),
-    )
-    event = events.dead_lettered(
-        dead.entry_id.decode(), dead.trade_id, dead.field, dead.reason, consumer, now_ms
-    )
-    return [copy, _packed_event(event)]
 
 
 def _packed_event(event: Event) -> bytes:

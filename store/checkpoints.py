@@ -20,8 +20,10 @@ The archive's models/ folder, where every version is kept, is store/model_files.
 from __future__ import annotations
 
 import contextlib
+import logging
+import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -32,12 +34,21 @@ from redis.exceptions import LockError
 
 from negcase.store.archive import Archive
 from negcase.store.keys import Keys
-from negcase.store.leases import Lease, LeaseLost, fence_args
+from negcase.store.leases import Lease, LeaseLost
 from negcase.store.model_files import ModelFiles
 from negcase.store.replication import NO_ACKS, ReplicaAcks
 from negcase.store.scripts import script
 
+log = logging.getLogger(__name__)
+
 ANNOUNCEMENTS_MAXLEN = 10_000
+# The publish lock's TTL. Its holder renews it every third of that, so the lock outlives a
+# holder that was killed or cut off from Redis by these few seconds at most, however long
+# the rebase, the archive's fsyncs and the publish take.
+PUBLISH_LOCK_TTL_S = 5.0
+# An unpublished metadata file older than this has no publish in flight: its trainer was
+# killed between archiving and publishing, or it lost the publish reply.
+UNPUBLISHED_STALE_S = 60.0
 
 
 class PublishConflict(Exception):
@@ -50,6 +61,29 @@ class PublishConflict(Exception):
 
 class CheckpointMissing(LookupError):
     """No checkpoint of that version, in Redis or in the archive."""
+
+
+class WeightsRefused(ValueError):
+    """Weights that are never published: not safetensors, or holding NaN or infinity (no
+    worker could load them, and every trainer builds on latest)."""
+
+
+def weights_problem(weights: bytes) -> str | None:
+    """Why `weights` must not be published (not safetensors, or a tensor holding NaN or
+    infinity), or None when they may."""
+    # Imported here: the cheap commands (status, tail, health) read this module and must
+    # not pay for numpy.
+    import numpy as np
+    import safetensors.numpy
+
+    try:
+        tensors = safetensors.numpy.load(weights)
+    except Exception as error:  # safetensors raises its own SafetensorError and others
+        return f"not safetensors ({error})"
+    for name, tensor in tensors.items():
+        if not np.isfinite(tensor).all():
+            return f"{name} holds NaN or infinity"
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +129,8 @@ class CheckpointRegistry:
         self.keep = max(1, keep)
         self.events_maxlen = events_maxlen
         self.acks = acks
+        # Versions whose publish reply was lost: settled once Redis answers (settle_pending).
+        self._unsettled: set[int] = set()
         self._publish = script(client, "publish_checkpoint", "clock", "lease")
         self._rollback = script(client, "rollback_checkpoint", "clock")
 
@@ -125,20 +161,33 @@ class CheckpointRegistry:
         raise CheckpointMissing(f"latest points at v{version}, which is not in Redis")
 
     @contextmanager
-    def publish_lock(self, timeout_s: float = 15.0, wait_s: float = 120.0) -> Iterator[None]:
+    def publish_lock(self, wait_s: float = 120.0) -> Iterator[None]:
         """Hold the publish lock: one trainer at a time rebases and publishes, so versions
-        follow each other without gaps. The compare-and-set in `publish` stays the guard
-        for a holder whose lock expired while it was paused."""
+        follow each other without gaps. Its TTL is short (PUBLISH_LOCK_TTL_S) and a thread
+        renews it while it is held. The compare-and-set in `publish` stays the guard for a
+        holder whose lock expired while it was paused."""
+        # thread_local=False: the renewing thread must see the token the acquirer got.
         lock = self.client.lock(
-            self.keys.publish_lock, timeout=timeout_s, sleep=0.01, blocking_timeout=wait_s
+            self.keys.publish_lock,
+            timeout=PUBLISH_LOCK_TTL_S,
+            sleep=0.01,
+            blocking_timeout=wait_s,
+            thread_local=False,
         )
         if not lock.acquire():
             raise TimeoutError(f"publish lock busy for {wait_s}s")
+        held = threading.Event()
+        renewer = threading.Thread(
+            target=_renew, args=(lock, held), name="publish-lock", daemon=True
+        )
+        renewer.start()
         try:
             yield
         finally:
+            held.set()
+            renewer.join()
             # It may have expired while we held it; the CAS in publish kept things safe.
-            with contextlib.suppress(LockError):
+            with contextlib.suppress(LockError, redis.RedisError):
                 lock.release()
 
     def publish(
@@ -149,12 +198,19 @@ class CheckpointRegistry:
         parent_version: int | None,
         leases: Sequence[Lease] = (),
         trainer: str = "",
+        blobs: Mapping[str, bytes] | None = None,
     ) -> int:
-        """Store, archive and announce a checkpoint built on `parent_version`, and move latest
-        to it. Raises PublishConflict when latest is no longer `parent_version`, LeaseLost
-        when a lease in `leases` is no longer held, ArchiveConflict when the archive already
-        has files of the new version, ReplicaAcksMissing when it stands on the primary but
-        too few replicas confirmed it (its files stay unconfirmed). Returns the new version."""
+        """Store, archive and announce a checkpoint built on `parent_version`, move latest to
+        it, and finish the leased cases with their updated `blobs`, in one step. Raises
+        WeightsRefused (nothing is written), PublishConflict when latest is no longer
+        `parent_version`, LeaseLost when a lease in `leases` is no longer held,
+        ArchiveConflict when the archive already has files of the new version,
+        ReplicaAcksMissing when it stands on the primary but too few replicas confirmed it
+        (its files stay unconfirmed). Returns the new version."""
+        problem = weights_problem(weights)
+        if problem is not None:
+            raise WeightsRefused(f"weights never published: {problem}")
+        blobs = blobs or {}
         version = self._next_version()
         full_meta = {
             **meta,
@@ -166,35 +222,49 @@ class CheckpointRegistry:
         if self.files is not None:
             self.files.write_unpublished(version, weights, sha256, full_meta)
         stale = self._stale_versions()
-        status, detail = self.acks.run_script(
-            self.client,
-            self._publish,
-            keys=[
-                self.keys.latest,
-                self.keys.checkpoint(version),
-                self.keys.versions,
-                self.keys.checkpoints,
-                self.keys.events,
-                self.keys.leased,
-                self.keys.leases,
-                self.keys.version_counter,
-                *(self.keys.checkpoint(old) for old in stale),
-            ],
-            args=[
-                "" if parent_version is None else parent_version,
-                version,
-                "" if parent_version is None else parent_version,
-                weights,
-                sha256,
-                meta_json,
-                ANNOUNCEMENTS_MAXLEN,
-                self.events_maxlen,
-                trainer,
-                len(leases),
-                *fence_args(leases),
-                *stale,
-            ],
-        )
+        fences: list[str | int | bytes] = []
+        for lease in leases:
+            fences += [lease.case_id, lease.token, blobs.get(lease.case_id, b"")]
+        keys = self.keys
+        try:
+            status, detail = self.acks.run_script(
+                self.client,
+                self._publish,
+                keys=[
+                    keys.latest,
+                    keys.checkpoint(version),
+                    keys.versions,
+                    keys.checkpoints,
+                    keys.events,
+                    keys.leased,
+                    keys.leases,
+                    keys.version_counter,
+                    keys.done,
+                    keys.attempts,
+                    keys.rejected,
+                    keys.retire,
+                    *(keys.case(lease.case_id) for lease in leases),
+                    *(keys.checkpoint(old) for old in stale),
+                ],
+                args=[
+                    "" if parent_version is None else parent_version,
+                    version,
+                    "" if parent_version is None else parent_version,
+                    weights,
+                    sha256,
+                    meta_json,
+                    ANNOUNCEMENTS_MAXLEN,
+                    self.events_maxlen,
+                    trainer,
+                    len(leases),
+                    *fences,
+                    *stale,
+                ],
+            )
+        except (redis.ConnectionError, redis.TimeoutError):
+            # Whether it was published is known once Redis answers again: settle_pending().
+            self._unsettled.add(version)
+            raise
         if self.files is not None:
             if status == b"published":
                 self.files.confirm(version)
@@ -205,6 +275,40 @@ class CheckpointRegistry:
         if status == b"conflict":
             raise PublishConflict(version_of(detail))
         raise LeaseLost(detail.decode())
+
+    def settle_pending(self) -> None:
+        """Name the archive files of versions whose publish reply was lost by what Redis
+        says now: published (metadata made final) or not (files removed)."""
+        for version in sorted(self._unsettled):
+            self._settle(version)
+            self._unsettled.discard(version)
+
+    def settle_unpublished(self, min_age_s: float = UNPUBLISHED_STALE_S) -> int:
+        """Settle every unpublished version in the archive older than `min_age_s` (a
+        trainer killed between archiving and its publish reply left it). Returns how many
+        were settled. Run it under the publish lock: no publish is then in flight."""
+        if self.files is None:
+            return 0
+        return sum(self._settle(v) for v in self.files.unpublished_versions(min_age_s))
+
+    def _settle(self, version: int) -> bool:
+        """Confirm or remove one unpublished version's files; False when Redis cannot tell
+        (the version is older than every one it keeps, so it may have been trimmed)."""
+        if self.files is None:
+            return True
+        if self.client.exists(self.keys.checkpoint(version)):
+            self.files.confirm(version)
+            return True
+        oldest = self.client.zrange(self.keys.versions, 0, 0)
+        if not oldest or version > int(oldest[0]):
+            # Every version published after the oldest kept is still in Redis: not this one.
+            self.files.discard(version)
+            return True
+        log.warning(
+            "v%d: unpublished metadata kept; Redis no longer tells whether it was published",
+            version,
+        )
+        return False
 
     def rollback(self, version: int) -> int | None:
         """Put `version` in service and point latest at it (restored from the archive when
@@ -306,3 +410,14 @@ class CheckpointRegistry:
         meta, weights = found
         sha256 = meta.pop("sha256", "")
         return StoredCheckpoint(version, meta, weights, sha256)
+
+
+def _renew(lock: Any, held: threading.Event) -> None:
+    """Renew the publish lock every third of its TTL until `held` is set or it is lost."""
+    while not held.wait(PUBLISH_LOCK_TTL_S / 3):
+        try:
+            lock.reacquire()
+        except LockError:
+            return  # expired and taken: the compare-and-set in publish still guards
+        except redis.RedisError:
+            continue  # Redis away: try again; if it stays away, the lock expires

@@ -4,17 +4,54 @@ must not be replaced) none, never half of one."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
+import socket
+import time
 from pathlib import Path
 
 _libc = ctypes.CDLL(None, use_errno=True)
+_HOST = socket.gethostname()
+# A temp file no live writer still holds: its writer was killed (or it is this old).
+STALE_TEMP_S = 600.0
 
 
 def temp_name(final: str | Path) -> str:
-    """A hidden name beside `final`, unique to this process, for writing it first."""
+    """A hidden name beside `final`, unique to this process, for writing it first. It names
+    the host and the pid, so a sweep can tell a killed writer's leftovers."""
     folder, name = os.path.split(os.fspath(final))
-    return f"{folder}/.{name}.{os.getpid()}.tmp"
+    return f"{folder}/.{name}.{_HOST}.{os.getpid()}.tmp"
+
+
+def remove_stale_temps(folder: Path, max_age_s: float = STALE_TEMP_S) -> int:
+    """Remove temp files in `folder` left by writers that died: those of this host whose
+    process is gone, and any older than `max_age_s` (another host's, on a shared folder).
+    Returns how many were removed."""
+    removed = 0
+    now = time.time()
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            name = entry.name
+            if not (name.startswith(".") and name.endswith(".tmp")):
+                continue
+            head, _, pid = name.removesuffix(".tmp").rpartition(".")
+            mine = head.endswith(f".{_HOST}") and pid.isdigit()
+            with contextlib.suppress(FileNotFoundError):
+                if (mine and not _alive(int(pid))) or now - entry.stat().st_mtime > max_age_s:
+                    os.unlink(entry.path)
+                    removed += 1
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
 
 
 def give_name(tmp: str, final: str | Path, replace: bool) -> None:

@@ -29,8 +29,21 @@ class Keys:
 
     @property
     def cases(self) -> str:
-        """Set of every case id ever added: the idempotency record and the total count."""
+        """Set of the trainable case ids in Redis: the total that queued + leased + done +
+        dead add up to. A case retired by retention leaves it (the archive keeps the case)."""
         return self._key("cases")
+
+    @property
+    def seen(self) -> str:
+        """Sorted set trade key -> when first seen (ms): the idempotency record of every
+        trade, win or loss, kept for the dedup window (NEGCASE_DEDUP_WINDOW_S)."""
+        return self._key("trades", "seen")
+
+    @property
+    def retire(self) -> str:
+        """Sorted set of finished case ids (done, dead, or without features) -> when they
+        finished (ms): retention removes the oldest from Redis; the archive keeps them."""
+        return self._key("cases", "retire")
 
     @property
     def featureless(self) -> str:
@@ -97,8 +110,14 @@ class Keys:
 
     @property
     def sessions(self) -> str:
-        """Sorted set of session ids by start time (ms)."""
+        """Sorted set of session ids by start time (ms); the newest NEGCASE_SESSIONS_KEPT."""
         return self._key("sessions")
+
+    @property
+    def open_sessions(self) -> str:
+        """Sorted set of sessions still training -> deadline (ms), pushed on by the trainer's
+        heartbeat: the reaper closes one whose trainer stopped beating (killed, cut off)."""
+        return self._key("sessions", "open")
 
     def checkpoint(self, version: int) -> str:
         """One checkpoint: hash with safetensors bytes and metadata."""
@@ -117,7 +136,8 @@ class Keys:
 
     @property
     def publish_lock(self) -> str:
-        """Short lock that lets one trainer at a time rebase, archive and publish."""
+        """Lock that lets one trainer at a time rebase, archive and publish; a short TTL its
+        holder renews, so it outlives a holder that died or was cut off by seconds only."""
         return self._key("ckpt", "lock")
 
     @property

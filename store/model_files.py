@@ -8,9 +8,11 @@ a trainer killed in between leaves files that listings and rollback ignore.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -78,6 +80,9 @@ class ModelFiles:
                 unpublished.name,
             )
             return
+        except FileNotFoundError:
+            log.warning("v%d is published but its archived metadata is gone", version)
+            return
         unpublished.unlink()
         fsync_folder(self.folder)
 
@@ -85,6 +90,17 @@ class ModelFiles:
         """Remove the files of a version that was never published."""
         for path in (self._weights(version), self._unpublished(version)):
             path.unlink(missing_ok=True)
+
+    def unpublished_versions(self, min_age_s: float) -> list[int]:
+        """Versions whose metadata is still unpublished, written at least `min_age_s` ago."""
+        now = time.time()
+        found = []
+        for path in self.folder.glob(f".v*.json{UNPUBLISHED_SUFFIX}"):
+            version = path.name[2:].split(".", 1)[0]
+            with contextlib.suppress(FileNotFoundError):
+                if version.isdigit() and now - path.stat().st_mtime >= min_age_s:
+                    found.append(int(version))
+        return sorted(found)
 
     def read(self, version: int) -> tuple[dict[str, Any], bytes] | None:
         """A published version's metadata (with its sha256) and weights, or None."""

@@ -84,8 +84,8 @@ class CaseQueue:
         self._claim = script(client, "claim", "clock", "held_out")
         self._heartbeat = script(client, "heartbeat", "clock", "lease")
         self._ack = script(client, "ack", "clock", "lease")
-        self._give_back = script(client, "give_back", "clock")
-        self._reap = script(client, "reap", "clock")
+        self._give_back = script(client, "give_back", "clock", "lease")
+        self._reap = script(client, "reap", "clock", "lease")
         self._requeue = script(client, "requeue", "held_out")
 
     def claim(self, worker: str, count: int = 1) -> list[Lease]:
@@ -101,6 +101,7 @@ class CaseQueue:
                 keys.attempts,
                 keys.done,
                 keys.stats,
+                keys.retire,
             ],
             args=[worker, self.lease_ms, count, self.heldout_threshold, HELD_OUT_STAT],
         )
@@ -115,13 +116,15 @@ class CaseQueue:
             for i in range(0, len(flat), 5)
         ]
 
-    def heartbeat(self, leases: Sequence[Lease]) -> list[str]:
-        """Extend the leases by lease_s; returns the ids of those no longer held."""
-        if not leases:
+    def heartbeat(self, leases: Sequence[Lease], session_id: str = "") -> list[str]:
+        """Extend the leases, and the open session they are trained in, by lease_s; returns
+        the ids of the leases no longer held."""
+        if not leases and not session_id:
             return []
+        keys = self.keys
         lost = self._heartbeat(
-            keys=[self.keys.leased, self.keys.leases],
-            args=[self.lease_ms, *fence_args(leases)],
+            keys=[keys.leased, keys.leases, keys.open_sessions],
+            args=[self.lease_ms, session_id, *fence_args(leases)],
         )
         return [case_id.decode() for case_id in lost]
 
@@ -145,6 +148,7 @@ class CaseQueue:
                 keys.done,
                 keys.attempts,
                 keys.rejected,
+                keys.retire,
                 *(keys.case(lease.case_id) for lease in leases),
             ],
             args=args,
@@ -166,7 +170,15 @@ class CaseQueue:
         keys = self.keys
         return int(
             self._reap(
-                keys=[keys.queue, keys.leased, keys.leases, keys.attempts, keys.dead, keys.events],
+                keys=[
+                    keys.queue,
+                    keys.leased,
+                    keys.leases,
+                    keys.attempts,
+                    keys.dead,
+                    keys.events,
+                    keys.retire,
+                ],
                 args=[self.max_attempts, self.events_maxlen, limit],
             )
         )
@@ -190,6 +202,7 @@ class CaseQueue:
                     keys.rejected,
                     keys.attempts,
                     keys.cases,
+                    keys.retire,
                     *(keys.case(case.case_id) for case in cases),
                 ],
                 args=args,
@@ -203,7 +216,15 @@ class CaseQueue:
             return {}
         keys = self.keys
         flat = self._give_back(
-            keys=[keys.queue, keys.leased, keys.leases, keys.attempts, keys.dead, keys.events],
+            keys=[
+                keys.queue,
+                keys.leased,
+                keys.leases,
+                keys.attempts,
+                keys.dead,
+                keys.events,
+                keys.retire,
+            ],
             args=[
                 self.max_attempts,
                 self.events_maxlen,

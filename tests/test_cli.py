@@ -10,7 +10,9 @@ import sys
 import time
 import urllib.request
 
+import numpy as np
 import pytest
+import safetensors.numpy
 
 from negcase import __version__ as negcase_version
 from negcase.cli.main import build_parser
@@ -291,7 +293,7 @@ def test_status_text_shows_the_rate_that_json_shows(settings, client):
 
 def test_rollback_to_the_latest_version_changes_and_announces_nothing(settings, client):
     registry = CheckpointRegistry(client, settings.keys)
-    weights = b"not read by rollback"
+    weights = safetensors.numpy.save({"w": np.zeros(2, np.float32)})  # not read by rollback
     version = registry.publish(weights, hashlib.sha256(weights).hexdigest(), {"trainer": "t"}, None)
     result = negcase(settings, "rollback", str(version))
     assert result.returncode == 0 and "already" in result.stdout
@@ -369,7 +371,7 @@ def test_negcase_redis_refuses_a_port_another_server_holds(settings, redis_serve
 
 def test_checkpoints_and_health_print_json(settings, client):
     registry = CheckpointRegistry(client, settings.keys)
-    weights = b"listed, never loaded"
+    weights = safetensors.numpy.save({"w": np.ones(2, np.float32)})  # listed, never loaded
     registry.publish(
         weights, hashlib.sha256(weights).hexdigest(), {"trainer": "t", "case_ids": ["nc-1"]}, None
     )

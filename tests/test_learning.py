@@ -85,6 +85,7 @@ def test_the_gate_refuses_a_harmful_update_and_says_why(client, settings) -> Non
         dataclasses.replace(
             case,
             case_id=f"nc-bad-{n:03d}",
+            trade_id=f"bad-{n}",
             training_epochs=600,
             what_should_have_been_done=ACTIONS[(case.label + 1) % 3],
         )

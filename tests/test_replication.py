@@ -7,7 +7,9 @@ import threading
 import time
 from collections.abc import Iterator
 
+import numpy as np
 import pytest
+import safetensors.numpy
 
 from negcase.client.trades import encode_trade
 from negcase.processes.detector import LossDetector
@@ -81,6 +83,6 @@ def test_without_enough_replicas_the_write_stands_unconfirmed(client, settings: 
         client, wanting.keys, Archive(wanting.data_dir), acks=wanting.replica_acks
     )
     with pytest.raises(ReplicaAcksMissing, match="only 0 of 1 replicas acknowledged"):
-        registry.publish(b"weights", "sha", {}, None)
+        registry.publish(safetensors.numpy.save({"w": np.zeros(2, np.float32)}), "sha", {}, None)
     assert registry.latest_version() == 1
     assert not (wanting.data_dir / "models" / "v1.json").exists()

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
 import pytest
 import redis
+import safetensors.numpy
 
 from negcase.cli.status import gather_status
 from negcase.cli.status_view import render_status
@@ -285,7 +287,8 @@ def test_publishing_never_trims_a_version_serving_needs(client, settings) -> Non
     # when many more versions are published while only the newest two are kept
     for seed in range(4, 9):
         publish(client, settings, seed=seed)
-    registry.publish(b"w", "0" * 64, {}, registry.latest_version())
+    weights = safetensors.numpy.save({"w": np.zeros(2, np.float32)})  # never loaded here
+    registry.publish(weights, "0" * 64, {}, registry.latest_version())
     # then the version in service, the history and the canary are still stored, while the
     # versions nobody needs are trimmed
     for version in (first, second, canary):

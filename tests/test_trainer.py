@@ -23,6 +23,7 @@ from negcase.store.archive import Archive
 from negcase.store.cases import CaseStore
 from negcase.store.checkpoints import CheckpointRegistry
 from negcase.store.queue import is_held_out
+from negcase.store.sessions import SessionStore
 from tests.conftest import wait_until, worker_env
 from tests.training_cases import (
     add_cases,
@@ -116,8 +117,12 @@ def test_a_killed_trainers_case_is_reclaimed_after_its_lease(client, settings, s
 
     assert assert_conserved(client, settings)["done"] == 1
     assert [e["worker"] for e in events(client, settings, "lease_expired")] == ["victim"]
-    [completed] = events(client, settings, "training_completed")
-    assert completed["trainer"] == "rescuer" and completed["outcome"] in ("published", "rejected")
+    # The killed trainer's session is closed for it, once; the rescuer's ends as usual.
+    closed = {e["trainer"]: e for e in events(client, settings, "training_completed")}
+    assert closed.keys() == {"victim", "rescuer"}
+    assert closed["victim"]["outcome"] == "abandoned"
+    assert closed["rescuer"]["outcome"] in ("published", "rejected")
+    assert client.zcard(settings.keys.open_sessions) == 0
 
 
 def test_a_trainer_paused_past_its_lease_can_neither_publish_nor_ack(
@@ -151,8 +156,14 @@ def test_a_trainer_paused_past_its_lease_can_neither_publish_nor_ack(
     paused.send_signal(signal.SIGTERM)
     finish(paused)
 
-    outcomes = {e["trainer"]: e["outcome"] for e in events(client, settings, "training_completed")}
-    assert outcomes["paused"] == "lease_lost"
+    completed = events(client, settings, "training_completed")
+    outcomes = {e["trainer"]: e["outcome"] for e in completed}
+    # Paused past its lease it stopped beating: a reaper closed its session, once; resumed,
+    # it recorded what it knows (it lost the lease) without announcing the session again.
+    assert outcomes["paused"] == "abandoned"
+    assert [e["trainer"] for e in completed].count("paused") == 1
+    [session_id] = [e["session_id"] for e in completed if e["trainer"] == "paused"]
+    assert SessionStore(client, settings.keys, None).get(session_id).outcome == "lease_lost"
     assert outcomes["other"] in ("published", "rejected")
     trainers = {e["trainer"] for e in events(client, settings, "checkpoint_published")}
     assert trainers <= {"other"}

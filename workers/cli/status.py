@@ -25,6 +25,7 @@ from negcase.store.connection import server_of
 from negcase.store.health import live_workers
 from negcase.store.keys import DETECTOR_GROUP, INFERENCE_GROUP, Keys
 from negcase.store.live import LiveStats, window_stats, z_score
+from negcase.store.memory import memory_report
 from negcase.store.queue import priority_of_score, queue_counts, score_range
 
 PRIORITIES = (5, 4, 3, 2, 1)
@@ -64,7 +65,8 @@ def group_streams(keys: Keys) -> tuple[GroupStream, ...]:
 
 def gather_status(client: redis.Redis, keys: Keys) -> dict[str, Any]:
     """Everything `negcase status` shows: one MULTI for the case counts, one pipeline of
-    independent reads, one of the reads that depend on those, and the health-key SCAN."""
+    independent reads, one of the reads that depend on those, the health keys, and two
+    pipelines for the memory by key family (store/memory.py)."""
     counts = queue_counts(client, keys)  # one MULTI: the conservation check is exact
     streams = group_streams(keys)
     # Every key of the namespace is on one server (in a Cluster, the owner of its slot):
@@ -90,6 +92,7 @@ def gather_status(client: redis.Redis, keys: Keys) -> dict[str, Any]:
         "workers_alive": _alive_by_kind(workers),
         "serving": serving_versions(workers),
         "live": _live_status(first, second),
+        "memory": memory_report(client, keys),
     }
 
 

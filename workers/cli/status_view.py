@@ -22,6 +22,7 @@ def render_status(status: dict[str, Any]) -> str:
         _render_workers(status),
         _render_models(status["models"]),
         _render_counters(status["counters"]),
+        _render_memory(status["memory"]),
     ]
     return "\n\n".join("\n".join(lines) for lines in sections)
 
@@ -257,3 +258,31 @@ def _table(rows: list[list[Any]], align: str) -> list[str]:
         "  ".join(f"{cell:{a}{w}}" for cell, a, w in zip(row, aligns, widths, strict=True)).rstrip()
         for row in cells
     ]
+
+
+def _render_memory(memory: dict[str, Any]) -> list[str]:
+    limit = memory["maxmemory_bytes"]
+    lines = [
+        f"memory  used {_bytes(memory['used_memory_bytes'])}"
+        f"{f' on {n} nodes' if (n := memory.get('nodes', 1)) > 1 else ''} (dataset "
+        f"{_bytes(memory['used_memory_dataset_bytes'] or 0)}, maxmemory "
+        f"{_bytes(limit) if limit else 'none'}); by key family, "
+        f"{_bytes(memory['accounted_bytes'])} accounted for:"
+    ]
+    rows = [
+        [f"  {family}", f"{row['keys']:,} keys", _bytes(row["bytes"]), row["how"]]
+        for family, row in memory["families"].items()
+        if row["bytes"]
+    ]
+    return lines + (_table(rows, "<>><") if rows else ["  (empty)"])
+
+
+def _bytes(n: float) -> str:
+    """Bytes for people: 512 B, 1.5 KB, 12.3 MB, 2.0 GB."""
+    if n < 1024:
+        return f"{n:.0f} B"
+    for unit in ("KB", "MB"):
+        n /= 1024
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+    return f"{n / 1024:.1f} GB"

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import redis
 
-from negcase.processes.losses import Assessment, assess_trade
+from negcase.processes.losses import assess_trade
 from negcase.runtime.logging import Progress
 from negcase.runtime.loop import BURST_POLL_S, WorkerLoop
 from negcase.runtime.metrics import DetectorMetrics
@@ -20,18 +20,18 @@ from negcase.runtime.settings import Settings
 from negcase.runtime.shutdown import StopFlag
 from negcase.schemas.case import case_id_for
 from negcase.schemas.trade import (
-    TradeClosed,
     TradeDefaults,
     TradeError,
     parse_trade,
     trade_id_hint,
 )
 from negcase.store.archive import Archive
-from negcase.store.cases import Batch, CaseStore, DeadLetter, version_label
+from negcase.store.cases import Batch, BatchLimits, CaseStore, DeadLetter, Recorded
 from negcase.store.health import HealthKey
 from negcase.store.keys import DETECTOR_GROUP
 from negcase.store.live import LiveOutcome, LiveScores
 from negcase.store.queue import is_held_out
+from negcase.store.retention import Retention
 from negcase.store.serving import ServingControl
 from negcase.store.streams import (
     Entry,
@@ -41,6 +41,8 @@ from negcase.store.streams import (
 )
 
 log = logging.getLogger(__name__)
+# How often a detector retires finished cases past retention (store/retention.py).
+RETIRE_EVERY_S = 1.0
 
 
 @dataclass(slots=True)
@@ -78,9 +80,21 @@ class LossDetector:
             fee_rate=settings.default_fee_rate,
             max_entry_bytes=settings.max_entry_bytes,
         )
+        self.limits = BatchLimits(
+            events_maxlen=settings.events_maxlen,
+            dead_maxlen=settings.dead_letters_maxlen,
+            trades_maxlen=settings.trades_maxlen,
+            seen_window_ms=round(settings.dedup_window_s * 1000),
+            seen_max=settings.dedup_max_ids,
+            outcomes_maxlen=settings.outcomes_maxlen,
+            validation_maxlen=settings.validation_size,
+        )
+        self.retention = Retention.of(client, settings)
         self.totals = DetectorTotals()
         self.metrics = DetectorMetrics()
         self.health = HealthKey(client, self.keys, "detector", settings.health_ttl_s)
+        self._retired_s = 0.0
+        self._swept = False
         self._in_flight: Future[None] | None = None  # the batch being stored, if any
         self.progress = Progress(log, "stored")
 
@@ -104,6 +118,9 @@ class LossDetector:
             on_lost=self._abandon_in_flight,
             # Another detector may hold entries: wait for its ack, or to claim them.
             drained=lambda: not self._pending_elsewhere(),
+            # Redis refusing writes (a full memory, a read-only replica) or the archive's disk
+            # failing is no entry's fault (those become dead letters): back off, never die.
+            survive_errors=True,
         )
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="detector-store") as storer:
             loop.run(lambda: self._step(storer, block=not burst))
@@ -120,18 +137,25 @@ class LossDetector:
             self._in_flight = _settled(self._in_flight)
             # A quiet spell, and no batch is being stored: say what the last busy one did.
             self.progress.flush_if_due()
+            self._retire_due()
             return False
         batch = self.assess(entries)
         _settled(self._in_flight)
         self._in_flight = storer.submit(self.store, batch, len(entries))
+        self._retire_due()
         return True
 
     def _recover(self) -> None:
         """Create the group if needed, catch the archive index up, and handle our own pending
         entries first: a restart under the same name resumes where the last run stopped."""
-        self._in_flight = _settled(self._in_flight)
+        # A batch whose store failed stays pending: it is read again just below.
+        self._abandon_in_flight()
         self.ensure_group()
         if self.archive is not None:
+            if not self._swept:
+                # What a killed detector was writing: its temp files are not cases.
+                self.archive.remove_stale_temps()
+                self._swept = True
             self.archive.reconcile_index()
         for entries in self._own_pending():
             self.handle(entries)
@@ -156,83 +180,113 @@ class LossDetector:
         started = time.perf_counter()
         if self.archive is not None:
             self.archive.add_cases(batch.cases, batch.blobs)
-        settings = self.settings
         self.live.record(batch.live)
-        added, duplicates = self.cases.record_batch(
-            batch,
-            self.consumer,
-            settings.events_maxlen,
-            settings.dead_letters_maxlen,
-            settings.trades_maxlen,
-            settings.outcomes_maxlen,
-            settings.validation_size,
-        )
+        recorded = self._record(batch)
         if batch.live:
             self.serving.step()
         totals = self.totals
         totals.entries += entry_count
-        totals.cases_added += added
-        totals.duplicates += duplicates
-        totals.dead_lettered += len(batch.dead_letters)
+        totals.cases_added += recorded.added
+        totals.duplicates += recorded.duplicates
+        totals.dead_lettered += recorded.dead_lettered
+        totals.wins += recorded.wins
         metrics = self.metrics
         metrics.batch_seconds.observe(time.perf_counter() - started)
         metrics.entries.inc(entry_count)
-        metrics.cases.inc(added)
-        metrics.duplicates.inc(duplicates)
-        metrics.dead.inc(len(batch.dead_letters))
+        metrics.cases.inc(recorded.added)
+        metrics.duplicates.inc(recorded.duplicates)
+        metrics.dead.inc(recorded.dead_lettered)
         self.progress.add(
             {
                 "entries": entry_count,
-                "cases added": added,
-                "duplicates": duplicates,
-                "dead-lettered": len(batch.dead_letters),
-                "wins": batch.counters.get("wins", 0),
+                "cases added": recorded.added,
+                "duplicates": recorded.duplicates,
+                "dead-lettered": recorded.dead_lettered,
+                "wins": recorded.wins,
             }
         )
 
+    def _record(self, batch: Batch) -> Recorded:
+        """Record a batch. When Redis refuses it (the script checks everything before its
+        first write, so a refusal wrote nothing), record its entries one by one, and an
+        entry Redis refuses alone as a dead letter with the refusal: no entry can wedge the
+        group. A dead letter refused too means Redis refuses writes: that error is raised."""
+        try:
+            return self.cases.record_batch(batch, self.limits)
+        except redis.ResponseError as error:
+            if len(batch) > 1:
+                log.warning(
+                    "detector: a batch of %d was refused (%s); recording one by one",
+                    len(batch),
+                    error,
+                )
+                return sum((self._record(part) for part in batch.split()), Recorded())
+            (effect,) = batch.effects
+            if effect.kind == "dead" and effect.fields is None:
+                raise  # even a bare dead letter: Redis refuses writes, the loop backs off
+            # A refused dead letter is kept bare (fields None); anything else as a dead letter.
+            fields = {} if effect.kind == "dead" else effect.fields or {}
+            reason = f"could not be stored: {error}"
+            dead = DeadLetter(effect.entry_id, fields, "entry", reason, effect.trade_id)
+            unstorable = Batch()
+            self._add_dead_letter(unstorable, dead, int(time.time() * 1000))
+            if effect.kind == "dead":
+                unstorable.effects[0].fields = None
+            return self._record(unstorable)
+
     def assess(self, entries: list[Entry]) -> Batch:
-        """Pure computation: what each entry becomes. No I/O."""
+        """Pure computation: what each entry becomes. No I/O. Anything an entry makes
+        raise, however odd, makes it a dead letter: no input can stop the detector."""
         batch = Batch()
         now_ms = int(time.time() * 1000)
-        settings = self.settings
         for entry_id, fields in entries:
-            batch.handled_ids.append(entry_id)
             try:
-                trade = parse_trade(fields, self.defaults)
-                assessment = assess_trade(trade, settings, now_ms)
+                self._assess_entry(batch, entry_id, fields, now_ms)
             except TradeError as error:
-                batch.dead_letters.append(
-                    DeadLetter(entry_id, fields, error.field, error.reason, trade_id_hint(fields))
-                )
-                continue
+                hint = trade_id_hint(fields)
+                dead = DeadLetter(entry_id, fields, error.field, error.reason, hint)
+                self._add_dead_letter(batch, dead, now_ms)
             except Exception as error:
                 # A bug met by some input: keep the entry, with the error, for a person to see.
                 reason = f"could not be handled: {error!r}"
                 dead = DeadLetter(entry_id, fields, "entry", reason, trade_id_hint(fields))
-                batch.dead_letters.append(dead)
-                continue
-            self._add(batch, trade, assessment)
+                self._add_dead_letter(batch, dead, now_ms)
         return batch
 
-    def _add(self, batch: Batch, trade: TradeClosed, assessment: Assessment) -> None:
+    def _assess_entry(
+        self, batch: Batch, entry_id: bytes, fields: dict[bytes, bytes], now_ms: int
+    ) -> None:
+        trade = parse_trade(fields, self.defaults)
+        assessment = assess_trade(trade, self.settings, now_ms)
+        outcome = (b"", False)
+        if assessment.outcome is not None:
+            held_out = is_held_out(case_id_for(trade.trade_id), self.settings.heldout_share)
+            outcome = (assessment.outcome.to_msgpack(), held_out)
+        if assessment.case is not None:
+            batch.add_case(assessment.case, self.consumer, now_ms, entry_id, fields, outcome)
+        else:
+            batch.add_outcome_only(
+                assessment.kind, trade.trade_id, trade.model_version, entry_id, fields, outcome
+            )
         if trade.model_version is not None:
             pnl_pct = None if trade.side == "HOLD" else assessment.pnl_pct
             batch.live.append(LiveOutcome(trade.trade_id, trade.model_version, pnl_pct))
-        if assessment.outcome is not None:
-            held_out = is_held_out(case_id_for(trade.trade_id), self.settings.heldout_share)
-            batch.outcomes.append((assessment.outcome.to_msgpack(), held_out))
-        if assessment.case is not None:
-            batch.add_case(assessment.case)
-            return
-        label = version_label(trade.model_version)
-        if assessment.kind == "skip":
-            batch.count("skips")
-            batch.count(f"model:{label}:skips")
-            return
-        self.totals.wins += 1
-        batch.count("trades")
-        batch.count("wins")
-        batch.count(f"model:{label}:trades")
+
+    def _add_dead_letter(self, batch: Batch, dead: DeadLetter, now_ms: int) -> None:
+        """Add a dead letter; one whose fields cannot be packed is kept with its reason only."""
+        try:
+            batch.add_dead_letter(dead, self.consumer, now_ms)
+        except Exception as error:
+            reason = f"{dead.field}: {dead.reason}; original fields not kept ({error!r})"
+            bare = DeadLetter(dead.entry_id, {}, "entry", reason)
+            batch.add_dead_letter(bare, self.consumer, now_ms)
+
+    def _retire_due(self) -> None:
+        """Retire finished cases past retention, at most once every RETIRE_EVERY_S."""
+        now = time.monotonic()
+        if now - self._retired_s >= RETIRE_EVERY_S:
+            self._retired_s = now
+            self.retention.retire_cases()
 
     def _read_new(self, block: bool) -> list[Entry]:
         reply = self.client.xreadgroup(
@@ -282,5 +336,5 @@ def _settled(in_flight: Future[None] | None) -> None:
 def _abandoned(in_flight: Future[None] | None) -> None:
     """Wait for the batch in flight, ignoring its error: its entries stay pending."""
     if in_flight is not None:
-        with contextlib.suppress(redis.RedisError):
+        with contextlib.suppress(Exception):
             in_flight.result()

@@ -5,6 +5,7 @@ what serving names."""
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 
@@ -32,6 +33,7 @@ from negcase.store.streams import Entry
 log = logging.getLogger(__name__)
 
 NO_MODEL_REASON = "no checkpoint published yet"
+NONFINITE_OUTPUT_REASON = "the model's output is not finite for these features (too large?)"
 DELETED_REASON = "deleted before it was answered (the stream was trimmed)"
 
 
@@ -153,6 +155,7 @@ class InferenceWorker:
                 batch.replies.append((request_id, reply))
                 continue
             request_ids.append(request_id)
+        signals = {False: 0, True: 0}  # answered with a signal, by the service / canary
         if request_ids:
             on_trial = self._on_trial(serving, request_ids)
             rows = self._forward(serving, on_trial)
@@ -161,6 +164,20 @@ class InferenceWorker:
                 request_ids, rows, on_trial.tolist(), strict=True
             ):
                 model = serving.canary if canary else loaded
+                if not all(map(math.isfinite, probabilities)):
+                    # Finite float32 inputs can still overflow a forward pass: no signal
+                    # from NaN, an error naming the input instead.
+                    reply = error_reply(
+                        request_id,
+                        "features",
+                        NONFINITE_OUTPUT_REASON,
+                        model.version,
+                        self.consumer,
+                        number,
+                    )
+                    batch.replies.append((request_id, reply))
+                    continue
+                signals[canary] += 1
                 signal = signal_from_probabilities(
                     probabilities,
                     model.version,
@@ -171,12 +188,11 @@ class InferenceWorker:
                     canary=canary,
                 )
                 batch.replies.append((request_id, signal.to_json()))
-            trial = int(on_trial.sum())
-            batch.count(f"model:{version}:signals", len(request_ids) - trial)
-            if trial:
-                batch.count(f"model:{serving.canary.version}:signals", trial)
-                batch.count("signals_canary", trial)
-        self._count(batch, len(request_ids), len(entries))
+            batch.count(f"model:{version}:signals", signals[False])
+            if signals[True]:
+                batch.count(f"model:{serving.canary.version}:signals", signals[True])
+                batch.count("signals_canary", signals[True])
+        self._count(batch, signals[False] + signals[True], len(entries))
         return batch
 
     @staticmethod

@@ -141,6 +141,14 @@ def verified_state(
     return tensors
 
 
+def nonfinite_name(state: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first tensor in `state` holding NaN or infinity, or None."""
+    for name, value in state.items():
+        if not bool(torch.isfinite(value).all()):
+            return name
+    return None
+
+
 def load_verified(stored: StoredCheckpoint, model: nn.Module, feature_count: int) -> None:
     """Load a checkpoint into `model` after every check of `verified_state` passed; on
     CheckpointError the model is left untouched."""

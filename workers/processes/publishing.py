@@ -4,13 +4,19 @@ compare-and-set it in; retry when latest moved."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
-from negcase.processes.model import rebased, sha256_hex, verified_state, weights_bytes
+from negcase.processes.model import (
+    nonfinite_name,
+    rebased,
+    sha256_hex,
+    verified_state,
+    weights_bytes,
+)
 from negcase.processes.training import (
     Examples,
     Measurement,
@@ -59,13 +65,17 @@ def publish_update(
     meta: dict[str, Any],
     leases: Sequence[Lease] = (),
     trainer: str = "",
+    blobs: Mapping[str, bytes] | None = None,
 ) -> PublishResult:
-    """Gate and publish an update on top of whatever is latest now. When another trainer
-    published since `update.base_version`, the update is rebased (latest + trained - base)
-    and gated again against latest; a warm start (no base version) is not rebased but judged
-    against whatever was published first; the very first checkpoint is judged only for
-    finite output. `scratch` is a model of the right shape to measure with. Raises
-    LeaseLost when a lease is no longer held."""
+    """Gate and publish an update on top of whatever is latest now, finishing the leased
+    cases (with their updated `blobs`) in the same step. When another trainer published
+    since `update.base_version`, the update is rebased (latest + trained - base) and gated
+    again against latest; a warm start (no base version) is not rebased but judged against
+    whatever was published first; the very first checkpoint is judged only for finite
+    output. Weights holding NaN or infinity are refused like a gate refusal. `scratch` is a
+    model of the right shape to measure with. Raises LeaseLost when a lease is no longer
+    held. A refused update's cases are not finished here: the caller acks them with the
+    reason."""
     result = PublishResult()
     heldout = Examples.of_outcomes(window, feature_count)
     with registry.publish_lock():
@@ -82,6 +92,10 @@ def publish_update(
                 result.rebases += 1
             parent_version = None if parent is None else parent.version
             result.parent_version = parent_version
+            diverged = nonfinite_name(candidate)
+            if diverged is not None:
+                result.rejected_reason = f"{diverged} holds NaN or infinity: training diverged"
+                return result
             result.heldout_before = measure_state(scratch, parent_state, heldout)
             result.trading_before = _trading_result_of(scratch, parent_state, window)
             result.heldout_after = measure_state(scratch, candidate, heldout)
@@ -105,7 +119,13 @@ def publish_update(
             result.meta = {**meta, "metrics": metrics, "trainer": trainer}
             try:
                 result.version = registry.publish(
-                    weights, sha256_hex(weights), result.meta, parent_version, leases, trainer
+                    weights,
+                    sha256_hex(weights),
+                    result.meta,
+                    parent_version,
+                    leases,
+                    trainer,
+                    blobs,
                 )
                 return result
             except PublishConflict:

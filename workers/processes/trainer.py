@@ -51,11 +51,14 @@ from negcase.store.leases import Lease, LeaseLost
 from negcase.store.outcomes import OutcomeStore
 from negcase.store.queue import CaseQueue, priority_of_score, queue_counts
 from negcase.store.replication import ReplicaAcksMissing
+from negcase.store.retention import Retention
 from negcase.store.serving import ServingControl
 from negcase.store.sessions import SessionStore
 
 State = dict[str, torch.Tensor]
 log = logging.getLogger(__name__)
+# Upkeep runs every quarter lease, at most this far apart.
+UPKEEP_EVERY_S = 1.0
 
 
 class Heartbeat:
@@ -75,6 +78,7 @@ class Heartbeat:
     ) -> None:
         self.queue = queue
         self.leases = list(leases)
+        self.session_id = ""  # set once the session is stored: it is kept open too
         self.interval_s = interval_s
         self.on_beat = on_beat
         self.tick_s = min(interval_s, health_every_s)
@@ -96,14 +100,53 @@ class Heartbeat:
             if self.on_beat is not None:
                 with contextlib.suppress(redis.RedisError):
                     self.on_beat()
-            if self.lost.is_set() or time.monotonic() < lease_due_s:
+            if time.monotonic() < lease_due_s:
                 continue
             try:
-                if self.queue.heartbeat(self.leases):
+                # Once a lease is lost only the session is kept open: this trainer is alive
+                # and closes it itself.
+                leases = [] if self.lost.is_set() else self.leases
+                if self.queue.heartbeat(leases, self.session_id):
                     self.lost.set()  # keep ticking: the health key still needs refreshing
                 lease_due_s = time.monotonic() + self.interval_s
             except redis.RedisError:
                 continue  # Redis is away: try again; if the lease lapses, fencing refuses us
+
+
+class Upkeep:
+    """A thread that runs the shared upkeep steps (reap expired leases, close abandoned
+    sessions, retire finished cases) at once and then every `every_s`, whatever the
+    trainer's main thread is doing: training, or waiting for the publish lock. So reaping
+    never waits on a session or on the lock."""
+
+    def __init__(self, steps: Sequence[Callable[[], object]], every_s: float) -> None:
+        self.steps = list(steps)
+        self.every_s = every_s
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="upkeep", daemon=True)
+
+    def __enter__(self) -> Upkeep:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            for step in self.steps:
+                try:
+                    step()
+                except (redis.RedisError, OSError) as error:
+                    # Redis away or refusing: the next tick tries again.
+                    log.debug("upkeep: %s: %s", type(error).__name__, error)
+                except Exception:
+                    # Anything else is a bug, but the thread must not die of it: reaping
+                    # stops for every trainer that waits on this one's leases otherwise.
+                    log.exception("upkeep: %s failed; trying again next tick", step)
+            if self._done.wait(self.every_s):
+                return
 
 
 class Trainer:
@@ -134,7 +177,10 @@ class Trainer:
             settings.replica_acks,
         )
         self.serving = ServingControl(client, settings)
-        self.sessions = SessionStore(client, self.keys, archive, settings.events_maxlen)
+        self.sessions = SessionStore(
+            client, self.keys, archive, settings.events_maxlen, settings.sessions_kept
+        )
+        self.retention = Retention.of(client, settings)
         self.outcome_store = OutcomeStore(client, self.keys, settings.outcomes_maxlen)
         self.spec = spec_from_settings(settings)
         self.scratch = build_model(self.spec)  # verifies and measures checkpoints
@@ -144,6 +190,8 @@ class Trainer:
         self.health = HealthKey(client, self.keys, "trainer", settings.health_ttl_s)
         self._base: tuple[int | None, State] | None = None
         self._waiting_for_outcomes = False
+        # A session Redis cut off before it was closed: closed once Redis is back.
+        self._unfinished: TrainingSession | None = None
 
     def run(self, stop: StopFlag, burst: bool = False) -> Counter[str]:
         """Work until `stop` is set (in burst mode, until nothing is queued or leased)."""
@@ -155,23 +203,48 @@ class Trainer:
             idle_s=min(0.25, self.settings.lease_s / 4),
             health=self.health,
             health_info=self._health_info,
+            on_connect=self._recover,
             drained=self._drained,
         )
-        loop.run(lambda: self._step(stop))
+        upkeep = Upkeep(
+            [self.queue.reap, self.sessions.close_abandoned, self.retention.retire_cases],
+            min(UPKEEP_EVERY_S, self.settings.lease_s / 4),
+        )
+        with upkeep:
+            self._settle_archive()
+            loop.run(lambda: self._step(stop))
+            with contextlib.suppress(redis.RedisError, OSError):
+                self._recover()
         if self.archive is not None:
             self.archive.flush_index()
         return self.outcomes
 
     def _step(self, stop: StopFlag) -> bool:
-        """Return expired leases, claim the best cases and train on them. Returns whether
-        there were cases to claim."""
-        self.queue.reap()
+        """Claim the best cases and train on them (the upkeep thread reaps expired leases).
+        Returns whether there were cases to claim."""
         if not self._enough_outcomes():
             return False
         leases = self.queue.claim(self.name, self.settings.cases_per_claim)
         if leases:
             self.train_claimed(leases, stop)
         return bool(leases)
+
+    def _recover(self) -> None:
+        """On (re)connecting: settle the archive files of a publish whose reply was lost,
+        and close the session Redis cut off."""
+        self.registry.settle_pending()
+        if self._unfinished is not None:
+            self._complete_session(self._unfinished)
+
+    def _settle_archive(self) -> None:
+        """Once, at start: settle unpublished checkpoint files killed trainers left, and
+        remove their temp files. Skipped when another trainer holds the publish lock."""
+        if self.archive is None:
+            return
+        with contextlib.suppress(TimeoutError, redis.RedisError, OSError):
+            self.archive.remove_stale_temps()
+            with self.registry.publish_lock(wait_s=1.0):
+                self.registry.settle_unpublished()
 
     def _enough_outcomes(self) -> bool:
         """Whether a session may run: a checkpoint exists, or enough outcomes for the warm
@@ -210,6 +283,9 @@ class Trainer:
             self.health.every_s,
         ) as heartbeat:
             session = self._start_session(leases, cases)
+            heartbeat.session_id = session.session_id
+            # Until it is closed: a session Redis cuts off is closed when Redis is back.
+            self._unfinished = session
             try:
                 self._train(
                     session, leases, cases, lambda: stop.is_set() or heartbeat.lost.is_set()
@@ -227,14 +303,20 @@ class Trainer:
                 self.queue.release(leases, self.name)
                 session.outcome, session.error = "failed", f"latest checkpoint: {error.reason}"
                 stop.wait(self.settings.lease_s)
-            except ReplicaAcksMissing:
-                # The publish stands on the primary, but no replica confirmed it in time:
-                # hand the cases back (no attempt counted) to be trained again, rather than
-                # count on one machine; the loop backs off.
+            except ReplicaAcksMissing as error:
+                # The write stands on the primary, but no replica confirmed it in time: hand
+                # back what is still ours (no attempt counted; a publish finished its cases
+                # already, so for it nothing is), rather than count on one machine; the
+                # loop backs off, then closes this session.
                 self.queue.release(leases, self.name)
+                session.outcome, session.error = "cut_off", str(error)
                 raise
-            except REDIS_AWAY:
-                raise  # Redis is away, not the cases' fault: the loop backs off
+            except REDIS_AWAY as error:
+                # Redis is away, not the cases' fault: their leases expire and are reaped;
+                # the loop backs off, then closes this session (on_connect).
+                session.outcome = "cut_off"
+                session.error = f"{type(error).__name__}: {error}"
+                raise
             except Exception as error:
                 self.queue.fail(leases, f"{type(error).__name__}: {error}", self.name)
                 session.outcome, session.error = "failed", f"{type(error).__name__}: {error}"
@@ -312,6 +394,8 @@ class Trainer:
             },
         }
         update = Update(base_version, base_state, state_of(model))
+        retrained = self._retrained(cases)
+        blobs = {case.case_id: case.to_msgpack() for case in retrained}
         result = publish_update(
             self.registry,
             update,
@@ -321,8 +405,14 @@ class Trainer:
             meta,
             leases,
             self.name,
+            blobs,
         )
-        self._ack(leases, cases, result.rejected_reason)
+        if result.rejected_reason:
+            # Published updates finished their cases in the publish step itself.
+            self.queue.ack(leases, blobs, result.rejected_reason)
+        if self.archive is not None:
+            for case in retrained:
+                self.archive.replace_case(case)
         if result.version is not None:
             self.serving.step()  # the new version starts as the canary (or serves at once)
         session.outcome = "rejected" if result.rejected_reason else "published"
@@ -358,21 +448,16 @@ class Trainer:
             )
         return self._base
 
-    def _ack(
-        self, leases: list[Lease], cases: list[NegativeCase], rejected_reason: str | None
-    ) -> None:
+    @staticmethod
+    def _retrained(cases: list[NegativeCase]) -> list[NegativeCase]:
+        """The cases as they are stored once trained: one more retraining, and when."""
         now_ms = int(time.time() * 1000)
-        updated = [
+        return [
             dataclasses.replace(
                 case, retraining_count=case.retraining_count + 1, last_retrained_ms=now_ms
             )
             for case in cases
         ]
-        blobs = {case.case_id: case.to_msgpack() for case in updated}
-        self.queue.ack(leases, blobs, rejected_reason)
-        if self.archive is not None:
-            for case in updated:
-                self.archive.replace_case(case)
 
     def _start_session(self, leases: list[Lease], cases: list[NegativeCase]) -> TrainingSession:
         now_ms = int(time.time() * 1000)
@@ -384,7 +469,7 @@ class Trainer:
             base_version=self.registry.latest_version(),
             epochs_planned=max(case.training_epochs for case in cases),
         )
-        self.sessions.started(session, now_ms)
+        self.sessions.started(session, now_ms, now_ms + round(self.settings.lease_s * 1000))
         priorities = ",".join(str(priority_of_score(lease.score)) for lease in leases)
         base = "none" if session.base_version is None else f"v{session.base_version}"
         log.info(
@@ -396,8 +481,10 @@ class Trainer:
     def _complete_session(self, session: TrainingSession) -> None:
         now_ms = int(time.time() * 1000)
         session.training_active = False
+        session.outcome = session.outcome or "cut_off"
         session.duration_s = round((now_ms - session.start_time_ms) / 1000, 3)
         self.sessions.completed(session, now_ms)
+        self._unfinished = None
         self.outcomes[session.outcome or "unknown"] += 1
         self.metrics.sessions.labels(session.outcome or "unknown").inc()
         self.metrics.session_seconds.observe(session.duration_s)

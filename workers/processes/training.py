@@ -220,6 +220,8 @@ def train_on_cases(
             continue
         if should_stop():
             raise TrainingInterrupted(f"stopped after {epoch} epochs")
+        if not math.isfinite(loss.item()):
+            return epoch, True  # diverged: the weights are not finite, and never published
         watched = (case_loss if replay_loss is None else replay_loss).item()
         if watched < best * (1 - MIN_PROGRESS):
             best, stale = watched, 0
@@ -265,14 +267,20 @@ def _all_right(model: nn.Module, cases: Examples) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class Measurement:
-    """Mean cross-entropy and accuracy of a model on some examples."""
+    """Mean cross-entropy and accuracy of a model on some examples; `nonfinite` examples,
+    whose logits hold NaN or infinity, count as wrong and are left out of the mean loss."""
 
     loss: float
     accuracy: float
+    nonfinite: int = 0
 
     def to_dict(self) -> dict[str, float]:
         """Plain data for metrics."""
-        return {"loss": round(self.loss, 6), "accuracy": round(self.accuracy, 6)}
+        return {
+            "loss": round(self.loss, 6),
+            "accuracy": round(self.accuracy, 6),
+            "nonfinite": self.nonfinite,
+        }
 
 
 def measure(model: nn.Module, examples: Examples) -> Measurement | None:
@@ -282,9 +290,12 @@ def measure(model: nn.Module, examples: Examples) -> Measurement | None:
     model.eval()
     with torch.no_grad():
         logits = model(examples.features)
-        loss = F.cross_entropy(logits, examples.labels).item()
-        accuracy = (logits.argmax(dim=1) == examples.labels).float().mean().item()
-    return Measurement(loss, accuracy)
+        finite = torch.isfinite(logits).all(dim=1)
+        right = (logits.argmax(dim=1) == examples.labels) & finite
+        losses = F.cross_entropy(logits[finite], examples.labels[finite], reduction="none")
+        loss = losses.mean().item() if len(losses) else math.inf
+        accuracy = right.float().mean().item()
+    return Measurement(loss, accuracy, int((~finite).sum()))
 
 
 def improvements(

@@ -98,6 +98,17 @@ class Settings:
     events_maxlen: int = 100_000
     dead_letters_maxlen: int = 100_000
 
+    # Retention: what stays in Redis, so that its memory levels off (the archive keeps all).
+    # A trade seen again within the window (and while the id count stays under the cap) is
+    # a duplicate, whatever it was; a loss is also a duplicate while its case is in Redis.
+    dedup_window_s: float = 86_400.0
+    dedup_max_ids: int = 2_000_000
+    # A finished case (done, dead, or without features) leaves Redis this long after it
+    # finished, or sooner when more than the count are finished; 0 turns a bound off.
+    case_retention_s: float = 604_800.0
+    case_retention_count: int = 100_000
+    sessions_kept: int = 10_000
+
     # Training (the case queue, leases, the model, the gate).
     lease_s: float = 30.0
     max_attempts: int = 3
@@ -224,6 +235,13 @@ class Settings:
         # WAIT's timeout 0 means "forever": a worker would hang while no replica is up.
         if self.replica_ack_timeout_ms < 1:
             raise SettingsError("replica_ack_timeout_ms: must be at least 1")
+        if self.dedup_window_s <= 0 or self.dedup_max_ids < 1:
+            raise SettingsError("dedup_window_s and dedup_max_ids: must be above 0")
+        if self.case_retention_s < 0 or self.case_retention_count < 0 or self.sessions_kept < 1:
+            raise SettingsError(
+                "case_retention_s and case_retention_count: must be >= 0 (0: no bound); "
+                "sessions_kept: must be at least 1"
+            )
         return self
 
     def differences(self) -> dict[str, Any]:

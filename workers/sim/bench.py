@@ -356,6 +356,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     learn.add_argument("--json", action="store_true", help="print the reports as JSON")
     learn.set_defaults(run=run_learn)
 
+    soak = targets.add_parser(
+        "soak",
+        parents=[connection_options()],
+        help="used_memory over hundreds of thousands of trades: retention levels it off",
+        description="Starts its own redis-server unless NEGCASE_REDIS_URL is set (its keys "
+        "use their own namespace and are deleted after).",
+    )
+    soak.add_argument("--trades", type=int, default=500_000, help="trades (500000)")
+    soak.add_argument("--every", type=int, default=25_000, help="a reading every (25000)")
+    soak.add_argument("--json", action="store_true", help="print JSON")
+    soak.set_defaults(run=run_soak)
+
 
 def run_learn(args: argparse.Namespace) -> int:
     """Run the learning bench (the backtest imports torch, so only now)."""
@@ -376,6 +388,13 @@ def run_serve(args: argparse.Namespace) -> int:
     from negcase.sim.bench_serve import run_bench_serve
 
     return run_bench_serve(args)
+
+
+def run_soak(args: argparse.Namespace) -> int:
+    """Run the soak bench."""
+    from negcase.sim.bench_soak import run_bench_soak
+
+    return run_bench_soak(args)
 
 
 def run_ingest(args: argparse.Namespace) -> int:

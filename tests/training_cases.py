@@ -20,7 +20,6 @@ from negcase.processes.model import (
     weights_bytes,
 )
 from negcase.runtime.settings import Settings
-from negcase.runtime.shutdown import StopFlag
 from negcase.schemas.case import ACTIONS, NegativeCase, case_id_for
 from negcase.sim.engine import synthetic_case
 from negcase.store.cases import CaseStore
@@ -28,7 +27,7 @@ from negcase.store.checkpoints import CheckpointRegistry
 from negcase.store.keys import Keys
 from negcase.store.leases import Lease
 from negcase.store.queue import CaseQueue, is_held_out, queue_counts
-from tests.conftest import wait_until
+from tests.conftest import run_burst, wait_until
 
 
 def hidden_rule(features: list[float]) -> str:
@@ -105,7 +104,7 @@ def rule_trades(count: int, seed: int = 1, prefix: str = "rt") -> list[dict[str,
 def detect(client: redis.Redis, settings: Settings, trades: list[dict[str, object]]) -> None:
     """Publish trades and let a real (in-process) loss detector drain them."""
     publish_trades(client, settings.keys, trades)
-    LossDetector(client, settings, "test-detector", None).run(StopFlag(), burst=True)
+    run_burst(LossDetector(client, settings, "test-detector", None))
 
 
 def publish_constant_policy(client: redis.Redis, settings: Settings, action: str) -> int:

@@ -33,6 +33,7 @@ PAUSED = (
     "test_a_trainer_paused_mid_training_stops_when_its_heartbeat_finds_the_lease_gone",
 )
 MODEL = ("tests/test_model.py", "tests/test_predictor.py")
+GATE = ("tests/test_learning.py",)
 RELOAD = ("tests/test_predictor.py", "tests/test_reload.py")
 
 MUTATIONS: tuple[Mutation, ...] = (
@@ -71,11 +72,31 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "losses",
-        "the opposite side is taught for a move short of the minimum profitable one",
-        "workers/processes/losses.py",
-        "if -outcome.move_pct >= min_move_pct:",
-        "if -outcome.move_pct >= 0:",
+        "hindsight says BUY for a rise short of the minimum profitable move",
+        "schemas/outcome.py",
+        "if market_move >= min_move and market_move > fee_rate:",
+        "if market_move > fee_rate:",
         LOSSES,
+    ),
+    Mutation(
+        "losses",
+        "a held-out decision's outcome is replayed (trained on) instead of judging",
+        "store/record_batch.lua",
+        "if ARGV[i + 1] == '1' then",
+        "if false then",
+        (
+            "tests/test_learning.py::test_held_out_outcomes_only_judge_and_every_other_outcome_is_replayed",
+        ),
+    ),
+    Mutation(
+        "losses",
+        "the held-out rule is applied to the trade id, not the case id",
+        "workers/processes/detector.py",
+        "held_out = is_held_out(case_id_for(trade.trade_id), self.settings.heldout_share)",
+        "held_out = is_held_out(trade.trade_id, self.settings.heldout_share)",
+        (
+            "tests/test_learning.py::test_held_out_outcomes_only_judge_and_every_other_outcome_is_replayed",
+        ),
     ),
     # Validation
     Mutation(
@@ -221,30 +242,62 @@ MUTATIONS: tuple[Mutation, ...] = (
         "if tries > max_attempts then",
         (*QUEUE, "tests/test_trainer.py"),
     ),
-    # The gate
+    # The gate: the candidate's trading result on the validation window against its parent's
     Mutation(
         "gate",
         "the gate's comparison is the wrong way round",
         "workers/processes/training.py",
-        "if after.loss > before.loss * (1 + tolerance) + 1e-9:",
-        "if after.loss < before.loss * (1 + tolerance) + 1e-9:",
-        ("tests/test_learning.py",),
+        "if candidate.mean_pnl_pct < parent.mean_pnl_pct - 1e-12:",
+        "if candidate.mean_pnl_pct > parent.mean_pnl_pct + 1e-12:",
+        GATE,
     ),
     Mutation(
         "gate",
-        "the gate's tolerance is a hundred times too wide",
+        "the gate tolerates a 2 % fall in mean P&L (it must have no tolerance)",
         "workers/processes/training.py",
-        "if after.loss > before.loss * (1 + tolerance) + 1e-9:",
-        "if after.loss > before.loss * (1 + tolerance * 100) + 1e-9:",
-        ("tests/test_learning.py",),
+        "if candidate.mean_pnl_pct < parent.mean_pnl_pct - 1e-12:",
+        "if candidate.mean_pnl_pct < parent.mean_pnl_pct - abs(parent.mean_pnl_pct) * 0.02:",
+        GATE,
+    ),
+    Mutation(
+        "gate",
+        "at equal P&L the gate lets the loss rate rise",
+        "workers/processes/training.py",
+        "worse_rate = (candidate.loss_rate or 0.0) > (parent.loss_rate or 0.0)",
+        "worse_rate = (candidate.loss_rate or 0.0) < (parent.loss_rate or 0.0)",
+        GATE,
+    ),
+    Mutation(
+        "gate",
+        "a candidate whose output is not finite is judged like any other",
+        "workers/processes/training.py",
+        "if candidate is not None and not math.isfinite(candidate.mean_pnl_pct):",
+        "if False:",
+        GATE,
+    ),
+    Mutation(
+        "gate",
+        "a model with non-finite output gets a finite trading result",
+        "workers/processes/training.py",
+        "if not torch.isfinite(logits).all():",
+        "if False:",
+        GATE,
+    ),
+    Mutation(
+        "gate",
+        "every update is judged for finite output only, as the first checkpoint is",
+        "workers/processes/publishing.py",
+        "judged_against = None if parent is None else result.trading_before",
+        "judged_against = None",
+        GATE,
     ),
     Mutation(
         "gate",
         "after a rebase the gate measures against the stale base, not the latest model",
         "workers/processes/publishing.py",
-        "result.heldout_before = measure_state(scratch, parent_state, heldout)",
-        "result.heldout_before = measure_state(scratch, update.base_state, heldout)",
-        ("tests/test_learning.py",),
+        "result.trading_before = _trading_result_of(scratch, parent_state, window)",
+        "result.trading_before = _trading_result_of(scratch, update.base_state, window)",
+        GATE,
     ),
     # Publishing and rebasing
     Mutation(

@@ -209,9 +209,9 @@ def test_a_trainer_paused_past_its_lease_cannot_publish_and_its_case_dies_at_the
 def test_a_trainer_paused_past_its_lease_cannot_publish_or_ack_over_the_next_holder(
     client, settings, spawn, refused_by_the_gate
 ) -> None:
-    # given a trainer done training and waiting for the publish lock that the test holds;
-    # when v1 always holds and the validation window has a BUY that lost, its update (to
-    # always buy) trades worse than v1, so the gate refuses it and it goes to ack instead
+    # given a trainer done training and waiting for the publish lock that the test holds
+    # (for "ack": v1 always holds and the validation window has a BUY that lost, so its
+    # update, to always buy, trades worse than v1: the gate refuses it, and it goes to ack)
     case = make_case(1, [1.0] * 8, action="BUY", epochs=100)
     if refused_by_the_gate:
         publish_constant_policy(client, settings, "HOLD")

@@ -324,7 +324,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--cases", type=int, default=40, help="cases per drain run (40)")
     train.add_argument("--epochs", type=int, default=300, help="epochs per drained case (300)")
     train.add_argument(
-        "--repeats", type=int, default=3, help="interleaved drain runs of 1 and of 2 trainers (3)"
+        "--repeats", type=int, default=3, help="interleaved drain runs of each setup (3)"
     )
     train.add_argument("--json", action="store_true", help="print JSON")
     train.set_defaults(run=run_train)

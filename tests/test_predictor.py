@@ -172,6 +172,18 @@ def unreachable_clients() -> Iterator[redis.Redis]:
         yield redis.Redis(port=stalled.getsockname()[1], **no_retry)
 
 
+def test_after_a_rollback_the_predictor_answers_with_that_version_again(client, settings):
+    # given a predictor on version 2
+    publish(client, settings, seed=1)
+    publish(client, settings, seed=2)
+    with Predictor(client, settings, name="engine-1") as predictor:
+        assert predictor.version == 2
+        # when an operator rolls back to version 1, then it answers with version 1
+        CheckpointRegistry(client, settings.keys).rollback(1)
+        wait_until(lambda: predictor.version == 1, 30, "the rollback")
+        assert predictor.predict(FEATURES).model_version == 1
+
+
 def test_a_rollback_read_in_the_same_batch_as_a_publish_is_followed(client, settings):
     # given a predictor on version 2
     publish(client, settings, seed=1)

@@ -6,14 +6,17 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 
 from negcase.runtime.settings import Settings
+from negcase.runtime.shutdown import StopFlag
 from negcase.sim.supervisor import worker_environment
 from negcase.store.connection import connect
 from negcase.store.local_redis import LocalRedis
@@ -88,3 +91,18 @@ def wait_until(condition: Callable[[], object], timeout_s: float = 60.0, what: s
             return
         time.sleep(0.02)
     pytest.fail(f"timed out after {timeout_s}s waiting for {what or condition}")
+
+
+def run_burst(worker: Any, timeout_s: float = 30.0) -> Any:
+    """`worker.run(stop, burst=True)` in this process; the test fails if the worker has not
+    drained after `timeout_s` (a bug that leaves work pending would otherwise hang it)."""
+    stop = StopFlag()
+    timer = threading.Timer(timeout_s, stop.set)
+    timer.start()
+    try:
+        result = worker.run(stop, burst=True)
+    finally:
+        timer.cancel()
+    if stop.is_set():
+        pytest.fail(f"{type(worker).__name__} had not drained after {timeout_s}s")
+    return result

@@ -57,20 +57,25 @@ def test_the_page_shows_live_numbers_that_update(client, settings, spawn, browse
     decided = [{**next(trades), "model_version": 3} for _ in range(20)]
     publish_trades(client, settings.keys, [next(trades) for _ in range(200)] + decided)
     # (trades are counted only once the detector's group exists, so test that first)
-    wait_until(
-        lambda: (
-            client.hget(settings.keys.stats, "trades")
-            and client.xpending(settings.keys.trades, "detectors")["pending"] == 0
-        ),
-        what="the first trades",
-    )
+    [(last_id, _)] = client.xrevrange(settings.keys.trades, count=1)
+
+    def all_handled() -> bool:
+        groups = client.xinfo_groups(settings.keys.trades)
+        done = [g for g in groups if g["last-delivered-id"] == last_id and g["pending"] == 0]
+        return bool(done)
+
+    wait_until(all_handled, what="the first 200 trades handled")
+    trades_seen, losses = map(int, client.hmget(settings.keys.stats, "trades", "losses"))
+    dead_letters = client.xlen(settings.keys.trades_dead)
+    assert losses > 0 and dead_letters > 0  # random_trades has both in 200
     # when the page is open
     browser.get(url)
     wait = WebDriverWait(browser, 30)
-    wait.until(lambda d: number(d, "trades") > 0)
+    wait.until(lambda d: number(d, "trades") == trades_seen)
     first = number(browser, "trades")
-    # then the numbers, the cases with their lessons, and the chart are there
-    assert number(browser, "losses") > 0 and number(browser, "dead-letters") >= 0
+    # then the numbers are Redis's, and the cases with their lessons and the chart are there
+    assert number(browser, "losses") == losses
+    assert number(browser, "dead-letters") == dead_letters
     lessons = browser.find_elements(By.CSS_SELECTOR, "#cases-table tr")
     assert lessons and "Should have" in lessons[0].text
     assert browser.find_elements(By.CSS_SELECTOR, "#chart rect")

@@ -15,13 +15,13 @@ from hypothesis import strategies as st
 from negcase.client.trades import encode_trade, publish_trades
 from negcase.processes.detector import LossDetector
 from negcase.runtime.settings import Settings
-from negcase.runtime.shutdown import StopFlag
 from negcase.schemas.case import NegativeCase, case_id_for
 from negcase.store.archive import Archive
 from negcase.store.cases import CaseStore
 from negcase.store.keys import DETECTOR_GROUP
 from negcase.store.queue import queue_score
 from negcase.store.streams import entries_of
+from tests.conftest import run_burst
 
 FEATURES = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
 
@@ -42,7 +42,7 @@ def drain(client: redis.Redis, settings: Settings, archive: bool = True) -> Loss
     detector = LossDetector(
         client, settings, "test-detector", Archive(settings.data_dir) if archive else None
     )
-    detector.run(StopFlag(), burst=True)
+    run_burst(detector)
     return detector
 
 

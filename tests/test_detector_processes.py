@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+from dataclasses import dataclass
 
 import pytest
 
@@ -18,32 +19,56 @@ from tests.conftest import wait_until
 pytestmark = pytest.mark.slow
 
 
-def publish_market(client, settings, count: int, seed: int = 3) -> set[str]:
-    """Publish `count` synthetic trades (some malformed); return the case ids of the losses."""
+@dataclass(frozen=True)
+class Market:
+    """What a detector must make of published trades: a case per loss, a count per win, a
+    dead letter per malformed trade."""
+
+    losses: set[str]
+    wins: int
+    malformed: int
+
+
+def publish_market(client, settings, count: int, seed: int = 3) -> Market:
+    """Publish `count` synthetic trades (some malformed); what each must become."""
     trades = random_trades(seed, prefix=f"s{seed}")
     batch = [next(trades) for _ in range(count)]
     publish_trades(client, settings.keys, batch)
-    losses = set()
+    losses, wins, malformed = set(), 0, 0
     for trade in batch:
         try:
             valid = validate_trade(trade, TradeDefaults())
         except TradeError:
+            malformed += 1
             continue
         if outcome_of(valid).is_loss:
             losses.add(case_id_for(valid.trade_id))
-    return losses
+        else:
+            wins += 1
+    assert losses and wins and malformed  # each kind is there to be lost or doubled
+    return Market(losses, wins, malformed)
 
 
 def case_ids(client, settings) -> set[str]:
     return {member.decode() for member in client.smembers(settings.keys.cases)}
 
 
-def assert_nothing_lost_or_doubled(client, settings, expected: set[str]) -> None:
-    assert case_ids(client, settings) == expected
-    assert client.zcard(settings.keys.queue) == len(expected)
-    assert client.hget(settings.keys.stats, "cases_added") == str(len(expected)).encode()
+def stat(client, settings, name: str) -> int:
+    return int(client.hget(settings.keys.stats, name) or 0)
+
+
+def assert_nothing_lost_or_doubled(client, settings, market: Market) -> None:
+    """Every trade ended as exactly one case, one win or one dead letter; none is pending."""
+    assert case_ids(client, settings) == market.losses
+    assert client.zcard(settings.keys.queue) == len(market.losses)
+    assert stat(client, settings, "cases_added") == len(market.losses)
+    assert stat(client, settings, "wins") == market.wins
+    assert stat(client, settings, "trades") == len(market.losses) + market.wins
+    assert stat(client, settings, "dead_lettered") == market.malformed
+    assert client.xlen(settings.keys.trades_dead) == market.malformed
+    assert stat(client, settings, "duplicates") == 0
     assert client.xpending(settings.keys.trades, DETECTOR_GROUP)["pending"] == 0
-    assert set(Archive(settings.data_dir).read_index()) == expected
+    assert set(Archive(settings.data_dir).read_index()) == market.losses
 
 
 @pytest.mark.parametrize("restart_as", ["same-consumer", "other-consumer"])
@@ -55,7 +80,7 @@ def test_sigkill_mid_stream_then_restart_loses_nothing(client, settings, spawn, 
     # when it is killed without warning, mid-stream
     first.send_signal(signal.SIGKILL)
     first.wait()
-    assert client.scard(settings.keys.cases) < len(expected), "killed too late to test"
+    assert client.scard(settings.keys.cases) < len(expected.losses), "killed too late to test"
     # and a detector restarts (under the same name, or another that claims what d1 left)
     name = "d1" if restart_as == "same-consumer" else "d2"
     second = spawn("detect", "--consumer", name, "--burst", "--claim-idle-ms", "300")
@@ -84,7 +109,7 @@ def test_sigterm_finishes_the_batch_in_hand_and_exits_zero(client, settings, spa
     assert detector.wait(60) == 0, detector.stderr.read()
     # whatever it read it also stored and acknowledged: its pending list is empty
     assert client.xpending(settings.keys.trades, DETECTOR_GROUP)["pending"] == 0
-    assert case_ids(client, settings) <= expected
+    assert case_ids(client, settings) <= expected.losses
     # and a later detector finishes the stream
     rest = spawn("detect", "--consumer", "d2", "--burst")
     assert rest.wait(120) == 0

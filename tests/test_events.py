@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections import defaultdict
 
 from negcase.processes.reloader import Reloader
@@ -13,6 +12,7 @@ from negcase.store.checkpoints import CheckpointRegistry
 from negcase.store.queue import CaseQueue
 from tests.serving import serving_story, write_bad_checkpoint
 from tests.test_monitor import detect, publish_checkpoint, small, trade
+from tests.training_cases import claim_expired
 
 # Written by Lua scripts, which cannot use the Python builders.
 LUA_EMITTED = (
@@ -51,8 +51,7 @@ def test_every_event_written_keeps_to_the_catalogue(client, settings) -> None:
     reloader.load(write_bad_checkpoint(client, settings, "wrong_sha256"))
     dying = CaseQueue(client, keys, lease_s=30, max_attempts=1)
     dying.fail(dying.claim("t2"), "CUDA out of memory", "t2")
-    CaseQueue(client, keys, lease_s=0.001).claim("t3")
-    time.sleep(0.01)
+    claim_expired(client, keys, "t3")
     dying.reap()
 
     # when the events are read back

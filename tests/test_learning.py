@@ -6,33 +6,46 @@ validation window is never trained on."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import threading
 
 import orjson
+import pytest
 import redis
 import torch
 
 from negcase.processes.model import ModelSpec, build_model, load_verified, state_of
 from negcase.processes.publishing import publish_update
 from negcase.processes.trainer import Trainer
-from negcase.processes.training import Examples, Update, measure
+from negcase.processes.training import Examples, TradingResult, Update, gate_reason, measure
 from negcase.runtime.settings import Settings
-from negcase.runtime.shutdown import StopFlag
 from negcase.schemas.case import ACTIONS, case_id_for
+from negcase.schemas.outcome import Outcome
 from negcase.store.archive import Archive
 from negcase.store.cases import CaseStore
 from negcase.store.checkpoints import CheckpointRegistry
 from negcase.store.outcomes import OutcomeStore
 from negcase.store.queue import is_held_out
 from negcase.store.sessions import SessionStore
-from tests.conftest import worker_env
-from tests.training_cases import add_cases, assert_conserved, detect, rule_cases, rule_trades
+from tests.conftest import run_burst, worker_env
+from tests.training_cases import (
+    add_cases,
+    assert_conserved,
+    detect,
+    held_out_trade,
+    make_case,
+    publish_constant_policy,
+    rule_cases,
+    rule_trades,
+)
+
+State = dict[str, torch.Tensor]
 
 
 def trained(client: redis.Redis, settings: Settings) -> Trainer:
     """A trainer that drained the queue."""
     trainer = Trainer(client, settings, "t1", Archive(settings.data_dir))
-    trainer.run(StopFlag(), burst=True)
+    run_burst(trainer, timeout_s=120)
     return trainer
 
 
@@ -122,6 +135,103 @@ def test_the_gate_refuses_a_harmful_update_and_says_why(client, settings) -> Non
     [stored] = CaseStore(client, settings.keys).get_many(["nc-bad-000"])
     assert stored.retraining_count == 1 and stored.last_retrained_ms
     assert Archive(settings.data_dir).read_case("nc-bad-000").retraining_count == 1
+
+
+def test_an_update_that_trades_worse_than_its_parent_on_the_window_is_refused(
+    client, settings
+) -> None:
+    # given v1, a policy that always holds, and a validation window with a BUY that lost
+    publish_constant_policy(client, settings, "HOLD")
+    detect(client, settings, [held_out_trade([1.0] * 8, "BUY", -0.02)])
+    # and a case that teaches BUY (what test_trainer's paused "ack" story relies on)
+    case = make_case(1, [1.0] * 8, action="BUY", epochs=100)
+    add_cases(client, settings, [case])
+
+    # when a trainer learns it, its update buys everywhere
+    trainer = trained(client, settings)
+
+    # then the gate refuses it for trading worse than v1, and says so on the case
+    assert trainer.outcomes == {"rejected": 1}
+    assert CheckpointRegistry(client, settings.keys).latest_version() == 1
+    reason = client.hget(settings.keys.rejected, case.case_id).decode()
+    assert reason.startswith("mean P&L per decision fell from +0.0000 % to -2.0000 %"), reason
+
+
+PARENT = TradingResult(decisions=100, trades=40, losses=10, mean_pnl_pct=0.5)
+
+
+@pytest.mark.parametrize(
+    ("parent", "candidate", "refused"),
+    [
+        (PARENT, TradingResult(100, 40, 10, 0.5), False),  # as good: published
+        (PARENT, TradingResult(100, 40, 10, 0.5 - 1e-6), True),  # any fall: no tolerance
+        (PARENT, TradingResult(100, 40, 11, 0.5), True),  # as much, but loses more often
+        (PARENT, TradingResult(100, 60, 30, 0.6), False),  # earns more: may lose more often
+        (PARENT, TradingResult(100, 0, 0, -math.inf), True),  # output not finite
+        (None, TradingResult(100, 0, 0, -math.inf), True),  # not finite, even with no parent
+        (None, TradingResult(100, 40, 30, -3.0), False),  # no parent to judge against
+    ],
+)
+def test_the_trading_gate_has_no_tolerance(parent, candidate, refused) -> None:
+    reason = gate_reason(parent, candidate)
+    assert (reason is not None) is refused, reason
+
+
+def linear_state(bias: dict[str, float], weights: dict[tuple[str, int], float]) -> State:
+    """Weights of a linear model (ModelSpec(8, ())): logits = W x + b, given by action."""
+    weight, bias_ = torch.zeros(len(ACTIONS), 8), torch.zeros(len(ACTIONS))
+    for action, value in bias.items():
+        bias_[ACTIONS.index(action)] = value
+    for (action, feature), value in weights.items():
+        weight[ACTIONS.index(action), feature] = value
+    return {"0.weight": weight, "0.bias": bias_}
+
+
+def falling_market(feature: int) -> Outcome:
+    """A held-out decision at one-hot features where the market fell 2 %: SELL paid."""
+    features = [1.0 if i == feature else 0.0 for i in range(8)]
+    return Outcome(f"v{feature}", "skip", "HOLD", "SELL", -0.02, 0.0, 1.0, features, 0)
+
+
+def test_after_a_rebase_the_gate_judges_against_the_latest_model(client, settings) -> None:
+    # given a window of three decisions where selling paid, v1 that holds (earns 0), and
+    # v2 from another trainer that sells (earns +2 % a decision)
+    spec, scratch = ModelSpec(8, ()), build_model(ModelSpec(8, ()))
+    window = [falling_market(feature) for feature in range(3)]
+    registry = CheckpointRegistry(client, settings.keys)
+    meta = {"feature_count": 8, "model_spec": spec.to_dict(), "case_ids": []}
+    base = linear_state({"HOLD": 0.01}, {})
+    latest = linear_state({"HOLD": 0.01, "SELL": 0.02}, {})
+    for update in (Update(None, base, base), Update(1, base, latest)):
+        assert publish_update(registry, update, scratch, 8, window, meta).version
+    # and a stale update built on v1 that buys on the first decision: replayed on v2 it
+    # earns +0.67 % a decision, better than v1 but worse than v2
+    stale = Update(1, base, {n: base[n] + linear_state({}, {("BUY", 0): 1.0})[n] for n in base})
+
+    # when it is published
+    result = publish_update(registry, stale, scratch, 8, window, meta)
+
+    # then it was rebased on v2 and judged against v2, so it is refused and v2 stays latest
+    assert (result.rebases, result.parent_version) == (1, 2)
+    assert result.trading_before.mean_pnl_pct == pytest.approx(2.0)
+    assert result.trading_after.mean_pnl_pct == pytest.approx(2 / 3)
+    assert result.rejected_reason and result.version is None
+    assert registry.latest_version() == 2
+
+
+def test_a_candidate_whose_output_is_not_finite_is_never_published(client, settings) -> None:
+    # given no checkpoint yet, a validation window, and a candidate with a NaN weight
+    spec, scratch = ModelSpec(8, ()), build_model(ModelSpec(8, ()))
+    registry = CheckpointRegistry(client, settings.keys)
+    meta = {"feature_count": 8, "model_spec": spec.to_dict(), "case_ids": []}
+    base = linear_state({"HOLD": 0.01}, {})
+    broken = linear_state({"HOLD": math.nan}, {})
+    # when it is published as the first model, then it is refused: no parent is needed
+    result = publish_update(
+        registry, Update(None, base, broken), scratch, 8, [falling_market(0)], meta
+    )
+    assert result.rejected_reason == "the candidate's output is not finite"
+    assert registry.latest_version() is None
 
 
 def test_concurrent_publishers_both_land_through_rebase(client, settings) -> None:

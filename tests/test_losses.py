@@ -66,6 +66,9 @@ def trade(
         ("BUY", 1000, 1000.2, 10, 0.001, True, -0.8, 1, "HOLD"),
         # leverage multiplies loss
         ("BUY", 200, 196, 5, 0, True, -10.0, 4, "SELL"),
+        # break-even, no fee: nothing was lost, so it is not a loss
+        ("BUY", 3000, 3000, 1, 0, False, 0.0, None, None),
+        ("SELL", 3000, 3000, 20, 0, False, 0.0, None, None),
     ],
 )
 def test_loss_rules(side, entry, exit_, leverage, fee, loss, pnl_pct, priority, action):

@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import subprocess
 import sys
-import time
 
 import orjson
 import redis
@@ -33,7 +32,7 @@ from negcase.store.health import HealthKey
 from negcase.store.keys import DETECTOR_GROUP
 from negcase.store.queue import CaseQueue
 from negcase.store.serving import ServingControl
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_burst
 from tests.serving import (
     FEATURES,
     checkpoint_meta,
@@ -41,6 +40,7 @@ from tests.serving import (
     serving_story,
     write_bad_checkpoint,
 )
+from tests.training_cases import claim_expired
 
 # Exit prices of a BUY at 3000 whose loss (15, 6, 3, 1.5, 0.5 %) lands on each priority.
 EXIT_BY_PRIORITY = {5: 2550, 4: 2820, 3: 2910, 2: 2955, 1: 2985}
@@ -66,7 +66,7 @@ def trade(trade_id: str, exit_price: float, features: bool = True, **extra) -> d
 def detect(client: redis.Redis, settings: Settings, trades: list[dict]) -> None:
     """Publish trades and drain them with a real detector in burst mode."""
     publish_trades(client, settings.keys, trades, "flat")
-    LossDetector(client, settings, "detector-1", None).run(StopFlag(), burst=True)
+    run_burst(LossDetector(client, settings, "detector-1", None))
 
 
 def publish_checkpoint(client: redis.Redis, settings: Settings, seed: int, loss: float) -> int:
@@ -146,7 +146,7 @@ def test_status_answers_what_an_operator_asks_first(client, settings) -> None:
     queue.ack(queue.claim("trainer-a"), rejected_reason="held-out loss rose 0.61 -> 0.70")
     queue.fail(queue.claim("trainer-a"), "CUDA out of memory", "trainer-a")
     queue.claim("trainer-a")
-    CaseQueue(client, keys, lease_s=0.001).claim("trainer-b")
+    claim_expired(client, keys, "trainer-b")
     # and two checkpoints, w1 serving v2 here and w-old still on v1 elsewhere
     assert publish_checkpoint(client, settings, 1, 0.65) == 1
     assert publish_checkpoint(client, settings, 2, 0.6) == 2
@@ -154,7 +154,6 @@ def test_status_answers_what_an_operator_asks_first(client, settings) -> None:
     client.xadd(keys.requests, request_fields("r-waiting", FEATURES))
     beat_elsewhere(settings, "w-old", 1)
     HealthKey(client, keys, "trainer", 30).refresh(name="trainer-a")
-    time.sleep(0.01)  # trainer-b's 1 ms lease is surely past its deadline
 
     # when an operator asks
     status = gather_status(client, keys)
@@ -257,8 +256,7 @@ def test_tail_has_a_readable_line_for_every_event_type(client, settings) -> None
     # and a case that fails for good, and one whose lease expires on its last attempt
     dying = CaseQueue(client, keys, lease_s=30, max_attempts=1)
     dying.fail(dying.claim("t2"), "CUDA out of memory", "t2")
-    CaseQueue(client, keys, lease_s=0.001).claim("t3")
-    time.sleep(0.01)
+    claim_expired(client, keys, "t3")
     dying.reap()
 
     # when tail formats what the workers wrote

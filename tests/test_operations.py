@@ -7,7 +7,6 @@ import json
 import re
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -19,7 +18,6 @@ from negcase.cli.cluster_metrics import ClusterCollector
 from negcase.client.trades import publish_trades
 from negcase.processes.detector import LossDetector
 from negcase.runtime.metrics import DetectorMetrics, InferenceMetrics, TrainerMetrics
-from negcase.runtime.shutdown import StopFlag
 from negcase.schemas.case import case_id_for
 from negcase.store.archive import Archive
 from negcase.store.health import HealthKey
@@ -27,7 +25,7 @@ from negcase.store.keys import DETECTOR_GROUP
 from negcase.store.local_redis import free_port
 from negcase.store.queue import CaseQueue
 from negcase.store.streams import leave_group
-from tests.conftest import ROOT, wait_until, worker_env
+from tests.conftest import ROOT, run_burst, wait_until, worker_env
 from tests.serving import FEATURES, publish
 
 GRAFANA = ROOT / "workers" / "deploy" / "grafana-dashboard.json"
@@ -59,7 +57,7 @@ def loss(trade_id: str, exit_price: float, **extra) -> dict:
 
 def detect(client, settings, trades: list[dict], archive: Archive | None = None) -> None:
     publish_trades(client, settings.keys, trades, "flat")
-    LossDetector(client, settings, "detector-1", archive).run(StopFlag(), burst=True)
+    run_burst(LossDetector(client, settings, "detector-1", archive))
 
 
 def get(url: str) -> tuple[int, str]:
@@ -126,7 +124,11 @@ def test_prune_removes_idle_consumers_that_hold_nothing(client, settings):
     held = {c["name"]: c["pending"] for c in status["trades"]["consumer_list"]}
     assert held == {"detector-1": 0, "gone-clean": 0, "gone-holding": 1}
     # when idle consumers are pruned
-    time.sleep(0.3)
+    wait_until(
+        lambda: all(c["idle"] >= 200 for c in client.xinfo_consumers(keys.trades, DETECTOR_GROUP)),
+        20,
+        "every consumer to be idle for 0.2 s",
+    )
     result = negcase(settings, "prune", "--idle-s", "0.2")
     # then only the one that held nothing is gone; the other's entry is not lost
     assert result.returncode == 0, result.stderr

@@ -6,6 +6,7 @@ import socket
 from collections.abc import Iterator
 
 import numpy as np
+import orjson
 import pytest
 import redis
 from redis.backoff import NoBackoff
@@ -169,6 +170,62 @@ def unreachable_clients() -> Iterator[redis.Redis]:
     yield redis.Redis(port=closed_port, **no_retry)
     with socket.create_server(("127.0.0.1", 0)) as stalled:
         yield redis.Redis(port=stalled.getsockname()[1], **no_retry)
+
+
+def test_after_a_rollback_the_predictor_answers_with_that_version_again(client, settings):
+    # given a predictor on version 2
+    publish(client, settings, seed=1)
+    publish(client, settings, seed=2)
+    with Predictor(client, settings, name="engine-1") as predictor:
+        assert predictor.version == 2
+        # when an operator rolls back to version 1, then it answers with version 1
+        CheckpointRegistry(client, settings.keys).rollback(1)
+        wait_until(lambda: predictor.version == 1, 30, "the rollback")
+        assert predictor.predict(FEATURES).model_version == 1
+
+
+def test_a_rollback_read_in_the_same_batch_as_a_publish_is_followed(client, settings):
+    # given a predictor on version 2
+    publish(client, settings, seed=1)
+    publish(client, settings, seed=2)
+    with Predictor(client, settings, name="engine-1") as predictor:
+        assert predictor.version == 2
+        # when version 3 is published and latest rolled back to 1 in one transaction, so that
+        # the reloader reads both announcements at once
+        keys, weights = settings.keys, weights_bytes(state_of(seeded_model(settings, 3)))
+        pipe = client.pipeline(transaction=True)
+        pipe.hset(
+            keys.checkpoint(3),
+            mapping={
+                "weights": weights,
+                "sha256": sha256_hex(weights),
+                "meta": orjson.dumps(checkpoint_meta(settings)),
+            },
+        )
+        pipe.xadd(keys.checkpoints, {"kind": "published", "version": 3})
+        pipe.set(keys.latest, 1)
+        pipe.xadd(keys.checkpoints, {"kind": "rollback", "version": 1})
+        pipe.execute()
+        # then it goes back to version 1
+        wait_until(lambda: predictor.version == 1, 30, "the rollback")
+    loaded = [e.details["version"] for e in events_of(client, settings, "checkpoint_loaded")]
+    assert loaded == ["2", "1"]
+
+
+def test_a_rollback_missed_while_disconnected_is_followed_on_reconnect(client, settings, redis_url):
+    # given a predictor on version 2, on a connection of its own
+    publish(client, settings, seed=1)
+    publish(client, settings, seed=2)
+    engine = redis.Redis.from_url(redis_url)
+    with Predictor(engine, settings, name="engine-1") as predictor:
+        assert predictor.version == 2
+        # when latest goes back to 1 unannounced (as if the announcement was missed) and
+        # its connections are killed
+        client.set(settings.keys.latest, 1)
+        assert client.client_kill_filter(_type="normal", skipme=True) >= 1
+        # then on reconnecting it follows latest back to version 1
+        wait_until(lambda: predictor.version == 1, 30, "the missed rollback")
+    engine.close()
 
 
 def test_a_lost_or_stalled_connection_during_a_load_is_not_a_refusal(client, settings):

@@ -3,16 +3,13 @@ failure and the dead set, the reaper, requeueing, and conservation after each st
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import redis
 
 from negcase.runtime.settings import Settings
 from negcase.store.leases import LeaseLost
 from negcase.store.queue import HELD_OUT_STAT, CaseQueue, is_held_out
-from tests.conftest import wait_until
-from tests.training_cases import add_cases, assert_conserved, make_case
+from tests.training_cases import add_cases, assert_conserved, make_case, wait_for_lapse
 
 
 def queue_for(
@@ -74,24 +71,32 @@ def test_an_expired_lease_cannot_heartbeat_or_ack_even_before_the_reaper(client,
     add_cases(client, settings, [make_case(1, [0.0] * 8)])
     queue = queue_for(client, settings, lease_s=0.2)
     [lease] = queue.claim("t1")
-    time.sleep(0.4)
+    wait_for_lapse(client, lease.deadline_ms)
 
     assert queue.heartbeat([lease]) == [lease.case_id]
+    assert client.zscore(settings.keys.leased, lease.case_id) == lease.deadline_ms  # not moved
     with pytest.raises(LeaseLost):
         queue.ack([lease])
     assert assert_conserved(client, settings)["leased"] == 1
 
 
 def test_heartbeats_keep_a_lease_alive_past_its_first_deadline(client, settings) -> None:
+    # given a case leased for 1 s, and a heartbeat that extends its lease to 60 s
     add_cases(client, settings, [make_case(1, [0.0] * 8)])
-    queue = queue_for(client, settings, lease_s=1.0)
-    [lease] = queue.claim("t1")
-    for _ in range(4):
-        time.sleep(0.3)
-        assert queue.heartbeat([lease]) == []
+    short, long = queue_for(client, settings, lease_s=1.0), queue_for(client, settings, lease_s=60)
+    for _ in range(5):  # a stall of over 1 s between claim and heartbeat loses it: claim again
+        [lease] = short.claim("t1")
+        if long.heartbeat([lease]) == []:
+            break
+        short.release([lease], "t1")
+    # when the first deadline has passed
+    wait_for_lapse(client, lease.deadline_ms)
 
-    assert queue.reap() == 0
-    queue.ack([lease])
+    # then the lease still holds: the reaper leaves it, heartbeats and the ack go through
+    assert client.zscore(settings.keys.leased, lease.case_id) >= lease.deadline_ms + 59_000
+    assert long.reap() == 0
+    assert long.heartbeat([lease]) == []
+    long.ack([lease])
     assert assert_conserved(client, settings)["done"] == 1
 
 
@@ -99,16 +104,50 @@ def test_reaper_returns_expired_leases_and_the_old_token_is_fenced(client, setti
     add_cases(client, settings, [make_case(1, [0.0] * 8)])
     queue = queue_for(client, settings, lease_s=0.2)
     [stale] = queue.claim("t1")
-    wait_until(lambda: queue.reap() == 1, 20, "the lease to expire and be reaped")
-    [fresh] = queue.claim("t2")
+    wait_for_lapse(client, stale.deadline_ms)
+    assert queue.reap() == 1
+    fresh_queue = queue_for(client, settings, lease_s=60)
+    [fresh] = fresh_queue.claim("t2")
 
     assert fresh.case_id == stale.case_id and fresh.attempts == 1
+    # the old holder can neither extend, fail, release nor ack the new holder's lease
+    assert queue.heartbeat([stale]) == [stale.case_id]
+    assert client.zscore(settings.keys.leased, fresh.case_id) == fresh.deadline_ms
     assert queue.fail([stale], "late", "t1") == {stale.case_id: "fenced"}
+    assert queue.release([stale], "t1") == {stale.case_id: "fenced"}
     with pytest.raises(LeaseLost):
         queue.ack([stale])
-    events = [fields[b"type"] for _, fields in client.xrange(settings.keys.events)]
-    assert b"lease_expired" in events
+    [expired] = [
+        f for _, f in client.xrange(settings.keys.events) if f[b"type"] == b"lease_expired"
+    ]
+    assert (expired[b"worker"], expired[b"attempts"]) == (b"t1", b"1")
     assert assert_conserved(client, settings)["leased"] == 1
+    # and the new holder still can
+    assert fresh_queue.heartbeat([fresh]) == []
+    fresh_queue.ack([fresh])
+    assert assert_conserved(client, settings)["done"] == 1
+
+
+def test_the_reaper_sends_a_case_dead_when_its_last_attempt_expires(client, settings) -> None:
+    # given a case whose leases keep expiring, with two attempts allowed
+    add_cases(client, settings, [make_case(1, [0.0] * 8), make_case(2, [0.0] * 8, priority=1)])
+    queue = CaseQueue(client, settings.keys, lease_s=0.2, max_attempts=2)
+    reaped = []
+    for worker in ("t1", "t2"):
+        [lease] = queue.claim(worker)
+        assert lease.case_id == "nc-test-00001"
+        wait_for_lapse(client, lease.deadline_ms)
+        # when the reaper finds each expired
+        assert queue.reap() == 1
+        reaped.append(assert_conserved(client, settings))
+
+    # then the first went back to the queue, the last to the dead set, with who held it
+    assert [(c["queued"], c["dead"]) for c in reaped] == [(2, 0), (1, 1)]
+    assert client.hget(settings.keys.dead, "nc-test-00001") == b"lease expired (held by t2)"
+    dead = [f for _, f in client.xrange(settings.keys.events) if f[b"type"] == b"case_dead"]
+    assert [(f[b"case_id"], f[b"attempts"]) for f in dead] == [(b"nc-test-00001", b"2")]
+    # and it is never claimed again, while the other case flows
+    assert [lease.case_id for lease in queue.claim("t3", count=2)] == ["nc-test-00002"]
 
 
 def test_a_case_that_keeps_failing_goes_dead_with_its_last_error(client, settings) -> None:

@@ -19,7 +19,6 @@ from redis.retry import Retry
 from negcase.client.signal_client import SignalClient, SignalTimeout
 from negcase.processes.inference import DELETED_REASON, NO_MODEL_REASON, InferenceWorker
 from negcase.processes.reloader import LoadedModel, Reloader, Serving
-from negcase.runtime.shutdown import StopFlag
 from negcase.schemas.signal import (
     SignalRequestError,
     error_reply,
@@ -30,6 +29,7 @@ from negcase.schemas.signal import (
     signal_from_probabilities,
 )
 from negcase.store.keys import INFERENCE_GROUP
+from tests.conftest import run_burst
 from tests.serving import FEATURES, local_probabilities, seeded_model
 
 SCHEMAS = Path(__file__).resolve().parent.parent / "schemas"
@@ -233,13 +233,8 @@ def test_burst_ends_when_trimmed_requests_fill_the_front_of_the_pending_list(cli
     ids = abandon(client, settings, deleted=3, kept=1)
     worker = worker_for(client, settings)
     # when a worker runs in burst mode (stopped after a while if it would never end)
-    stop = StopFlag()
-    timer = threading.Timer(30, stop.set)
-    timer.start()
-    totals = worker.run(stop, burst=True)
-    timer.cancel()
+    totals = run_burst(worker)
     # then it ended by itself, having answered the live request and dead-lettered the others
-    assert not stop.is_set()
     assert (totals.errors, totals.dead) == (1, 3)  # no model loaded: an error reply
     assert orjson.loads(client.lpop(settings.keys.reply("r-3")))["request_id"] == "r-3"
     dead = client.xrange(settings.keys.requests_dead)
@@ -275,12 +270,19 @@ def test_a_wait_longer_than_the_socket_timeout_still_gets_its_reply(client, sett
 
 
 def test_a_client_with_redis_py_s_default_socket_timeout_waits_out_its_timeout(settings):
-    # given a client made without a socket timeout (redis-py 8 applies 5 s without saying so
-    # in connection_kwargs), and no worker running
+    # given a client made without a socket timeout, whose connections still get redis-py's
+    # own default (5 s since redis-py 8.0), which connection_kwargs does not show
     default = redis.Redis.from_url(settings.redis_url, retry=NO_RETRY)
-    # when it waits longer than 5 s, then it gets SignalTimeout, not a socket TimeoutError
+    connection = default.connection_pool.get_connection()
+    socket_timeout_s = connection.socket_timeout
+    default.connection_pool.release(connection)
+    assert "socket_timeout" not in default.connection_pool.connection_kwargs
+    assert socket_timeout_s, "no implicit socket timeout left to outlast: this proves nothing"
+    # when it waits longer than that timeout, then it gets SignalTimeout, not a TimeoutError
     with pytest.raises(SignalTimeout):
-        SignalClient(default, settings.namespace).request(FEATURES, timeout_s=5.5)
+        SignalClient(default, settings.namespace).request(
+            FEATURES, timeout_s=socket_timeout_s + 0.5
+        )
 
 
 def answer_late(client, settings, after_s: float) -> None:

@@ -4,18 +4,30 @@ that go through a real detector and become outcomes (wins, losses, skips) and ca
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import redis
+import torch
 
 from negcase.client.trades import publish_trades
 from negcase.processes.detector import LossDetector
+from negcase.processes.model import (
+    build_model,
+    sha256_hex,
+    spec_from_settings,
+    state_of,
+    weights_bytes,
+)
 from negcase.runtime.settings import Settings
-from negcase.runtime.shutdown import StopFlag
-from negcase.schemas.case import ACTIONS, NegativeCase
+from negcase.schemas.case import ACTIONS, NegativeCase, case_id_for
 from negcase.sim.engine import synthetic_case
 from negcase.store.cases import CaseStore
-from negcase.store.queue import queue_counts
+from negcase.store.checkpoints import CheckpointRegistry
+from negcase.store.keys import Keys
+from negcase.store.leases import Lease
+from negcase.store.queue import CaseQueue, is_held_out, queue_counts
+from tests.conftest import run_burst, wait_until
 
 
 def hidden_rule(features: list[float]) -> str:
@@ -92,7 +104,38 @@ def rule_trades(count: int, seed: int = 1, prefix: str = "rt") -> list[dict[str,
 def detect(client: redis.Redis, settings: Settings, trades: list[dict[str, object]]) -> None:
     """Publish trades and let a real (in-process) loss detector drain them."""
     publish_trades(client, settings.keys, trades)
-    LossDetector(client, settings, "test-detector", None).run(StopFlag(), burst=True)
+    run_burst(LossDetector(client, settings, "test-detector", None))
+
+
+def publish_constant_policy(client: redis.Redis, settings: Settings, action: str) -> int:
+    """Publish a model that answers `action` whatever the features: every weight zero but
+    the last bias, `action`'s by a hair. Training moves that bias alone (no gradient reaches
+    the zeroed layers), so any model trained from it is a constant policy too. Its version."""
+    spec = spec_from_settings(settings)
+    model = build_model(spec)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.zero_()
+        list(model.parameters())[-1][ACTIONS.index(action)] = 1e-3
+    weights = weights_bytes(state_of(model))
+    meta = {"feature_count": settings.feature_count, "model_spec": spec.to_dict(), "case_ids": []}
+    registry = CheckpointRegistry(client, settings.keys)
+    return registry.publish(weights, sha256_hex(weights), meta, registry.latest_version())
+
+
+def held_out_trade(features: list[float], side: str, move: float) -> dict[str, object]:
+    """A decision whose id the rule holds out: its outcome joins the validation window."""
+    trade_id = next(
+        f"judge-{n}" for n in itertools.count() if is_held_out(case_id_for(f"judge-{n}"), 0.1)
+    )
+    return {
+        "trade_id": trade_id,
+        "symbol": "ETH/USDT",
+        "side": side,
+        "entry_price": 100.0,
+        "exit_price": round(100.0 * (1 + move), 6),
+        "features": features,
+    }
 
 
 def add_cases(client: redis.Redis, settings: Settings, cases: list[NegativeCase]) -> None:
@@ -106,3 +149,21 @@ def assert_conserved(client: redis.Redis, settings: Settings) -> dict[str, int]:
     parts = counts["queued"] + counts["leased"] + counts["done"] + counts["dead"]
     assert parts == counts["total"], counts
     return counts
+
+
+def redis_now_ms(client: redis.Redis) -> int:
+    """Now by Redis's clock, which every lease script judges deadlines by."""
+    seconds, micros = client.time()
+    return seconds * 1000 + micros // 1000
+
+
+def wait_for_lapse(client: redis.Redis, deadline_ms: float) -> None:
+    """Wait until Redis's clock reaches a lease deadline: from then on the lease is lost."""
+    wait_until(lambda: redis_now_ms(client) >= deadline_ms, 20, "the lease to lapse")
+
+
+def claim_expired(client: redis.Redis, keys: Keys, worker: str) -> Lease:
+    """Claim the best queued case on a 1 ms lease, and wait until that lease has lapsed."""
+    [lease] = CaseQueue(client, keys, lease_s=0.001).claim(worker)
+    wait_for_lapse(client, lease.deadline_ms)
+    return lease

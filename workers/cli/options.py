@@ -87,6 +87,14 @@ def worker_options() -> argparse.ArgumentParser:
     return parent
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def settings_from(args: argparse.Namespace, **overrides: object) -> Settings:
     """Settings from the environment, then the flags this command has, then `overrides`."""
     flags = {name: getattr(args, name, None) for name in SETTING_FLAGS}

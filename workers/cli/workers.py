@@ -14,6 +14,7 @@ import redis
 from negcase.cli.options import (
     archive_options,
     connection_options,
+    positive_int,
     redis_client,
     settings_from,
     worker_options,
@@ -118,6 +119,12 @@ def register_train(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--consumer", help="trainer name in leases, events and health (default trainer-host:pid)"
     )
+    parser.add_argument(
+        "--threads",
+        type=positive_int,
+        default=1,
+        help="torch threads (default 1: one trainer per core; a trainer alone may take more)",
+    )
     parser.add_argument("--lease-s", type=float, help="lease length in seconds (default 30)")
     parser.set_defaults(run=run_train)
 
@@ -132,8 +139,9 @@ def run_train(args: argparse.Namespace) -> int:
     settings = settings_from(
         args, cases_per_claim=args.batch_size, model_factory=args.model, lease_s=args.lease_s
     )
-    # One thread per trainer: N trainers on N cores scale instead of fighting over cores.
-    torch.set_num_threads(1)
+    # One thread per trainer by default: N trainers on N cores scale instead of fighting
+    # over cores. A trainer alone on a machine may be given its cores (--threads).
+    torch.set_num_threads(args.threads)
     client = redis_client(settings)
     archive = Archive(settings.data_dir) if settings.archive else None
     name = args.consumer or f"trainer-{default_consumer_name()}"

@@ -22,7 +22,7 @@ from negcase.client.trades import encode_trade
 from negcase.processes.detector import LossDetector
 from negcase.runtime.settings import Settings
 from negcase.runtime.shutdown import StopFlag
-from negcase.sim.bench_support import FEATURES, bench_redis, drop_namespace
+from negcase.sim.bench_support import FEATURES, bench_redis, drop_namespace, redis_label
 from negcase.sim.supervisor import Supervisor
 from negcase.store.archive import Archive
 from negcase.store.connection import connect
@@ -231,8 +231,9 @@ def run_ingest_bench(
     events = [bench_trade(i, "tp") for i in range(events_n)]
     payload_bytes = statistics.mean(sum(len(k) + len(v) for k, v in e.items()) for e in events)
     with bench_redis(settings) as url:
-        settings = settings.with_overrides(redis_url=url)
         client = connect(url)
+        redis_used = redis_label(client, settings)
+        settings = settings.with_overrides(redis_url=url)
         runs: dict[str, list[float]] = {"raw": [], "archive-off": [], "archive-on": []}
         # Scratch archives are deleted only at the end: deleting thousands of files between
         # runs makes the next run's file creation wait on the discards (mount option).
@@ -251,6 +252,7 @@ def run_ingest_bench(
             shutil.rmtree(scratch, ignore_errors=True)
     median = {mode: statistics.median(figures) for mode, figures in runs.items()}
     return {
+        "redis": redis_used,
         "events": events_n,
         "payload_bytes": round(payload_bytes),
         "repeats": repeats,
@@ -268,8 +270,9 @@ def render_ingest(result: dict[str, Any]) -> str:
     eps, ratio, lat = result["events_per_s"], result["ratio_to_raw"], result["latency_at_rate"]
     return "\n".join(
         [
-            f"ingest bench: {result['events']} events of ~{result['payload_bytes']} bytes, "
-            f"50 % losses, median of {result['repeats']} interleaved runs",
+            f"ingest bench on {result['redis']}: {result['events']} events of "
+            f"~{result['payload_bytes']} bytes, 50 % losses, median of {result['repeats']} "
+            "interleaved runs",
             f"  raw XREADGROUP+XACK loop   {eps['raw']:>9,} events/s  (baseline)",
             f"  detector, archive off      {eps['archive-off']:>9,} events/s  "
             f"ratio {ratio['archive-off']:.3f}  (aim >= 0.3)",
@@ -320,6 +323,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     train.add_argument("--cases", type=int, default=40, help="cases per drain run (40)")
     train.add_argument("--epochs", type=int, default=300, help="epochs per drained case (300)")
+    train.add_argument(
+        "--repeats", type=int, default=3, help="interleaved drain runs of each setup (3)"
+    )
     train.add_argument("--json", action="store_true", help="print JSON")
     train.set_defaults(run=run_train)
 
@@ -334,7 +340,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     serve.add_argument("--requests", type=int, default=2000, help="round trips timed (2000)")
     serve.add_argument("--drain", type=int, default=50_000, help="requests per drain (50000)")
-    serve.add_argument("--publishes", type=int, default=100, help="publishes, split 1/2 (100)")
+    serve.add_argument(
+        "--publishes",
+        type=int,
+        default=400,
+        help="publishes, half with 1 worker, half with 2 (400: 200 each, enough for a p99)",
+    )
     serve.add_argument("--json", action="store_true", help="print JSON")
     serve.set_defaults(run=run_serve)
 

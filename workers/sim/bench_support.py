@@ -12,7 +12,8 @@ import redis
 
 from negcase.runtime.chunks import chunks
 from negcase.runtime.settings import Settings
-from negcase.store.local_redis import LocalRedis
+from negcase.store.connection import redacted
+from negcase.store.local_redis import LocalRedis, redis_server_binary
 
 FEATURES = [0.1234, -0.5678, 0.9012, -0.3456, 0.7891, -0.2345, 0.6789, -0.0123]
 
@@ -29,6 +30,14 @@ def bench_redis(settings: Settings) -> Iterator[str]:
             yield server.url
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def redis_label(client: redis.Redis, settings: Settings) -> str:
+    """Which Redis a bench ran on: its version, and the configured URL or the local binary
+    (figures from different Redis versions are not comparable)."""
+    version = client.info("server")["redis_version"]
+    where = redacted(settings.redis_url) if settings.redis_url else redis_server_binary()
+    return f"Redis {version} ({where})"
 
 
 def drop_namespace(client: redis.Redis, namespace: str) -> None:

@@ -1,5 +1,7 @@
 """`negcase bench train`: wall time of one intensive session per priority (default model, one
-CPU thread), and cases/s drained by 1 and by 2 trainer processes sharing one queue.
+CPU thread), and cases/s drained by 2 trainer processes sharing one queue (half the cores
+each) against the faster of a single trainer on one thread and on every core (the threads it
+would have alone), in interleaved repeated runs compared by their medians.
 Its command line is in negcase.sim.bench, which imports this module (and torch) only to run."""
 
 from __future__ import annotations
@@ -8,7 +10,9 @@ import argparse
 import contextlib
 import io
 import itertools
+import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -26,7 +30,7 @@ from negcase.runtime.settings import Settings
 from negcase.runtime.shutdown import StopFlag
 from negcase.schemas.case import ACTIONS, NegativeCase
 from negcase.schemas.outcome import Outcome
-from negcase.sim.bench_support import bench_redis, drop_namespace
+from negcase.sim.bench_support import bench_redis, drop_namespace, redis_label
 from negcase.sim.engine import synthetic_case
 from negcase.sim.supervisor import worker_environment
 from negcase.store.archive import Archive
@@ -121,9 +125,17 @@ def session_times(settings: Settings, history: int) -> dict[int, dict[str, float
     return results
 
 
-def drain_rate(settings: Settings, trainers: int, cases: int, epochs: int) -> dict[str, float]:
-    """Cases/s drained by `trainers` processes: from the first training_started to the last
-    training_completed, so that process start-up (importing torch) is not counted."""
+def available_cores() -> int:
+    """The CPUs this process may run on."""
+    return len(os.sched_getaffinity(0))
+
+
+def drain_rate(
+    settings: Settings, trainers: int, threads: int, cases: int, epochs: int
+) -> dict[str, float]:
+    """Cases/s drained by `trainers` processes of `threads` torch threads each: from the
+    first training_started to the last training_completed, so that process start-up
+    (importing torch) is not counted."""
     client = connect(settings.redis_url or "")
     add_cases(
         client, settings, [bench_case(n, 3, epochs, settings.feature_count) for n in range(cases)]
@@ -134,13 +146,9 @@ def drain_rate(settings: Settings, trainers: int, cases: int, epochs: int) -> di
         "NEGCASE_EARLY_STOP_PATIENCE": "0",
         "NEGCASE_MIN_OUTCOMES": "0",
     }
+    command = [sys.executable, "-m", "negcase", "train", "--burst", "--threads", str(threads)]
     processes = [
-        subprocess.Popen(
-            [sys.executable, "-m", "negcase", "train", "--burst"],
-            cwd=ROOT,
-            env=env,
-            stderr=subprocess.DEVNULL,
-        )
+        subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
         for _ in range(trainers)
     ]
     for process in processes:
@@ -153,56 +161,108 @@ def drain_rate(settings: Settings, trainers: int, cases: int, epochs: int) -> di
     return {"cases": done, "seconds": round(span_s, 3), "cases_per_s": round(done / span_s, 3)}
 
 
-def run_train_bench(settings: Settings, cases: int, epochs: int) -> dict[str, Any]:
+def drain_setups(cores: int) -> list[tuple[int, int]]:
+    """(trainers, torch threads each) to compare: one trainer on one thread and on every
+    core (the threads it would have alone; the better of the two is the baseline), and two
+    trainers sharing the cores."""
+    return sorted({(1, 1), (1, cores), (2, max(1, cores // 2))})
+
+
+def drain_runs(
+    url: str, settings: Settings, folder: Path, cases: int, epochs: int, repeats: int
+) -> dict[str, Any]:
+    """Each setup `repeats` times, interleaved (the order turns each round) so that drift on
+    a shared machine hits every setup alike; each run in its own namespace and folder."""
+    cores = available_cores()
+    setups = drain_setups(cores)
+    rates: dict[tuple[int, int], list[float]] = {setup: [] for setup in setups}
+    client = connect(url)
+    for repeat in range(repeats):
+        turn = repeat % len(setups)
+        for trainers, threads in setups[turn:] + setups[:turn]:
+            name = f"drain-{trainers}x{threads}-{repeat}"
+            namespace = f"negcase-bench-{name}"
+            run = settings.with_overrides(
+                redis_url=url, namespace=namespace, data_dir=folder / name
+            )
+            try:
+                figures = drain_rate(run, trainers, threads, cases, epochs)
+            finally:
+                drop_namespace(client, namespace)
+            rates[trainers, threads].append(figures["cases_per_s"])
+    medians = {setup: statistics.median(runs) for setup, runs in rates.items()}
+    alone = max((setup for setup in setups if setup[0] == 1), key=medians.__getitem__)
+    shared = next(setup for setup in setups if setup[0] == 2)
+    return {
+        "cores": cores,
+        "repeats": repeats,
+        "drains": [
+            {
+                "trainers": trainers,
+                "threads_each": threads,
+                "cases_per_s": rates[trainers, threads],
+                "median_cases_per_s": round(medians[trainers, threads], 3),
+            }
+            for trainers, threads in setups
+        ],
+        "drain_baseline_threads": alone[1],
+        "drain_ratio": round(medians[shared] / medians[alone], 3),
+    }
+
+
+def run_train_bench(settings: Settings, cases: int, epochs: int, repeats: int) -> dict[str, Any]:
     """Every figure of the bench, each run in its own namespace and archive folder."""
     folder = Path(tempfile.mkdtemp(prefix="negcase-bench-train-"))
-    result: dict[str, Any] = {"drain_epochs_per_case": epochs}
+    result: dict[str, Any] = {"drain_cases": cases, "drain_epochs_per_case": epochs}
     try:
         with bench_redis(settings) as url:
             client = connect(url)
-            runs = [("sessions", None), ("drain_1", 1), ("drain_2", 2)]
-            for name, trainers in runs:
-                namespace = f"negcase-bench-{name}"
-                run = settings.with_overrides(
-                    redis_url=url, namespace=namespace, data_dir=folder / name
-                )
-                try:
-                    if trainers is None:
-                        result[name] = session_times(run, history=200)
-                    else:
-                        result[name] = drain_rate(run, trainers, cases, epochs)
-                finally:
-                    drop_namespace(client, namespace)
+            result["redis"] = redis_label(client, settings)
+            namespace = "negcase-bench-sessions"
+            run = settings.with_overrides(
+                redis_url=url, namespace=namespace, data_dir=folder / "sessions"
+            )
+            try:
+                result["sessions"] = session_times(run, history=200)
+            finally:
+                drop_namespace(client, namespace)
+            result.update(drain_runs(url, settings, folder, cases, epochs, repeats))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    result["drain_ratio"] = round(
-        result["drain_2"]["cases_per_s"] / result["drain_1"]["cases_per_s"], 3
-    )
     return result
 
 
 def render(result: dict[str, Any]) -> str:
     """The figures as text."""
-    lines = ["train bench: one session per priority, default model, 1 CPU thread, replay on"]
+    lines = [
+        f"train bench on {result['redis']}, {result['cores']} cores",
+        "  one session per priority, default model, 1 CPU thread, replay on:",
+    ]
     for priority, figures in result["sessions"].items():
         lines.append(
-            f"  priority {priority}: {figures['epochs']:>5} epochs in "
+            f"    priority {priority}: {figures['epochs']:>5} epochs in "
             f"{figures['seconds']:.3f} s ({figures['outcome']})"
         )
-    for name in ("drain_1", "drain_2"):
-        figures = result[name]
+    lines.append(
+        f"  {result['drain_cases']} cases of {result['drain_epochs_per_case']} epochs drained, "
+        f"{result['repeats']} interleaved runs each:"
+    )
+    for figures in result["drains"]:
+        runs = ", ".join(f"{rate:.2f}" for rate in figures["cases_per_s"])
         lines.append(
-            f"  {name[-1]} trainer(s): {figures['cases']} cases "
-            f"({result['drain_epochs_per_case']} epochs each) in "
-            f"{figures['seconds']:.2f} s = {figures['cases_per_s']:.2f} cases/s"
+            f"    {figures['trainers']} trainer(s), {figures['threads_each']} torch thread(s) "
+            f"each: median {figures['median_cases_per_s']:.2f} cases/s (runs: {runs})"
         )
-    lines.append(f"  2 vs 1 trainers: {result['drain_ratio']:.2f}x (aim >= 1.6 on 2 cores)")
+    lines.append(
+        f"  2 trainers vs the faster single trainer ({result['drain_baseline_threads']} "
+        f"thread(s)): {result['drain_ratio']:.2f}x, ratio of the medians (aim >= 1.6 on 2 cores)"
+    )
     return "\n".join(lines)
 
 
 def run_bench_train(args: argparse.Namespace) -> int:
     """Run the train bench and print its figures."""
-    result = run_train_bench(settings_from(args), args.cases, args.epochs)
+    result = run_train_bench(settings_from(args), args.cases, args.epochs, args.repeats)
     print(
         orjson.dumps(result, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS).decode()
         if args.json

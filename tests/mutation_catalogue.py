@@ -1,0 +1,400 @@
+"""The bugs `python -m tests.mutations` plants, one at a time: each a plausible mistake in a
+core invariant, written as (file, exact old text, new text, the tests aimed at it). Tests are
+listed fastest first: the check stops at the first one that fails."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Mutation:
+    """One planted bug: `old` (found exactly once in `file`) becomes `new`."""
+
+    area: str
+    bug: str
+    file: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+
+
+LOSSES = ("tests/test_losses.py", "tests/test_detector.py")
+VALIDATION = ("tests/test_trade_schema.py", "tests/test_detector.py")
+QUEUE = ("tests/test_queue.py",)
+LEASES = ("tests/test_queue.py", "tests/test_checkpoints.py", "tests/test_trainer.py")
+# The stories of a trainer paused past its lease: a real process, stopped and resumed.
+PAUSED = (
+    "tests/test_trainer.py::"
+    "test_a_trainer_paused_past_its_lease_cannot_publish_and_its_case_dies_at_the_limit",
+    "tests/test_trainer.py::"
+    "test_a_trainer_paused_past_its_lease_cannot_publish_or_ack_over_the_next_holder",
+    "tests/test_trainer.py::"
+    "test_a_trainer_paused_mid_training_stops_when_its_heartbeat_finds_the_lease_gone",
+)
+MODEL = ("tests/test_model.py", "tests/test_predictor.py")
+# The gate's own tests first (fast), then the stories that drive it through a trainer.
+GATE = (
+    "tests/test_learning.py::test_the_trading_gate_has_no_tolerance",
+    "tests/test_learning.py::test_after_a_rebase_the_gate_judges_against_the_latest_model",
+    "tests/test_learning.py::test_a_candidate_whose_output_is_not_finite_is_never_published",
+    "tests/test_learning.py::test_an_update_that_trades_worse_than_its_parent_on_the_window_is_refused",
+    "tests/test_learning.py::test_the_gate_refuses_a_harmful_update_and_says_why",
+)
+RELOAD = ("tests/test_predictor.py", "tests/test_reload.py")
+
+MUTATIONS: tuple[Mutation, ...] = (
+    # Losses and priorities
+    Mutation(
+        "losses",
+        "priority thresholds are not strict (>= for >)",
+        "workers/processes/losses.py",
+        "if loss_pct > threshold:",
+        "if loss_pct >= threshold:",
+        LOSSES,
+    ),
+    Mutation(
+        "losses",
+        "a break-even trade counts as a loss",
+        "workers/processes/losses.py",
+        "return self.pnl_pct < 0",
+        "return self.pnl_pct <= 0",
+        LOSSES,
+    ),
+    Mutation(
+        "losses",
+        "a SELL's move is not turned round",
+        "workers/processes/losses.py",
+        'if trade.side == "SELL":\n        move = -move',
+        'if trade.side == "BUY":\n        move = -move',
+        LOSSES,
+    ),
+    Mutation(
+        "losses",
+        "fees are added to the P&L instead of taken off",
+        "workers/processes/losses.py",
+        "pnl_pct = round((move - trade.fee_rate) * trade.leverage * 100, 9)",
+        "pnl_pct = round((move + trade.fee_rate) * trade.leverage * 100, 9)",
+        LOSSES,
+    ),
+    Mutation(
+        "losses",
+        "hindsight says BUY for a rise short of the minimum profitable move",
+        "schemas/outcome.py",
+        "if market_move >= min_move and market_move > fee_rate:",
+        "if market_move > fee_rate:",
+        LOSSES,
+    ),
+    Mutation(
+        "losses",
+        "a held-out decision's outcome is replayed (trained on) instead of judging",
+        "store/record_batch.lua",
+        "if ARGV[i + 1] == '1' then",
+        "if false then",
+        (
+            "tests/test_learning.py::test_held_out_outcomes_only_judge_and_every_other_outcome_is_replayed",
+        ),
+    ),
+    Mutation(
+        "losses",
+        "the held-out rule is applied to the trade id, not the case id",
+        "workers/processes/detector.py",
+        "held_out = is_held_out(case_id_for(trade.trade_id), self.settings.heldout_share)",
+        "held_out = is_held_out(trade.trade_id, self.settings.heldout_share)",
+        (
+            "tests/test_learning.py::test_held_out_outcomes_only_judge_and_every_other_outcome_is_replayed",
+        ),
+    ),
+    # Validation
+    Mutation(
+        "validation",
+        "a price of zero passes (the lower bound is not exclusive)",
+        "schemas/trade.py",
+        "if low_excluded and not value > low:",
+        "if low_excluded and not value >= low:",
+        VALIDATION,
+    ),
+    Mutation(
+        "validation",
+        "an infinite number passes",
+        "schemas/trade.py",
+        "    if not math.isfinite(value):\n        raise TradeError(name",
+        "    if False:\n        raise TradeError(name",
+        VALIDATION,
+    ),
+    Mutation(
+        "validation",
+        "a NaN feature passes",
+        "schemas/trade.py",
+        "if not _is_number(item) or not math.isfinite(item):",
+        "if not _is_number(item):",
+        VALIDATION,
+    ),
+    Mutation(
+        "validation",
+        "a case with non-finite features is trained",
+        "schemas/case.py",
+        "if not all(isinstance(x, int | float) and math.isfinite(x) for x in features):",
+        "if not all(isinstance(x, int | float) for x in features):",
+        (
+            "tests/test_trainer.py::"
+            "test_a_stored_case_that_cannot_be_trained_is_failed_with_its_reason",
+            "tests/test_trainer.py::test_cases_that_always_fail_end_dead_while_others_flow",
+        ),
+    ),
+    # Idempotency
+    Mutation(
+        "idempotency",
+        "a redelivered trade makes a second case (SADD's answer ignored)",
+        "store/record_batch.lua",
+        "if redis.call('SADD', set, case_id) == 1 then",
+        "if redis.call('SADD', set, case_id) >= 0 then",
+        ("tests/test_detector.py", "tests/test_detector_processes.py"),
+    ),
+    Mutation(
+        "idempotency",
+        "a batch's entries are never acknowledged",
+        "store/record_batch.lua",
+        "if n_acks > 0 then\n  redis.call('XACK'",
+        "if n_acks < 0 then\n  redis.call('XACK'",
+        ("tests/test_detector.py", "tests/test_detector_processes.py"),
+    ),
+    # Leases and fencing
+    Mutation(
+        "leases",
+        "fencing: any token holds the lease",
+        "store/lease.lua",
+        "return cmsgpack.unpack(record).token == tonumber(token)",
+        "return true",
+        LEASES,
+    ),
+    Mutation(
+        "leases",
+        "a lease past its deadline still holds",
+        "store/lease.lua",
+        "if not record or not deadline or tonumber(deadline) <= now_ms then return false end",
+        "if not record or not deadline then return false end",
+        LEASES,
+    ),
+    Mutation(
+        "leases",
+        "a heartbeat extends a lease it no longer holds",
+        "store/heartbeat.lua",
+        "if lease_holds(leased, leases, case_id, ARGV[i + 1], now_ms) then",
+        "if true then",
+        LEASES,
+    ),
+    Mutation(
+        "leases",
+        "ack does not check the leases",
+        "store/ack.lua",
+        "if not lease_holds(leased, leases, ARGV[i], ARGV[i + 1], now_ms) then return {'fenced'",
+        "if false then return {'fenced'",
+        LEASES,
+    ),
+    Mutation(
+        "leases",
+        "publish does not check the leases",
+        "store/publish_checkpoint.lua",
+        "if not lease_holds(leased, leases, ARGV[i], ARGV[i + 1], now_ms) then return {'fenced'",
+        "if false then return {'fenced'",
+        LEASES,
+    ),
+    Mutation(
+        "leases",
+        "a stale token can give a case back",
+        "store/give_back.lua",
+        "if lease and lease.token == token then",
+        "if lease then",
+        LEASES,
+    ),
+    Mutation(
+        "leases",
+        "a claim reuses the last fencing token",
+        "store/claim.lua",
+        "local token = redis.call('INCR', fencing)",
+        "local token = tonumber(redis.call('GET', fencing) or '1')",
+        LEASES,
+    ),
+    # Reaping
+    Mutation(
+        "reaping",
+        "the reaper lets a case past its attempt limit go round again (> for >=)",
+        "store/reap.lua",
+        "if tries >= max_attempts then",
+        "if tries > max_attempts then",
+        (*QUEUE, *PAUSED),
+    ),
+    Mutation(
+        "reaping",
+        "the reaper does not count an expired lease as an attempt",
+        "store/reap.lua",
+        "local tries = redis.call('HINCRBY', attempts, case_id, 1)",
+        "local tries = redis.call('HINCRBY', attempts, case_id, 0)",
+        (*QUEUE, *PAUSED),
+    ),
+    Mutation(
+        "reaping",
+        "the reaper takes back live leases too",
+        "store/reap.lua",
+        "redis.call('ZRANGEBYSCORE', leased, '-inf', now_ms,",
+        "redis.call('ZRANGEBYSCORE', leased, '-inf', '+inf',",
+        (*QUEUE, "tests/test_trainer.py"),
+    ),
+    Mutation(
+        "reaping",
+        "a failed attempt at the limit is queued again (> for >=)",
+        "store/give_back.lua",
+        "if tries >= max_attempts then",
+        "if tries > max_attempts then",
+        (*QUEUE, "tests/test_trainer.py"),
+    ),
+    # The gate: the candidate's trading result on the validation window against its parent's
+    Mutation(
+        "gate",
+        "the gate's comparison is the wrong way round",
+        "workers/processes/training.py",
+        "if candidate.mean_pnl_pct < parent.mean_pnl_pct - 1e-12:",
+        "if candidate.mean_pnl_pct > parent.mean_pnl_pct + 1e-12:",
+        GATE,
+    ),
+    Mutation(
+        "gate",
+        "the gate tolerates a 2 % fall in mean P&L (it must have no tolerance)",
+        "workers/processes/training.py",
+        "if candidate.mean_pnl_pct < parent.mean_pnl_pct - 1e-12:",
+        "if candidate.mean_pnl_pct < parent.mean_pnl_pct - abs(parent.mean_pnl_pct) * 0.02:",
+        GATE,
+    ),
+    Mutation(
+        "gate",
+        "at equal P&L the gate lets the loss rate rise",
+        "workers/processes/training.py",
+        "worse_rate = (candidate.loss_rate or 0.0) > (parent.loss_rate or 0.0)",
+        "worse_rate = (candidate.loss_rate or 0.0) < (parent.loss_rate or 0.0)",
+        GATE,
+    ),
+    Mutation(
+        "gate",
+        "a candidate whose output is not finite is judged like any other",
+        "workers/processes/training.py",
+        "if candidate is not None and not math.isfinite(candidate.mean_pnl_pct):",
+        "if False:",
+        GATE,
+    ),
+    Mutation(
+        "gate",
+        "a model with non-finite output gets a finite trading result",
+        "workers/processes/training.py",
+        "if not torch.isfinite(logits).all():",
+        "if False:",
+        GATE,
+    ),
+    Mutation(
+        "gate",
+        "every update is judged for finite output only, as the first checkpoint is",
+        "workers/processes/publishing.py",
+        "judged_against = None if parent is None else result.trading_before",
+        "judged_against = None",
+        GATE,
+    ),
+    Mutation(
+        "gate",
+        "after a rebase the gate measures against the stale base, not the latest model",
+        "workers/processes/publishing.py",
+        "result.trading_before = _trading_result_of(scratch, parent_state, window)",
+        "result.trading_before = _trading_result_of(scratch, update.base_state, window)",
+        GATE,
+    ),
+    # Publishing and rebasing
+    Mutation(
+        "publishing",
+        "a rebase drops the other trainer's update",
+        "workers/processes/model.py",
+        "return {name: latest[name] + (trained[name] - base[name]) for name in latest}",
+        "return {name: trained[name] for name in latest}",
+        ("tests/test_model.py", "tests/test_learning.py"),
+    ),
+    Mutation(
+        "publishing",
+        "publish does not compare-and-set latest",
+        "store/publish_checkpoint.lua",
+        "if current ~= ARGV[1] then return {'conflict', current} end",
+        "",
+        ("tests/test_checkpoints.py", "tests/test_learning.py"),
+    ),
+    Mutation(
+        "publishing",
+        "a publisher that lost the race does not rebase (publishes its update as trained)",
+        "workers/processes/publishing.py",
+        "candidate = rebased(parent_state, update.trained_state, update.base_state)",
+        "candidate = update.trained_state",
+        ("tests/test_learning.py",),
+    ),
+    # Checkpoint verification
+    Mutation(
+        "checkpoints",
+        "the sha256 is not checked",
+        "workers/processes/model.py",
+        "if sha256_hex(stored.weights) != stored.sha256:",
+        "if False:",
+        MODEL,
+    ),
+    Mutation(
+        "checkpoints",
+        "non-finite weights are loaded",
+        "workers/processes/model.py",
+        "if not bool(torch.isfinite(tensors[name]).all()):",
+        "if False:",
+        MODEL,
+    ),
+    Mutation(
+        "checkpoints",
+        "a checkpoint for another feature count is loaded",
+        "workers/processes/model.py",
+        'if stored.meta.get("feature_count") != feature_count:',
+        "if False:",
+        MODEL,
+    ),
+    Mutation(
+        "checkpoints",
+        "the model spec in the metadata is not compared with the worker's",
+        "workers/processes/reloader.py",
+        "    if theirs != spec:\n        raise SpecMismatch(",
+        "    if False:\n        raise SpecMismatch(",
+        RELOAD,
+    ),
+    # Hot reload
+    Mutation(
+        "reload",
+        "a refused version in service leaves the worker with no model",
+        "workers/processes/reloader.py",
+        'service = self._model(state.service, "service") or service',
+        'service = self._model(state.service, "service")',
+        RELOAD,
+    ),
+    Mutation(
+        "reload",
+        "only a publish announcement makes a worker read what serves (a rollback is missed)",
+        "workers/processes/reloader.py",
+        "        self.sync(step=published)\n        return True",
+        "        if published:\n            self.sync(step=True)\n        return True",
+        RELOAD,
+    ),
+    Mutation(
+        "reload",
+        "a refused version is fetched and refused again on every wake-up",
+        "workers/processes/reloader.py",
+        "            self.rejected.add(version)\n",
+        "",
+        RELOAD,
+    ),
+    Mutation(
+        "reload",
+        "a canary answers every request, not its share",
+        "workers/processes/reloader.py",
+        "return canary is not None and takes_canary(request_id, canary.version, self.canary_share)",
+        "return canary is not None",
+        ("tests/test_serving.py", "tests/test_canary.py"),
+    ),
+)

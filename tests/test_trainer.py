@@ -25,7 +25,6 @@ from negcase.store.archive import Archive
 from negcase.store.cases import CaseStore
 from negcase.store.checkpoints import CheckpointRegistry
 from negcase.store.queue import CaseQueue, is_held_out
-from negcase.store.sessions import SessionStore
 from tests.conftest import run_burst, wait_until, worker_env
 from tests.training_cases import (
     add_cases,

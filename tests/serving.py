@@ -25,7 +25,7 @@ from negcase.processes.model import (
 from negcase.runtime.settings import Settings
 from negcase.schemas.event import Event
 from negcase.schemas.signal import Signal
-from negcase.store.checkpoints import CheckpointRegistry
+from negcase.store.checkpoints import CheckpointRegistry, PublishConflict
 from negcase.store.live import LiveOutcome, LiveScores
 from negcase.store.serving import ServingControl
 
@@ -66,9 +66,16 @@ def publish(client: redis.Redis, settings: Settings, seed: int) -> int:
     """Publish a seeded model through the training engineer's registry; its version."""
     registry = CheckpointRegistry(client, settings.keys)
     weights = weights_bytes(state_of(seeded_model(settings, seed)))
-    return registry.publish(
-        weights, sha256_hex(weights), checkpoint_meta(settings), registry.latest_version()
-    )
+    # As a trainer does: when latest moved meanwhile (a serving step retired a refused
+    # canary and pointed latest back), publish on top of the new latest.
+    for _ in range(5):
+        try:
+            return registry.publish(
+                weights, sha256_hex(weights), checkpoint_meta(settings), registry.latest_version()
+            )
+        except PublishConflict:
+            continue
+    raise AssertionError("latest kept moving")
 
 
 def stored_model(client: redis.Redis, settings: Settings, version: int) -> nn.Module:

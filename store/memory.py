@@ -4,9 +4,9 @@ enough for `negcase status` to run every few seconds on a Redis holding millions
 How each figure is measured (the `how` of each row):
 - a family of a few keys (streams, the queue, the indexes): MEMORY USAGE of each key, which
   for an aggregate samples 5 of its elements (Redis's default) and scales up;
-- a family of one key per id (case blobs, session records, checkpoints): its key count
-  (from the index that lists them) times the mean MEMORY USAGE of up to SAMPLE_KEYS keys
-  drawn at random.
+- a family of one key per id (case blobs, session records, checkpoints, live windows): its
+  key count (from the index that lists them) times the mean MEMORY USAGE of up to
+  SAMPLE_KEYS keys drawn at random (all of them when there are no more).
 INFO memory and two pipelines, whatever the sizes; on a Cluster, INFO's figures are summed
 over its nodes.
 """
@@ -42,6 +42,14 @@ def _key_families(keys: Keys) -> dict[str, list[str]]:
             keys.retire,
         ],
         "idempotency record": [keys.seen],
+        "outcomes (replay, validation)": [keys.outcomes, keys.validation],
+        "serving and live scores": [
+            keys.serving,
+            keys.serving_history,
+            keys.serving_refused,
+            keys.live_versions,
+            keys.live_seen,
+        ],
         "session indexes": [keys.sessions, keys.open_sessions],
         "counters": [keys.stats, keys.workers],
     }
@@ -58,9 +66,10 @@ def memory_report(client: redis.Redis, keys: Keys) -> dict[str, Any]:
     pipe.zcard(keys.sessions)
     pipe.zrandmember(keys.sessions, SAMPLE_KEYS)
     pipe.zrange(keys.versions, 0, -1)
-    n_cases, n_featureless, case_ids, featureless_ids, n_sessions, session_ids, versions = (
-        pipe.execute()
-    )
+    pipe.zrange(keys.live_versions, 0, -1)
+    replies = pipe.execute()
+    n_cases, n_featureless, case_ids, featureless_ids, n_sessions, session_ids = replies[:6]
+    versions, live_versions = replies[6:]
     # family -> (how many keys it has, the keys measured)
     measured: dict[str, tuple[int, list[str]]] = {
         family: (len(names), names) for family, names in _key_families(keys).items()
@@ -75,6 +84,7 @@ def memory_report(client: redis.Redis, keys: Keys) -> dict[str, Any]:
         [keys.session(i.decode()) for i in session_ids or []],
     )
     measured["checkpoints"] = (len(versions), [keys.checkpoint(int(v)) for v in versions])
+    measured["live windows"] = (len(live_versions), [keys.live(int(v)) for v in live_versions])
 
     pipe = client.pipeline(transaction=False)
     for _, names in measured.values():

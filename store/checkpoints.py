@@ -283,6 +283,10 @@ class CheckpointRegistry:
             self._settle(version)
             self._unsettled.discard(version)
 
+    def has_unpublished(self, min_age_s: float = UNPUBLISHED_STALE_S) -> bool:
+        """Whether the archive holds unpublished versions older than `min_age_s`."""
+        return self.files is not None and bool(self.files.unpublished_versions(min_age_s))
+
     def settle_unpublished(self, min_age_s: float = UNPUBLISHED_STALE_S) -> int:
         """Settle every unpublished version in the archive older than `min_age_s` (a
         trainer killed between archiving and its publish reply left it). Returns how many

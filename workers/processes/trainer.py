@@ -238,13 +238,15 @@ class Trainer:
 
     def _settle_archive(self) -> None:
         """Once, at start: settle unpublished checkpoint files killed trainers left, and
-        remove their temp files. Skipped when another trainer holds the publish lock."""
+        remove their temp files. The publish lock is taken only when there is something to
+        settle, and not waited for long: another trainer holding it settles later."""
         if self.archive is None:
             return
         with contextlib.suppress(TimeoutError, redis.RedisError, OSError):
             self.archive.remove_stale_temps()
-            with self.registry.publish_lock(wait_s=1.0):
-                self.registry.settle_unpublished()
+            if self.registry.has_unpublished():
+                with self.registry.publish_lock(wait_s=1.0):
+                    self.registry.settle_unpublished()
 
     def _enough_outcomes(self) -> bool:
         """Whether a session may run: a checkpoint exists, or enough outcomes for the warm

@@ -23,14 +23,11 @@ LOSSES = ("tests/test_losses.py", "tests/test_detector.py")
 VALIDATION = ("tests/test_trade_schema.py", "tests/test_detector.py")
 QUEUE = ("tests/test_queue.py",)
 LEASES = ("tests/test_queue.py", "tests/test_checkpoints.py", "tests/test_trainer.py")
-# The stories of a trainer paused past its lease: a real process, stopped and resumed.
+# The stories of a trainer paused past its lease, or killed: a real process, stopped and
+# resumed (or killed), its case reaped by another.
 PAUSED = (
-    "tests/test_trainer.py::"
-    "test_a_trainer_paused_past_its_lease_cannot_publish_and_its_case_dies_at_the_limit",
-    "tests/test_trainer.py::"
-    "test_a_trainer_paused_past_its_lease_cannot_publish_or_ack_over_the_next_holder",
-    "tests/test_trainer.py::"
-    "test_a_trainer_paused_mid_training_stops_when_its_heartbeat_finds_the_lease_gone",
+    "tests/test_trainer.py::test_a_trainer_paused_past_its_lease_can_neither_publish_nor_ack",
+    "tests/test_trainer.py::test_a_killed_trainers_case_is_reclaimed_after_its_lease",
 )
 MODEL = ("tests/test_model.py", "tests/test_predictor.py")
 # The gate's own tests first (fast), then the stories that drive it through a trainer.
@@ -137,11 +134,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "if not all(isinstance(x, int | float) and -FLOAT32_MAX <= x <= FLOAT32_MAX "
         "for x in features):",
         "if not all(isinstance(x, int | float) for x in features):",
-        (
-            "tests/test_trainer.py::"
-            "test_a_stored_case_that_cannot_be_trained_is_failed_with_its_reason",
-            "tests/test_trainer.py::test_cases_that_always_fail_end_dead_while_others_flow",
-        ),
+        ("tests/test_poisoning.py::test_a_case_stored_with_such_a_feature_fails_without_training",),
     ),
     # Idempotency
     Mutation(

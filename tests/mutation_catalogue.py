@@ -38,6 +38,7 @@ GATE = (
     "tests/test_learning.py::test_the_trading_gate_has_no_tolerance",
     "tests/test_learning.py::test_after_a_rebase_the_gate_judges_against_the_latest_model",
     "tests/test_learning.py::test_a_candidate_whose_output_overflows_is_never_published",
+    "tests/test_learning.py::test_a_candidate_whose_output_is_not_finite_is_never_published",
     "tests/test_learning.py::test_an_update_that_trades_worse_than_its_parent_on_the_window_is_refused",
     "tests/test_learning.py::test_the_gate_refuses_a_harmful_update_and_says_why",
 )

@@ -30,7 +30,7 @@ from negcase.store.cases import version_label
 from negcase.store.checkpoints import CheckpointRegistry
 from negcase.store.keys import DETECTOR_GROUP
 from negcase.store.streams import entries_of
-from tests.conftest import worker_env
+from tests.conftest import run_burst, worker_env
 from tests.training_cases import add_cases, assert_conserved, rule_cases
 
 FEATURES = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
@@ -58,7 +58,7 @@ def test_the_same_win_published_twice_counts_once(client, settings) -> None:
     publish_trades(client, settings.keys, [trade("w1", 3100, model_version=4)], "json")
     publish_trades(client, settings.keys, [trade("l1", 2900, model_version=4)])
     # when drained
-    LossDetector(client, settings, "d", None).run(StopFlag(), burst=True)
+    run_burst(LossDetector(client, settings, "d", None))
     # then it counts once as a trade and a win, and the version's loss rate is 1 in 2
     counted = stats(client, settings)
     assert (counted["trades"], counted["wins"], counted["losses"]) == (2, 1, 1)
@@ -104,7 +104,7 @@ def test_a_crash_right_after_publishing_applies_the_update_once(client, settings
     with pytest.raises(Crash):
         victim.run(StopFlag(), burst=True)
     # when another trainer drains the queue after the victim's lease ran out
-    Trainer(client, quick, "other", Archive(quick.data_dir)).run(StopFlag(), burst=True)
+    run_burst(Trainer(client, quick, "other", Archive(quick.data_dir)), timeout_s=120)
     # then the case's update was published once, and the case is done
     lineage = CheckpointRegistry(client, quick.keys, Archive(quick.data_dir)).list()
     learned = Counter(case_id for info in lineage for case_id in info.meta["case_ids"])

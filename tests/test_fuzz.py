@@ -28,12 +28,12 @@ from hypothesis import strategies as st
 from negcase.processes.detector import LossDetector
 from negcase.processes.losses import assess_trade
 from negcase.runtime.settings import Settings
-from negcase.runtime.shutdown import StopFlag
 from negcase.schemas.case import case_id_for
 from negcase.schemas.trade import KNOWN_FIELDS, TradeDefaults, TradeError, parse_trade
 from negcase.store.archive import Archive
 from negcase.store.keys import DETECTOR_GROUP
 from negcase.store.streams import entries_of
+from tests.conftest import run_burst
 
 FEATURES = b"[0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8]"
 LOSS = {
@@ -188,7 +188,7 @@ def assert_every_entry_accounted_for(
 
 def drain(client: redis.Redis, settings: Settings) -> LossDetector:
     detector = LossDetector(client, settings, "fuzz", Archive(settings.data_dir))
-    detector.run(StopFlag(), burst=True)
+    run_burst(detector)
     return detector
 
 

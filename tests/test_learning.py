@@ -235,6 +235,22 @@ def test_a_candidate_whose_output_is_not_finite_is_never_published(client, setti
     assert registry.latest_version() is None
 
 
+def test_a_candidate_whose_output_overflows_is_never_published(client, settings) -> None:
+    # given no checkpoint yet, and a candidate whose weights are finite but whose output on
+    # a decision of the window overflows float32 (3e38 + 3e38)
+    spec, scratch = ModelSpec(8, ()), build_model(ModelSpec(8, ()))
+    registry = CheckpointRegistry(client, settings.keys)
+    meta = {"feature_count": 8, "model_spec": spec.to_dict(), "case_ids": []}
+    base = linear_state({"HOLD": 0.01}, {})
+    huge = linear_state({"BUY": 3e38}, {("BUY", 0): 3e38})
+    # when it is published as the first model, then the gate refuses it: no parent needed
+    result = publish_update(
+        registry, Update(None, base, huge), scratch, 8, [falling_market(0)], meta
+    )
+    assert result.rejected_reason == "the candidate's output is not finite"
+    assert registry.latest_version() is None
+
+
 def test_concurrent_publishers_both_land_through_rebase(client, settings) -> None:
     spec = ModelSpec(8, (4,))
     registry = CheckpointRegistry(client, settings.keys, Archive(settings.data_dir))

@@ -19,11 +19,10 @@ from negcase.processes.inference import NONFINITE_OUTPUT_REASON, InferenceWorker
 from negcase.processes.model import build_model, spec_from_settings
 from negcase.processes.reloader import LoadedModel, Reloader, Serving
 from negcase.processes.trainer import Trainer
-from negcase.runtime.shutdown import StopFlag
 from negcase.schemas.signal import request_fields
 from negcase.store.archive import Archive
 from negcase.store.checkpoints import CheckpointRegistry, WeightsRefused
-from tests.conftest import worker_env
+from tests.conftest import run_burst, worker_env
 from tests.training_cases import add_cases, assert_conserved, make_case
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -75,7 +74,7 @@ def test_a_case_stored_with_such_a_feature_fails_without_training(client, settin
     add_cases(client, settings, [make_case(1, [1e300] + [0.1] * 7, epochs=20)])
     # when a trainer meets it, it is not trained (it ends dead after its attempts)
     quick = settings.with_overrides(lease_s=5.0, min_outcomes=0)
-    Trainer(client, quick, "t1", None).run(StopFlag(), burst=True)
+    run_burst(Trainer(client, quick, "t1", None), timeout_s=120)
     assert client.hget(settings.keys.dead, "nc-test-00001").startswith(b"features")
     assert CheckpointRegistry(client, settings.keys).latest_version() is None
 
@@ -130,7 +129,7 @@ def test_no_checkpoint_with_a_non_finite_weight_is_published_whatever_the_cases(
         min_outcomes=0,
     )
     trainer = Trainer(client, quick, "t1", Archive(quick.data_dir))
-    trainer.run(StopFlag(), burst=True)
+    run_burst(trainer, timeout_s=120)
     # then it lived, every case ended, and every checkpoint it published is finite
     counts = assert_conserved(client, settings)
     assert counts["queued"] == counts["leased"] == 0

@@ -14,13 +14,13 @@ import safetensors.numpy
 from negcase.client.trades import encode_trade
 from negcase.processes.detector import LossDetector
 from negcase.runtime.settings import Settings
-from negcase.runtime.shutdown import StopFlag
 from negcase.schemas.case import case_id_for
 from negcase.store.archive import Archive
 from negcase.store.checkpoints import CheckpointRegistry
 from negcase.store.connection import connect
 from negcase.store.local_redis import LocalRedis
 from negcase.store.replication import ReplicaAcksMissing
+from tests.conftest import run_burst
 from tests.test_detector import losing
 from tests.topologies import wait_for
 
@@ -55,7 +55,7 @@ def test_with_a_replica_a_batch_returns_once_the_replica_has_it(replicated, tmp_
     time.sleep(0.05)  # let the replica fall asleep first (if it has not, the test is weaker)
     # when a detector with one required replica ack stores the batch
     detector = LossDetector(client, settings, "d1", None)
-    detector.run(StopFlag(), burst=True)
+    run_burst(detector)
     # then the replica acknowledged it (the detector counts it as done) and holds the case
     assert detector.totals.cases_added == 1
     sleeper.join()
@@ -73,7 +73,7 @@ def test_without_enough_replicas_the_write_stands_unconfirmed(client, settings: 
     client.xadd(wanting.keys.trades, encode_trade(losing("t1"), "flat"))
     # when a detector stores a batch
     detector = LossDetector(client, wanting, "d1", None)
-    detector.run(StopFlag(), burst=True)
+    run_burst(detector)
     # then the batch stands on the primary, but the detector does not count it as done
     assert client.sismember(wanting.keys.cases, case_id_for("t1"))
     assert detector.totals.cases_added == 0

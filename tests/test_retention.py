@@ -12,13 +12,12 @@ from negcase.client.trades import publish_trades
 from negcase.processes.detector import LossDetector
 from negcase.processes.trainer import Trainer
 from negcase.runtime.settings import Settings
-from negcase.runtime.shutdown import StopFlag
 from negcase.schemas.case import case_id_for
 from negcase.sim.bench_soak import SoakPlan, run_soak, soak_settings
 from negcase.store.archive import Archive
 from negcase.store.queue import CaseQueue
 from negcase.store.retention import Retention
-from tests.conftest import wait_until
+from tests.conftest import run_burst, wait_until
 from tests.training_cases import add_cases, assert_conserved, make_case, rule_cases
 
 FEATURES = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
@@ -36,7 +35,7 @@ def loss(trade_id: str, features: list[float] | None = FEATURES) -> dict:
 
 
 def detect(client, settings: Settings) -> None:
-    LossDetector(client, settings, "d", Archive(settings.data_dir)).run(StopFlag(), burst=True)
+    run_burst(LossDetector(client, settings, "d", Archive(settings.data_dir)))
 
 
 def finish_all(client, settings: Settings) -> None:
@@ -114,7 +113,7 @@ def test_redis_keeps_the_newest_sessions_and_the_archive_all(client, settings):
     torch.set_num_threads(1)
     settings = settings.with_overrides(sessions_kept=3, heldout_share=0.0, min_outcomes=0)
     add_cases(client, settings, rule_cases(5, epochs=5))
-    Trainer(client, settings, "t", Archive(settings.data_dir)).run(StopFlag(), burst=True)
+    run_burst(Trainer(client, settings, "t", Archive(settings.data_dir)), timeout_s=120)
     keys = settings.keys
     assert client.zcard(keys.sessions) == 3
     assert len(client.keys(keys.session("*"))) == 3

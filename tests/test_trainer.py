@@ -4,11 +4,13 @@ lineage commands. Conservation is checked after each story."""
 
 from __future__ import annotations
 
+import math
 import random
 import signal
 import subprocess
 import time
 from collections import Counter
+from pathlib import Path
 
 import orjson
 import pytest
@@ -22,14 +24,18 @@ from negcase.runtime.shutdown import StopFlag
 from negcase.store.archive import Archive
 from negcase.store.cases import CaseStore
 from negcase.store.checkpoints import CheckpointRegistry
-from negcase.store.queue import is_held_out
+from negcase.store.queue import CaseQueue, is_held_out
 from negcase.store.sessions import SessionStore
-from tests.conftest import wait_until, worker_env
+from tests.conftest import run_burst, wait_until, worker_env
 from tests.training_cases import (
     add_cases,
     assert_conserved,
+    detect,
+    held_out_trade,
     make_case,
+    publish_constant_policy,
     random_features,
+    redis_now_ms,
     rule_cases,
     rule_trades,
 )
@@ -90,10 +96,15 @@ def test_trainers_drain_the_queue_each_case_claimed_once(client, settings, spawn
     assert int(client.get(settings.keys.fencing)) == len(trainable)
     completed = events(client, settings, "training_completed")
     assert sorted(e["cases"] for e in completed) == trainable
-    assert {e["outcome"] for e in completed} <= {"published", "rejected"}
-    lineage = CheckpointRegistry(client, settings.keys).list()
-    assert [info.version for info in lineage] == list(range(1, len(lineage) + 1))
+    outcomes = Counter(e["outcome"] for e in completed)
+    assert outcomes["published"] + outcomes["rejected"] == len(trainable), outcomes
+    assert outcomes["published"] >= 1
+    # every published session is one version, each built on the one before
+    lineage = CheckpointRegistry(client, settings.keys, Archive(settings.data_dir)).list()
+    assert [info.version for info in lineage] == list(range(1, outcomes["published"] + 1))
     assert [info.meta["parent_version"] for info in lineage] == [None, *range(1, len(lineage))]
+    published = sorted(int(e["version"]) for e in completed if e["outcome"] == "published")
+    assert published == [info.version for info in lineage]
 
 
 def test_a_killed_trainers_case_is_reclaimed_after_its_lease(client, settings, spawn) -> None:
@@ -125,62 +136,199 @@ def test_a_killed_trainers_case_is_reclaimed_after_its_lease(client, settings, s
     assert client.zcard(settings.keys.open_sessions) == 0
 
 
-def test_a_trainer_paused_past_its_lease_can_neither_publish_nor_ack(
+def wait_for_publish_attempt(settings: Settings, timeout_s: float = 60) -> None:
+    """Wait until a trainer tries to take the publish lock (held by the test). Called once
+    its session started (a trainer also tries the lock when it starts): its training is
+    over, and it will publish, or ack a refused update, as soon as it has the lock."""
+    command = f"SET {settings.keys.publish_lock} "
+    watcher = redis.Redis.from_url(settings.redis_url, socket_timeout=timeout_s)
+    deadline = time.monotonic() + timeout_s
+    try:
+        with watcher.monitor() as monitor:
+            while time.monotonic() < deadline:
+                if monitor.next_command()["command"].startswith(command):
+                    return
+    except redis.TimeoutError:
+        pass
+    pytest.fail(f"no trainer tried to take the publish lock within {timeout_s}s")
+
+
+def pause_past_its_lease(
+    client: redis.Redis, settings: Settings, process: subprocess.Popen[str], case_id: str
+) -> None:
+    """SIGSTOP the process, then wait until Redis's clock has passed its lease's deadline."""
+    process.send_signal(signal.SIGSTOP)
+    wait_until(lambda: process_state(process.pid) == "T", 20, "the process to stop")
+
+    def lapsed() -> bool:
+        deadline_ms = client.zscore(settings.keys.leased, case_id)
+        return deadline_ms is not None and deadline_ms <= redis_now_ms(client)
+
+    wait_until(lapsed, 20, "the paused trainer's lease to lapse")
+
+
+def process_state(pid: int) -> str:
+    """The state letter of /proc/<pid>/stat: R, S, T (stopped) and so on."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2]
+
+
+def completed_by(client: redis.Redis, settings: Settings, trainer: str) -> list[dict[str, str]]:
+    return [e for e in events(client, settings, "training_completed") if e["trainer"] == trainer]
+
+
+def assert_it_lost_the_lease(client: redis.Redis, settings: Settings, trainer: str) -> None:
+    """One session of `trainer`, announced once: closed by a reaper as abandoned (its
+    deadline passed while it was stopped) or by itself; either way it recorded, resumed,
+    that it lost the lease."""
+    [completed] = completed_by(client, settings, trainer)
+    assert completed["outcome"] in ("abandoned", "lease_lost"), completed
+    session_id = completed["session_id"]
+    wait_until(lambda: session_outcome(client, settings, session_id) == "lease_lost", 60)
+
+
+def session_outcome(client: redis.Redis, settings: Settings, session_id: str) -> str | None:
+    session = SessionStore(client, settings.keys, None).get(session_id)
+    return None if session is None else session.outcome
+
+
+def test_a_trainer_paused_past_its_lease_cannot_publish_and_its_case_dies_at_the_limit(
     client, settings, spawn
 ) -> None:
-    add_cases(client, settings, [make_case(1, [1.0] * 8, epochs=ENDLESS_EPOCHS)])
-    paused = spawn(
-        "train",
-        "--consumer",
-        "paused",
-        env=trainer_env(
-            settings,
-            1.0,
-            NEGCASE_EARLY_STOP_PATIENCE="0",
-            NEGCASE_WARM_START_EPOCHS=str(ENDLESS_EPOCHS),
-        ),
-    )
+    # given a trainer allowed one attempt per case, done training and waiting for the
+    # publish lock that the test holds
+    case = make_case(1, [1.0] * 8, epochs=20)
+    add_cases(client, settings, [case])
+    lock = client.lock(settings.keys.publish_lock, timeout=120)
+    assert lock.acquire(blocking=False)
+    env = trainer_env(settings, 1.0, NEGCASE_MAX_ATTEMPTS="1")
+    paused = spawn("train", "--burst", "--consumer", "paused", env=env)
     wait_training_started(client, settings)
-    paused.send_signal(signal.SIGSTOP)
-    time.sleep(2.5)  # well past the 1 s lease
+    wait_for_publish_attempt(settings)
 
-    finish(spawn("train", "--burst", "--consumer", "other", env=trainer_env(settings, 1.0)))
+    # when it is paused past its lease (nobody else touches the case), then resumed with the
+    # lock free
+    pause_past_its_lease(client, settings, paused, case.case_id)
+    lock.release()
     paused.send_signal(signal.SIGCONT)
-    wait_until(
-        lambda: any(
-            e["trainer"] == "paused" for e in events(client, settings, "training_completed")
-        ),
-        60,
-        "the resumed trainer to notice it lost its lease",
-    )
-    paused.send_signal(signal.SIGTERM)
+    finish(paused)  # --burst: it ends once nothing is queued or leased
+
+    # then it published nothing: its lease had lapsed (and its own upkeep thread, reaping
+    # at once, usually took the case back first: fencing refused it either way)
+    assert_it_lost_the_lease(client, settings, "paused")
+    assert CheckpointRegistry(client, settings.keys).latest_version() is None
+    assert events(client, settings, "checkpoint_published") == []
+    # and the lease expired at the case's last attempt: it is dead, saying who held it
+    counts = assert_conserved(client, settings)
+    assert (counts["dead"], counts["done"]) == (1, 0)
+    assert client.hget(settings.keys.dead, case.case_id) == b"lease expired (held by paused)"
+    [dead] = events(client, settings, "case_dead")
+    assert (dead["case_id"], dead["attempts"]) == (case.case_id, "1")
+
+
+@pytest.mark.parametrize("refused_by_the_gate", [False, True], ids=["publish", "ack"])
+def test_a_trainer_paused_past_its_lease_cannot_publish_or_ack_over_the_next_holder(
+    client, settings, spawn, refused_by_the_gate
+) -> None:
+    # given a trainer done training and waiting for the publish lock that the test holds
+    # (for "ack": v1 always holds and the validation window has a BUY that lost, so its
+    # update, to always buy, trades worse than v1: the gate refuses it, and it goes to ack)
+    case = make_case(1, [1.0] * 8, action="BUY", epochs=100)
+    if refused_by_the_gate:
+        publish_constant_policy(client, settings, "HOLD")
+        detect(client, settings, [held_out_trade([1.0] * 8, "BUY", -0.02)])
+    add_cases(client, settings, [case])
+    published = CheckpointRegistry(client, settings.keys).latest_version()
+    lock = client.lock(settings.keys.publish_lock, timeout=120)
+    assert lock.acquire(blocking=False)
+    paused = spawn("train", "--burst", "--consumer", "paused", env=trainer_env(settings, 1.0))
+    wait_training_started(client, settings)
+    wait_for_publish_attempt(settings)
+
+    # when it is paused past its lease, and another worker reaps the case and leases it anew
+    pause_past_its_lease(client, settings, paused, case.case_id)
+    other = CaseQueue(client, settings.keys, lease_s=60)
+    assert other.reap() == 1
+    [taken] = other.claim("other")
+    lock.release()
+    paused.send_signal(signal.SIGCONT)
+    wait_until(lambda: completed_by(client, settings, "paused"), 60, "the paused session closed")
+
+    # then it neither published nor acked: its token is not the current one
+    assert_it_lost_the_lease(client, settings, "paused")
+    assert CheckpointRegistry(client, settings.keys).latest_version() == published
+    assert client.hget(settings.keys.rejected, case.case_id) is None
+    assert CaseStore(client, settings.keys).get(case.case_id).retraining_count == 0
+    # and the new holder's lease is untouched: it can still extend and ack it
+    assert client.zscore(settings.keys.leased, case.case_id) == taken.deadline_ms
+    assert other.heartbeat([taken]) == []
+    other.ack([taken])
     finish(paused)
-
-    completed = events(client, settings, "training_completed")
-    outcomes = {e["trainer"]: e["outcome"] for e in completed}
-    # Paused past its lease it stopped beating: a reaper closed its session, once; resumed,
-    # it recorded what it knows (it lost the lease) without announcing the session again.
-    assert outcomes["paused"] == "abandoned"
-    assert [e["trainer"] for e in completed].count("paused") == 1
-    [session_id] = [e["session_id"] for e in completed if e["trainer"] == "paused"]
-    assert SessionStore(client, settings.keys, None).get(session_id).outcome == "lease_lost"
-    assert outcomes["other"] in ("published", "rejected")
-    trainers = {e["trainer"] for e in events(client, settings, "checkpoint_published")}
-    assert trainers <= {"other"}
-    assert assert_conserved(client, settings)["done"] == 1
+    assert assert_conserved(client, settings)["leased"] == 0
 
 
-def test_a_case_that_always_fails_ends_dead_while_others_flow(client, settings, spawn) -> None:
-    bad = make_case(0, [1.0, 2.0, 3.0], priority=5)  # three features where the model takes 8
+def test_a_trainer_paused_mid_training_stops_when_its_heartbeat_finds_the_lease_gone(
+    client, settings, spawn
+) -> None:
+    # given a trainer in a session (the warm start that makes v1) that would take minutes
+    case = make_case(1, [1.0] * 8, epochs=ENDLESS_EPOCHS)
+    add_cases(client, settings, [case])
+    env = trainer_env(
+        settings,
+        1.0,
+        NEGCASE_EARLY_STOP_PATIENCE="0",
+        NEGCASE_WARM_START_EPOCHS=str(ENDLESS_EPOCHS),
+    )
+    paused = spawn("train", "--burst", "--consumer", "paused", env=env)
+    wait_training_started(client, settings)
+
+    # when it is paused past its lease, and another worker reaps the case and leases it anew
+    pause_past_its_lease(client, settings, paused, case.case_id)
+    other = CaseQueue(client, settings.keys, lease_s=60)
+    assert other.reap() == 1
+    [taken] = other.claim("other")
+    paused.send_signal(signal.SIGCONT)
+
+    # then its next heartbeat finds the lease gone and the session ends there, untrained
+    wait_until(lambda: completed_by(client, settings, "paused"), 60, "the paused session closed")
+    assert_it_lost_the_lease(client, settings, "paused")
+    assert client.zscore(settings.keys.leased, case.case_id) == taken.deadline_ms
+    other.ack([taken])
+    finish(paused)
+    assert events(client, settings, "checkpoint_published") == []
+
+
+def test_cases_that_always_fail_end_dead_while_others_flow(client, settings, spawn) -> None:
+    short = make_case(0, [1.0, 2.0, 3.0], priority=5)  # three features where the model takes 8
+    not_finite = make_case(5, [1.0, math.nan, *[0.0] * 6], priority=5)  # stored before a check
     good = rule_cases(3, start=1, epochs=20)
-    add_cases(client, settings, [bad, *good])
+    add_cases(client, settings, [short, not_finite, *good])
 
     finish(spawn("train", "--burst", env=trainer_env(settings, 5.0, NEGCASE_MAX_ATTEMPTS="3")))
 
     counts = assert_conserved(client, settings)
-    assert (counts["dead"], counts["done"]) == (1, 3)
-    assert b"expected 8 numbers, got 3" in client.hget(settings.keys.dead, bad.case_id)
-    assert [e["case_id"] for e in events(client, settings, "case_dead")] == [bad.case_id]
+    assert (counts["dead"], counts["done"]) == (2, 3)
+    assert b"expected 8 numbers, got 3" in client.hget(settings.keys.dead, short.case_id)
+    assert b"not all finite numbers" in client.hget(settings.keys.dead, not_finite.case_id)
+    dead = events(client, settings, "case_dead")
+    assert sorted(e["case_id"] for e in dead) == [short.case_id, not_finite.case_id]
+    assert {e["attempts"] for e in dead} == {"3"}
+
+
+def test_a_stored_case_that_cannot_be_trained_is_failed_with_its_reason(client, settings) -> None:
+    # given cases stored before the checks they fail: a NaN feature, the wrong feature count
+    not_finite = make_case(5, [1.0, math.nan, *[0.0] * 6], priority=5)
+    short = make_case(6, [1.0, 2.0, 3.0], priority=5)
+    add_cases(client, settings, [not_finite, short])
+    trainer = Trainer(client, settings.with_overrides(max_attempts=1), "t1", None)
+
+    # when a trainer claims them, then it trains nothing and fails each with the reason
+    assert trainer.train_claimed(trainer.queue.claim("t1", count=2), StopFlag()) is None
+    dead = {k.decode(): v.decode() for k, v in client.hgetall(settings.keys.dead).items()}
+    assert dead.keys() == {not_finite.case_id, short.case_id}
+    assert dead[not_finite.case_id].startswith("features: not all finite numbers")
+    assert dead[short.case_id] == "features: expected 8 numbers, got 3"
+    assert CheckpointRegistry(client, settings.keys).latest_version() is None
 
 
 def test_sigterm_hands_the_case_back_without_counting_an_attempt(client, settings, spawn) -> None:
@@ -222,7 +370,7 @@ def test_rollback_and_checkpoints_commands(client, settings, spawn) -> None:
     add_cases(client, settings, rule_cases(2, epochs=20))
     # no outcomes, so no validation window: nothing to judge by, both publish
     lenient = settings.with_overrides(min_outcomes=0)
-    Trainer(client, lenient, "t1", Archive(settings.data_dir)).run(StopFlag(), burst=True)
+    run_burst(Trainer(client, lenient, "t1", Archive(settings.data_dir)), timeout_s=120)
     registry = CheckpointRegistry(client, settings.keys)
     assert registry.latest_version() == 2
 
@@ -294,7 +442,7 @@ def test_a_redis_socket_timeout_is_waited_out_like_a_lost_connection(
 
     # when Redis stops answering for a while (every client paused) as the trainer starts
     client.execute_command("CLIENT", "PAUSE", 1500, "ALL")
-    outcomes = trainer.run(StopFlag(), burst=True)
+    outcomes = run_burst(trainer, timeout_s=120)
 
     # then it backed off and, once Redis answered again, trained every case
     assert sum(outcomes.values()) == 3

@@ -34,7 +34,7 @@ from negcase.sim.bench_support import bench_redis, drop_namespace, redis_label
 from negcase.sim.engine import synthetic_case
 from negcase.sim.supervisor import worker_environment
 from negcase.store.archive import Archive
-from negcase.store.cases import Batch, CaseStore
+from negcase.store.cases import Batch, BatchLimits, CaseStore
 from negcase.store.connection import connect
 from negcase.store.queue import is_held_out
 
@@ -83,10 +83,13 @@ def add_outcomes(client: redis.Redis, settings: Settings, count: int) -> None:
             case.features,
             case.created_at_ms,
         )
-        batch.outcomes.append((outcome.to_msgpack(), n % 10 == 0))
-    CaseStore(client, settings.keys).record_batch(
-        batch, "bench", 1000, 1000, 0, settings.outcomes_maxlen, settings.validation_size
+        batch.add_outcome_only(
+            "win", case.trade_id, None, outcome=(outcome.to_msgpack(), n % 10 == 0)
+        )
+    limits = BatchLimits(
+        outcomes_maxlen=settings.outcomes_maxlen, validation_maxlen=settings.validation_size
     )
+    CaseStore(client, settings.keys).record_batch(batch, limits)
 
 
 def session_times(settings: Settings, history: int) -> dict[int, dict[str, float]]:

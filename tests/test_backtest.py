@@ -70,10 +70,9 @@ def test_the_real_loop_learns_on_the_train_part_and_is_judged_on_the_held_out_pa
     bars.write_text(sp500_csv(300))
     client.set("negcase:ckpt:latest", "7")
     # when the backtest runs there, keeping its archive and drawing its equity curves
-    archive, plot = tmp_path / "archive", tmp_path / "equity.png"
-    run = backtest(
-        "--bars", bars, "--json", "--redis-url", redis_url, "--archive", archive, "--plot", plot
-    )
+    archive, plot, history = tmp_path / "archive", tmp_path / "equity.png", tmp_path / "t.jsonl"
+    options = ("--archive", archive, "--plot", plot, "--trades-out", history)
+    run = backtest("--bars", bars, "--json", "--redis-url", redis_url, *options)
     report = json.loads(finished(run))
 
     # then the five policies are judged on the same held-out decisions
@@ -127,6 +126,20 @@ def test_the_real_loop_learns_on_the_train_part_and_is_judged_on_the_held_out_pa
     assert client.get("negcase:ckpt:latest") == b"7"
     assert [key for key in client.scan_iter() if key != b"negcase:ckpt:latest"] == []
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # and the train part's trades and skips, written out, start a new deployment's first model
+    assert len(history.read_text().splitlines()) == train["decisions"]
+    fresh = ("--redis-url", redis_url, "--namespace", "fresh", "--data-dir", tmp_path / "fresh")
+    boot = subprocess.run(
+        [sys.executable, "-m", "negcase", "bootstrap", "--trades", history, "--json", *fresh],
+        env=backtest_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert boot.returncode == 0, boot.stderr
+    assert json.loads(boot.stdout)["version"] == 1
+    assert client.get("fresh:ckpt:latest") == b"1"
 
 
 def test_one_trainer_and_one_seed_print_the_same_table_twice(tmp_path):

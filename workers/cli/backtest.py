@@ -119,6 +119,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="keep the run's archive (cases, sessions, models, worker logs) in DIR, which must "
         "be empty or new (default: a scratch folder, removed after)",
     )
+    parser.add_argument(
+        "--trades-out",
+        type=Path,
+        metavar="FILE.jsonl",
+        help="write the train part's trades and skips (TradeClosed JSON lines), to start a "
+        "deployment's first model from them with `negcase bootstrap --trades FILE.jsonl`",
+    )
     parser.set_defaults(run=run_backtest_command)
 
 
@@ -145,6 +152,7 @@ def config_from(args: argparse.Namespace, bars: Path, symbol: str, seed: int) ->
         catch_up_s=args.catch_up_s,
         features=getattr(args, "features", None),
         archive=getattr(args, "archive", None),
+        trades_out=getattr(args, "trades_out", None),
     )
 
 
@@ -173,7 +181,7 @@ def backtest(config: BacktestConfig, settings: Settings) -> BacktestResult:
 
     try:
         market = prepare(config, settings)
-    except (BarsError, FeatureError, PlanError, FileExistsError) as error:
+    except (BarsError, FeatureError, PlanError, OSError) as error:
         raise CommandError(str(error)) from None
     # SIGTERM stops the run like Ctrl-C: the workers and Redis are stopped, not orphaned.
     interrupt_on_sigterm()

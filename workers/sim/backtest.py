@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 import redis
 import torch
 
@@ -91,6 +92,7 @@ class BacktestConfig:
     catch_up_s: float = 60.0
     features: str | None = None
     archive: Path | None = None
+    trades_out: Path | None = None
 
 
 @dataclass
@@ -106,10 +108,12 @@ class Market:
 
 def prepare(config: BacktestConfig, settings: Settings) -> Market:
     """Read the bars and compute the features and the plan, before anything starts; errors
-    name what is wrong (BarsError, FeatureError, PlanError, FileExistsError)."""
+    name what is wrong (BarsError, FeatureError, PlanError, or an OSError for a folder)."""
     archive = config.archive
     if archive is not None and archive.exists() and any(archive.iterdir()):
         raise FileExistsError(f"{archive} is not empty: a run's archive never mixes with another")
+    if config.trades_out is not None and not config.trades_out.parent.is_dir():
+        raise FileNotFoundError(f"--trades-out: {config.trades_out.parent} is not a folder")
     bars = read_bars(config.bars_path)
     function = load_feature_function(config.features) if config.features else builtin_features
     table = feature_table(bars, function)
@@ -218,7 +222,7 @@ def _walk(
         pipeline.start(config.trainers)
         progress.start()
         started_s = time.monotonic()
-        decisions = TrainWalk(
+        walk = TrainWalk(
             market.bars,
             market.features,
             market.plan,
@@ -226,13 +230,25 @@ def _walk(
             market.symbol,
             pipeline,
             progress,
-        ).run()
+        )
+        decisions = walk.run()
         walk_s = time.monotonic() - started_s
     finally:
         exit_codes = pipeline.stop()
+    if config.trades_out is not None:
+        write_trades(config.trades_out, walk.published)
     return Walked(
         decisions, walk_s, exit_codes, pipeline.waits, pipeline.late, pipeline.failed_requests
     )
+
+
+def write_trades(path: Path, trades: list[dict[str, Any]]) -> None:
+    """The train part's trades and skips as JSON lines of TradeClosed, in the order they were
+    published: what `negcase bootstrap --trades` reads to start a deployment's first model
+    from this history."""
+    with path.open("wb") as out:
+        for trade in trades:
+            out.write(orjson.dumps(trade) + b"\n")
 
 
 def _report(
@@ -266,7 +282,11 @@ def _report(
             "feature_count": market.features.count,
         },
         "options": {
-            **{k: v for k, v in asdict(config).items() if k not in ("bars_path", "archive")},
+            **{
+                k: v
+                for k, v in asdict(config).items()
+                if k not in ("bars_path", "archive", "trades_out")
+            },
             "control_rule": f"momentum: the sign of the last {CONTROL_LOOKBACK} bars' move",
             "canary": {
                 "share": settings.canary_share,

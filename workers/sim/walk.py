@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from negcase.sim.bars import Bars
@@ -85,6 +85,8 @@ class TrainWalk:
     symbol: str
     pipeline: Pipeline
     progress: Progress
+    # every trade and skip published, in order: what `--trades-out` writes
+    published: list[dict[str, Any]] = field(default_factory=list)
 
     def run(self) -> list[Decision]:
         """Walk the train part; every decision, in bar order."""
@@ -96,7 +98,7 @@ class TrainWalk:
         for t in range(self.plan.first, self.plan.train_end):
             # positions that closed at the end of the bar before: published one at a time
             while open_positions and open_positions[0][0] < t:
-                self.pipeline.publish(open_positions.popleft()[1])
+                self._publish(open_positions.popleft()[1])
             if t in deciding:
                 decision, trade = self._decide(t)
                 decisions.append(decision)
@@ -105,8 +107,12 @@ class TrainWalk:
                 trades += 1
             self.progress(t + 1 - self.plan.first, trades, version)
         for _, trade in open_positions:
-            self.pipeline.publish(trade)
+            self._publish(trade)
         return decisions
+
+    def _publish(self, trade: dict[str, Any]) -> None:
+        self.pipeline.publish(trade)
+        self.published.append(trade)
 
     def _decide(self, t: int) -> tuple[Decision, dict[str, Any]]:
         features = self.features.rows[t].tolist()

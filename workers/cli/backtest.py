@@ -18,13 +18,15 @@ from negcase.runtime.settings import Settings, SettingsError, variable_of
 from negcase.runtime.shutdown import interrupt_on_sigterm
 
 if TYPE_CHECKING:
-    from negcase.sim.backtest import BacktestConfig, BacktestResult
+    from negcase.sim.backtest import BacktestConfig, BacktestResult, Market
 
 HOW_IT_RUNS = (
     "The train part (the first --train-share of the bars) is traded bar by bar by an engine "
     "that asks negcase for a signal at every --every-th bar and holds each position --hold "
     "bars (opened at the bar's open, closed at the close of its last bar). Until a checkpoint "
-    "exists, or when no answer comes, it uses the control rule: BUY when the last close is "
+    "exists (the first comes after NEGCASE_MIN_OUTCOMES outcomes, at most a third of the "
+    "train decisions unless that variable is set), or when no answer comes, it uses the "
+    "control rule: BUY when the last close is "
     "above the close 20 bars before, SELL when below. Every closed trade is published, with "
     "its features and model_version, to a real loss detector, --trainers trainers and an "
     "inference worker (processes, in a Redis namespace of their own: a local redis-server, "
@@ -45,6 +47,11 @@ HOW_IT_RUNS = (
 # decisions a trial, more than a backtest of 20 years of daily bars has: here a canary
 # answers half of them and is judged after 30 outcomes, so a run holds several trials.
 BACKTEST_CANARY = {"canary_share": 0.5, "canary_min_outcomes": 30, "live_window": 100}
+# A deployment's first checkpoint waits for NEGCASE_MIN_OUTCOMES (200) outcomes, more than
+# the whole train part of a market of monthly bars holds: unless the environment sets it,
+# a backtest waits for at most a third of its train decisions (and at least
+# FIRST_CHECKPOINT_FLOOR), so a short market is judged with a model too.
+FIRST_CHECKPOINT_FLOOR = 20
 
 
 def walk_options() -> argparse.ArgumentParser:
@@ -183,6 +190,7 @@ def backtest(config: BacktestConfig, settings: Settings) -> BacktestResult:
         market = prepare(config, settings)
     except (BarsError, FeatureError, PlanError, OSError) as error:
         raise CommandError(str(error)) from None
+    settings = settings.with_overrides(min_outcomes=first_checkpoint_after(market, settings))
     # SIGTERM stops the run like Ctrl-C: the workers and Redis are stopped, not orphaned.
     interrupt_on_sigterm()
     try:
@@ -191,6 +199,16 @@ def backtest(config: BacktestConfig, settings: Settings) -> BacktestResult:
         raise CommandError(str(error)) from None
     except KeyboardInterrupt:
         raise CommandError("interrupted: every worker was stopped") from None
+
+
+def first_checkpoint_after(market: Market, settings: Settings) -> int:
+    """How many outcomes the backtest's trainers wait for before the first checkpoint:
+    NEGCASE_MIN_OUTCOMES when the environment sets it, else the setting capped at a third
+    of the train part's decisions (FIRST_CHECKPOINT_FLOOR at least)."""
+    if variable_of("min_outcomes") in os.environ:
+        return settings.min_outcomes
+    third = max(FIRST_CHECKPOINT_FLOOR, len(market.plan.train) // 3)
+    return min(settings.min_outcomes, third)
 
 
 def run_backtest_command(args: argparse.Namespace) -> int:

@@ -288,6 +288,7 @@ def _report(
                 if k not in ("bars_path", "archive", "trades_out")
             },
             "control_rule": f"momentum: the sign of the last {CONTROL_LOOKBACK} bars' move",
+            "first_checkpoint_after_outcomes": settings.min_outcomes,
             "canary": {
                 "share": settings.canary_share,
                 "min_outcomes": settings.canary_min_outcomes,

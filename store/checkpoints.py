@@ -36,6 +36,7 @@ from negcase.store.archive import Archive
 from negcase.store.keys import Keys
 from negcase.store.leases import Lease, LeaseLost
 from negcase.store.model_files import ModelFiles
+from negcase.store.partitions import CaseQueues
 from negcase.store.replication import NO_ACKS, ReplicaAcks
 from negcase.store.scripts import script
 
@@ -122,9 +123,15 @@ class CheckpointRegistry:
         keep: int = 10,
         events_maxlen: int = 100_000,
         acks: ReplicaAcks = NO_ACKS,
+        queues: CaseQueues | None = None,
+        learned_window_ms: int = 86_400_000,
     ) -> None:
         self.client = client
         self.keys = keys
+        # With more than one partition, a publish finishes its cases in their partitions
+        # (store/partitions.py), recording them in `learned` for learned_window_ms.
+        self.queues = queues if queues is not None and queues.partitioned else None
+        self.learned_window_ms = learned_window_ms
         self.files = None if archive is None else ModelFiles(archive.models_dir)
         self.keep = max(1, keep)
         self.events_maxlen = events_maxlen
@@ -132,6 +139,7 @@ class CheckpointRegistry:
         # Versions whose publish reply was lost: settled once Redis answers (settle_pending).
         self._unsettled: set[int] = set()
         self._publish = script(client, "publish_checkpoint", "clock", "lease")
+        self._publish_learned = script(client, "publish_learned", "clock")
         self._rollback = script(client, "rollback_checkpoint", "clock")
 
     def latest_version(self) -> int | None:
@@ -211,6 +219,11 @@ class CheckpointRegistry:
         if problem is not None:
             raise WeightsRefused(f"weights never published: {problem}")
         blobs = blobs or {}
+        if self.queues is not None:
+            # Fencing before anything is written: the publish script cannot see the leases.
+            lost = self.queues.heartbeat(leases)
+            if lost:
+                raise LeaseLost(lost[0])
         version = self._next_version()
         full_meta = {
             **meta,
@@ -222,45 +235,23 @@ class CheckpointRegistry:
         if self.files is not None:
             self.files.write_unpublished(version, weights, sha256, full_meta)
         stale = self._stale_versions()
-        fences: list[str | int | bytes] = []
-        for lease in leases:
-            fences += [lease.case_id, lease.token, blobs.get(lease.case_id, b"")]
-        keys = self.keys
         try:
-            status, detail = self.acks.run_script(
-                self.client,
-                self._publish,
-                keys=[
-                    keys.latest,
-                    keys.checkpoint(version),
-                    keys.versions,
-                    keys.checkpoints,
-                    keys.events,
-                    keys.leased,
-                    keys.leases,
-                    keys.version_counter,
-                    keys.done,
-                    keys.attempts,
-                    keys.rejected,
-                    keys.retire,
-                    *(keys.case(lease.case_id) for lease in leases),
-                    *(keys.checkpoint(old) for old in stale),
-                ],
-                args=[
-                    "" if parent_version is None else parent_version,
+            if self.queues is None:
+                status, detail = self._publish_finishing(
                     version,
-                    "" if parent_version is None else parent_version,
                     weights,
                     sha256,
                     meta_json,
-                    ANNOUNCEMENTS_MAXLEN,
-                    self.events_maxlen,
+                    parent_version,
+                    leases,
                     trainer,
-                    len(leases),
-                    *fences,
-                    *stale,
-                ],
-            )
+                    blobs,
+                    stale,
+                )
+            else:
+                status, detail = self._publish_recording(
+                    version, weights, sha256, meta_json, parent_version, leases, trainer, stale
+                )
         except (redis.ConnectionError, redis.TimeoutError):
             # Whether it was published is known once Redis answers again: settle_pending().
             self._unsettled.add(version)
@@ -271,10 +262,128 @@ class CheckpointRegistry:
             else:
                 self.files.discard(version)
         if status == b"published":
+            if self.queues is not None:
+                self._finish_learned(leases, blobs)
             return version
         if status == b"conflict":
             raise PublishConflict(version_of(detail))
+        if status == b"learned" and self.queues is not None:
+            self._drop_learned(leases, detail.decode(), trainer)
         raise LeaseLost(detail.decode())
+
+    def _publish_finishing(
+        self,
+        version: int,
+        weights: bytes,
+        sha256: str,
+        meta_json: bytes,
+        parent_version: int | None,
+        leases: Sequence[Lease],
+        trainer: str,
+        blobs: Mapping[str, bytes],
+        stale: Sequence[int],
+    ) -> tuple[bytes, bytes]:
+        """One partition: publish and finish the leased cases in one script."""
+        fences: list[str | int | bytes] = []
+        for lease in leases:
+            fences += [lease.case_id, lease.token, blobs.get(lease.case_id, b"")]
+        keys = self.keys
+        status, detail = self.acks.run_script(
+            self.client,
+            self._publish,
+            keys=[
+                keys.latest,
+                keys.checkpoint(version),
+                keys.versions,
+                keys.checkpoints,
+                keys.events,
+                keys.leased,
+                keys.leases,
+                keys.version_counter,
+                keys.done,
+                keys.attempts,
+                keys.rejected,
+                keys.retire,
+                *(keys.case(lease.case_id) for lease in leases),
+                *(keys.checkpoint(old) for old in stale),
+            ],
+            args=[
+                "" if parent_version is None else parent_version,
+                version,
+                "" if parent_version is None else parent_version,
+                weights,
+                sha256,
+                meta_json,
+                ANNOUNCEMENTS_MAXLEN,
+                self.events_maxlen,
+                trainer,
+                len(leases),
+                *fences,
+                *stale,
+            ],
+        )
+        return status, detail
+
+    def _publish_recording(
+        self,
+        version: int,
+        weights: bytes,
+        sha256: str,
+        meta_json: bytes,
+        parent_version: int | None,
+        leases: Sequence[Lease],
+        trainer: str,
+        stale: Sequence[int],
+    ) -> tuple[bytes, bytes]:
+        """Several partitions: publish and record the cases in `learned`, in the lineage's
+        slot; the caller finishes them in their partitions."""
+        keys = self.keys
+        status, detail = self.acks.run_script(
+            self.client,
+            self._publish_learned,
+            keys=[
+                keys.latest,
+                keys.checkpoint(version),
+                keys.versions,
+                keys.checkpoints,
+                keys.events,
+                keys.version_counter,
+                keys.learned,
+                *(keys.checkpoint(old) for old in stale),
+            ],
+            args=[
+                "" if parent_version is None else parent_version,
+                version,
+                "" if parent_version is None else parent_version,
+                weights,
+                sha256,
+                meta_json,
+                ANNOUNCEMENTS_MAXLEN,
+                self.events_maxlen,
+                trainer,
+                self.learned_window_ms,
+                len(leases),
+                *(lease.case_id for lease in leases),
+                *stale,
+            ],
+        )
+        return status, detail
+
+    def _finish_learned(self, leases: Sequence[Lease], blobs: Mapping[str, bytes]) -> None:
+        """Finish the published cases in their partitions. A lease lost since the check is
+        left to the reaper: its case is claimed again and finished as learned then."""
+        assert self.queues is not None
+        try:
+            self.queues.ack(leases, blobs)
+        except LeaseLost as error:
+            log.warning("published, but %s; it is finished when next claimed", error)
+
+    def _drop_learned(self, leases: Sequence[Lease], case_id: str, trainer: str) -> None:
+        """An earlier checkpoint learned `case_id`: finish it, hand the others back."""
+        assert self.queues is not None
+        learned = [lease for lease in leases if lease.case_id == case_id]
+        self.queues.ack(learned)
+        self.queues.release([lease for lease in leases if lease.case_id != case_id], trainer)
 
     def settle_pending(self) -> None:
         """Name the archive files of versions whose publish reply was lost by what Redis

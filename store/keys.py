@@ -2,10 +2,31 @@
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 
 DETECTOR_GROUP = "detectors"
 INFERENCE_GROUP = "inference"
+
+
+def partition_of(symbol: str, partitions: int) -> int:
+    """The partition a trade of `symbol` goes to: CRC-32 (zlib's, the IEEE polynomial) of the
+    symbol's UTF-8 bytes, mod the partition count. Every trade of one symbol lands in one
+    partition, so its trades stay in order; producers in other languages use the same rule."""
+    if partitions <= 1:
+        return 0
+    return zlib.crc32(symbol.encode("utf-8")) % partitions
+
+
+def partition_namespace(namespace: str, index: int) -> str:
+    """The namespace partition `index` builds its keys under: `:p<index>` added inside the
+    namespace's hash tag (`{negcase}` -> `{negcase:p1}`), so each partition has a Cluster slot
+    of its own, or at the end of a namespace without one (`negcase` -> `negcase:p1`)."""
+    opening = namespace.find("{")
+    closing = namespace.find("}", opening + 1) if opening >= 0 else -1
+    if closing > opening + 1:
+        return f"{namespace[:closing]}:p{index}{namespace[closing:]}"
+    return f"{namespace}:p{index}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -16,6 +37,27 @@ class Keys:
 
     def _key(self, *parts: str) -> str:
         return ":".join((self.namespace, *parts))
+
+    def partition(self, index: int, partitions: int) -> Keys:
+        """The keys of partition `index` of `partitions`: the trades stream, the case queue
+        and their companions (README, "Partitions"). With one partition they are this
+        namespace's own keys, today's layout unchanged."""
+        if partitions <= 1:
+            return self
+        if not 0 <= index < partitions:
+            raise ValueError(f"partition {index} is not one of 0 to {partitions - 1}")
+        return Keys(partition_namespace(self.namespace, index))
+
+    def partitioned(self, partitions: int) -> list[Keys]:
+        """The keys of every partition, in partition order."""
+        return [self.partition(index, partitions) for index in range(max(1, partitions))]
+
+    @property
+    def learned(self) -> str:
+        """Sorted set case_id -> when a published checkpoint learned it (ms), with more than
+        one partition only: the publish step's idempotency record, in the lineage's slot, so a
+        case is published once although its lease lives in its partition's slot."""
+        return self._key("ckpt", "learned")
 
     @property
     def trades(self) -> str:

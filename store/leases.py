@@ -17,6 +17,7 @@ class Lease:
     attempts: int
     score: float
     deadline_ms: int
+    partition: int = 0  # which partition's queue it came from (store/partitions.py)
 
 
 class LeaseLost(Exception):

@@ -1,6 +1,8 @@
 """The outcomes learning draws on: the replay store `<ns>:outcomes` and the validation
 window `<ns>:outcomes:validation`, capped streams of msgpack outcomes in arrival order that
-the detector's batch script appends to (store/record_batch.lua), each trade once."""
+the detector's batch script appends to (store/record_batch.lua), each trade once. With
+partitions each partition has its own two streams (written in its batch script, so still
+each trade once); they are read together, merged by entry id (arrival time)."""
 
 from __future__ import annotations
 
@@ -22,32 +24,56 @@ def outcome_fields(outcome: Outcome) -> bytes:
 
 class OutcomeStore:
     """Reads the replay store incrementally (only what arrived since the last read) and the
-    validation window whole; both in time order, oldest first."""
+    validation window whole, of every partition; both in time order, oldest first."""
 
-    def __init__(self, client: redis.Redis, keys: Keys, replay_cap: int) -> None:
+    def __init__(
+        self, client: redis.Redis, keys: Keys, replay_cap: int, partitions: int = 1
+    ) -> None:
         self.client = client
-        self.keys = keys
+        self.parts = keys.partitioned(partitions)
         self._replay: deque[Outcome] = deque(maxlen=replay_cap)
-        self._last_id = b"-"
+        self._last_ids = [b"-"] * len(self.parts)
 
     def seen(self) -> int:
-        """How many outcomes the detectors have recorded in all (the stats counter)."""
-        return int(self.client.hget(self.keys.stats, "outcomes") or 0)
+        """How many outcomes the detectors have recorded in all (the stats counters)."""
+        pipe = self.client.pipeline(transaction=False)
+        for part in self.parts:
+            pipe.hget(part.stats, "outcomes")
+        return sum(int(count or 0) for count in pipe.execute())
 
     def replay(self) -> list[Outcome]:
         """The most recent outcomes of the replay store, at most the cap."""
-        while True:
-            start = self._last_id if self._last_id == b"-" else b"(" + self._last_id
-            entries = self.client.xrange(self.keys.outcomes, start, b"+", count=READ_CHUNK)
-            for entry_id, fields in entries:
-                self._replay.append(Outcome.from_msgpack(fields[FIELD]))
-                self._last_id = entry_id
-            if len(entries) < READ_CHUNK:
-                return list(self._replay)
+        arrived: list[tuple[bytes, bytes]] = []
+        for p, part in enumerate(self.parts):
+            arrived += self._read_new(p, part)
+        for _, packed in sorted(arrived, key=lambda entry: _id_order(entry[0])):
+            self._replay.append(Outcome.from_msgpack(packed))
+        return list(self._replay)
 
     def validation_window(self, size: int) -> list[Outcome]:
         """The `size` most recent held-out outcomes, oldest first: the gate's window."""
         if size <= 0:
             return []
-        entries = self.client.xrevrange(self.keys.validation, b"+", b"-", count=size)
-        return [Outcome.from_msgpack(fields[FIELD]) for _, fields in reversed(entries)]
+        pipe = self.client.pipeline(transaction=False)
+        for part in self.parts:
+            pipe.xrevrange(part.validation, b"+", b"-", count=size)
+        entries = [entry for reply in pipe.execute() for entry in reply]
+        newest = sorted(entries, key=lambda entry: _id_order(entry[0]))[-size:]
+        return [Outcome.from_msgpack(fields[FIELD]) for _, fields in newest]
+
+    def _read_new(self, p: int, part: Keys) -> list[tuple[bytes, bytes]]:
+        arrived = []
+        while True:
+            last = self._last_ids[p]
+            start = last if last == b"-" else b"(" + last
+            entries = self.client.xrange(part.outcomes, start, b"+", count=READ_CHUNK)
+            for entry_id, fields in entries:
+                arrived.append((entry_id, fields[FIELD]))
+                self._last_ids[p] = entry_id
+            if len(entries) < READ_CHUNK:
+                return arrived
+
+
+def _id_order(entry_id: bytes) -> tuple[int, int]:
+    milliseconds, sequence = entry_id.split(b"-")
+    return int(milliseconds), int(sequence)

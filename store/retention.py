@@ -44,10 +44,11 @@ class Retention:
         self._retire = script(client, "retire")
 
     @classmethod
-    def of(cls, client: redis.Redis, settings: Settings) -> Retention:
-        """The retention the settings describe."""
+    def of(cls, client: redis.Redis, settings: Settings, keys: Keys | None = None) -> Retention:
+        """The retention the settings describe, of the cases under `keys` (a partition's;
+        by default the namespace's own)."""
         rule = CaseRetention(round(settings.case_retention_s * 1000), settings.case_retention_count)
-        return cls(client, settings.keys, rule)
+        return cls(client, settings.keys if keys is None else keys, rule)
 
     def retire_cases(self) -> int:
         """Retire what is due, a bounded step at a time; returns how many cases left Redis."""

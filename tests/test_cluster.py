@@ -189,3 +189,65 @@ def test_an_untagged_namespace_is_refused_with_the_slot_problem_named(
     # and an engine's client says the same
     with pytest.raises(ValueError, match="hash tag"):
         SignalClient.from_settings(untagged)
+
+
+def test_the_whole_loop_runs_on_three_partitions_each_in_its_own_slot(
+    client, settings: Settings, spawn, command
+) -> None:
+    # given three partitions of the tagged namespace, and trades of several symbols
+    # published through the CLI (each to its symbol's partition)
+    parted = settings.with_overrides(partitions=3)
+    trades = [trade for trade, _ in zip(random_trades(6, prefix="p"), range(36), strict=False)]
+    lines = "\n".join(orjson.dumps(trade).decode() for trade in trades)
+    published = command(parted, "publish", "--file", "-", stdin=lines)
+    assert published.code == 0, published.err
+    expected = losses_among(trades)
+    # when one detector drains every partition, an inference worker runs and a trainer
+    # drains the queues
+    detect = negcase(parted, "detect", "--burst")
+    assert detect.returncode == 0, detect.stderr
+    parts = parted.partition_keys
+    stored = [{m.decode() for m in client.smembers(part.cases)} for part in parts]
+    assert set().union(*stored) == expected
+    assert sum(len(cases) for cases in stored) == len(expected)
+    assert sum(1 for cases in stored if cases) >= 2, "the symbols should spread the cases"
+    spawn("serve", "--consumer", "w1", env=worker_env(parted))
+    train = negcase(parted, "train", "--burst", "--consumer", "t1", **FAST_TRAINING)
+    assert train.returncode == 0, train.stderr
+    latest = int(client.get(parted.keys.latest))
+    assert latest >= 2, "a few publishes are needed to roll back"
+
+    # then the inference worker reloads and answers with the latest version
+    signals = SignalClient.from_settings(parted)
+    wait_until(lambda: served_version(signals) == latest, 60, f"replies from v{latest}")
+    # and status sums every partition and breaks the figures down by partition
+    status = json.loads(command(parted, "status", "--json").out)
+    cases = status["cases"]
+    assert cases["total"] == len(expected) and cases["queued"] == 0 and cases["leased"] == 0
+    assert cases["conserved"] and status["trades"]["pending"] == 0
+    assert status["trades"]["stream_length"] == len(trades)
+    breakdown = status["partitions"]
+    assert [p["namespace"] for p in breakdown] == [k.namespace for k in parts]
+    assert [p["cases"]["total"] for p in breakdown] == [len(cases) for cases in stored]
+    assert status["latest_checkpoint"] == latest
+    text = command(parted, "status")
+    assert "{negcase:p2}" in text.out, text.out
+    # and tail shows the partitions' events beside the namespace's
+    events = sum(client.xlen(k.events) for k in [parted.keys, *parts])
+    tail = command(parted, "tail", "--last", "1000", "--count", str(min(1000, events)), "--json")
+    types = {json.loads(line)["type"] for line in tail.out.splitlines()}
+    assert {"case_added", "checkpoint_published", "checkpoint_loaded"} <= types, types
+    # and a rollback moves the inference worker back
+    rollback = command(parted, "rollback", "1")
+    assert rollback.code == 0, rollback.err
+    wait_until(lambda: served_version(signals) == 1, 60, "replies from v1 after the rollback")
+
+    # and each partition's keys sit in one slot of their own, apart from the lineage's
+    slot_of = {
+        ns: client.cluster_keyslot(f"{ns}:x") for ns in ["{negcase}", *(k.namespace for k in parts)]
+    }
+    assert len(set(slot_of.values())) == 4
+    for ns, slot in slot_of.items():
+        written = list(client.scan_iter(match=f"{ns}:*"))
+        assert written, ns
+        assert {client.cluster_keyslot(key) for key in written} == {slot}, ns

@@ -121,7 +121,8 @@ def redis_client(settings: Settings) -> Client:
     url = settings.redis_url or DEFAULT_REDIS_URL
     try:
         client = connect(url)
-        check_namespace_slot(client, settings.keys)
+        for keys in {settings.keys, *settings.partition_keys}:
+            check_namespace_slot(client, keys)
         client.ping()
     except (RedisUrlError, NamespaceSlotError) as error:
         raise CommandError(str(error)) from None

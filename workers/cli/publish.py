@@ -94,15 +94,17 @@ def run_publish(args: argparse.Namespace) -> int:
     """Publish from flags or from JSON lines."""
     settings = settings_from(args)
     client = redis_client(settings)
+    keys, encoding, partitions = settings.keys, args.encoding, settings.partitions
     if args.file == "-":
-        count = publish_trades(client, settings.keys, read_json_lines(sys.stdin), args.encoding)
+        count = publish_trades(client, keys, read_json_lines(sys.stdin), encoding, partitions)
     elif args.file:
         path = Path(args.file)
         if not path.exists():
             raise CommandError(f"--file {path}: no such file")
         with path.open() as lines:
-            count = publish_trades(client, settings.keys, read_json_lines(lines), args.encoding)
+            count = publish_trades(client, keys, read_json_lines(lines), encoding, partitions)
     else:
-        count = publish_trades(client, settings.keys, [trade_from_flags(args)], args.encoding)
-    print(f"published {count} trade(s) to {settings.keys.trades}")
+        count = publish_trades(client, keys, [trade_from_flags(args)], encoding, partitions)
+    where = keys.trades if partitions == 1 else f"the trades streams of {partitions} partitions"
+    print(f"published {count} trade(s) to {where}")
     return 0

@@ -63,10 +63,94 @@ def group_streams(keys: Keys) -> tuple[GroupStream, ...]:
     )
 
 
-def gather_status(client: redis.Redis, keys: Keys) -> dict[str, Any]:
-    """Everything `negcase status` shows: one MULTI for the case counts, one pipeline of
-    independent reads, one of the reads that depend on those, the health keys, and two
-    pipelines for the memory by key family (store/memory.py)."""
+def gather_status(client: redis.Redis, keys: Keys, partitions: int = 1) -> dict[str, Any]:
+    """Everything `negcase status` shows; with partitions, the namespace's own status with
+    the partitions' trades, cases, leases, rates and counters summed into it, and
+    `partitions` breaking them down (each partition is read as a namespace of its own)."""
+    if partitions <= 1:
+        return _gather_one(client, keys)
+    whole = _gather_one(client, keys)
+    parts = [_gather_one(client, part) for part in keys.partitioned(partitions)]
+    counters = _summed_counters(client, [keys, *keys.partitioned(partitions)])
+    return {
+        **whole,
+        "trades": _summed_stream([part["trades"] for part in parts]),
+        "cases": _summed_cases([part["cases"] for part in parts]),
+        "leases": sorted(
+            (row for part in parts for row in part["leases"]), key=lambda row: row["deadline_ms"]
+        )[:LEASES_SHOWN],
+        "rates_per_s": {
+            name: round(sum(part["rates_per_s"][name] for part in parts), 2) for name in RATE_FIELDS
+        },
+        "counters": {k: v for k, v in sorted(counters.items()) if not k.startswith("model:")},
+        "models": per_model_version(counters),
+        "partitions": [
+            {
+                "partition": index,
+                "namespace": part["namespace"],
+                "trades": {name: part["trades"][name] for name in PARTITION_STREAM_FIELDS},
+                "cases": {name: part["cases"][name] for name in PARTITION_CASE_FIELDS},
+                "rates_per_s": part["rates_per_s"],
+            }
+            for index, part in enumerate(parts)
+        ],
+    }
+
+
+PARTITION_STREAM_FIELDS = ("stream_length", "pending", "lag", "consumers", "dead_letters")
+PARTITION_CASE_FIELDS = ("queued", "leased", "done", "dead", "total", "conserved")
+
+
+def _summed_counters(client: redis.Redis, keys: Sequence[Keys]) -> dict[str, float]:
+    """The stats counters of the namespace and of every partition, added up."""
+    pipe = client.pipeline(transaction=False)
+    for one in keys:
+        pipe.hgetall(one.stats)
+    counters: dict[str, float] = {}
+    for stats in pipe.execute():
+        for name, value in stats.items():
+            counters[name.decode()] = counters.get(name.decode(), 0) + _number(value)
+    return counters
+
+
+def _summed_stream(streams: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The partitions' trades streams as one: lengths and backlogs added up."""
+    lags = [s["lag"] for s in streams]
+    idle = [s["oldest_pending_idle_ms"] for s in streams if s["oldest_pending_idle_ms"] is not None]
+    return {
+        **streams[0],
+        **{
+            name: sum(s[name] for s in streams) for name in PARTITION_STREAM_FIELDS if name != "lag"
+        },
+        "lag": None if None in lags else sum(lags),
+        "lag_capped": any(s["lag_capped"] for s in streams),
+        "consumer_list": [row for s in streams for row in s["consumer_list"]],
+        "oldest_pending_idle_ms": max(idle) if idle else None,
+        "latest_dead_reasons": [r for s in streams for r in s["latest_dead_reasons"]][
+            :REASONS_SHOWN
+        ],
+    }
+
+
+def _summed_cases(cases: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The partitions' case counts added up; conserved when every partition is."""
+    counted = ("queued", "leased", "done", "dead", "rejected", "held_out", "total")
+    return {
+        **{name: sum(c[name] for c in cases) for name in counted},
+        "conserved": all(c["conserved"] for c in cases),
+        "without_features": sum(c["without_features"] for c in cases),
+        "queued_by_priority": {
+            str(p): sum(c["queued_by_priority"][str(p)] for c in cases) for p in PRIORITIES
+        },
+        "dead_reasons": {k: v for c in cases for k, v in c["dead_reasons"].items()},
+        "rejected_reasons": {k: v for c in cases for k, v in c["rejected_reasons"].items()},
+    }
+
+
+def _gather_one(client: redis.Redis, keys: Keys) -> dict[str, Any]:
+    """Everything `negcase status` shows of one namespace (or partition): one MULTI for the
+    case counts, one pipeline of independent reads, one of the reads that depend on those,
+    the health keys, and two pipelines for the memory by key family (store/memory.py)."""
     counts = queue_counts(client, keys)  # one MULTI: the conservation check is exact
     streams = group_streams(keys)
     # Every key of the namespace is on one server (in a Cluster, the owner of its slot):
@@ -512,7 +596,7 @@ def _health_line(worker: dict[str, Any]) -> str:
 def run_status(args: argparse.Namespace) -> int:
     """Print the status once."""
     settings = settings_from(args)
-    status = gather_status(redis_client(settings), settings.keys)
+    status = gather_status(redis_client(settings), settings.keys, settings.partitions)
     if args.json:
         print(orjson.dumps(status, option=orjson.OPT_INDENT_2).decode())
     else:

@@ -16,6 +16,7 @@ def render_status(status: dict[str, Any]) -> str:
         _render_streams(status),
         _render_rates(status["rates_per_s"]),
         _render_cases(status["cases"]),
+        *([_render_partitions(status["partitions"])] if "partitions" in status else []),
         _render_leases(status["leases"], status["cases"]["leased"]),
         _render_checkpoints(status),
         _render_live(status["live"]),
@@ -53,6 +54,28 @@ def _render_streams(status: dict[str, Any]) -> list[str]:
         reasons += [f"  latest dead {section}: {_clip(r)}" for r in s["latest_dead_reasons"]]
         reasons += _render_idle(section, s["consumer_list"])
     return _table(rows, "<<") + reasons
+
+
+def _render_partitions(partitions: list[dict[str, Any]]) -> list[str]:
+    rows = [
+        ["partitions", "trades", "pending", "lag", "queued", "leased", "done", "dead", "cases/s"]
+    ]
+    for part in partitions:
+        trades, cases = part["trades"], part["cases"]
+        rows.append(
+            [
+                f"  {part['partition']} {part['namespace']}",
+                trades["stream_length"],
+                trades["pending"],
+                "-" if trades["lag"] is None else trades["lag"],
+                cases["queued"],
+                cases["leased"],
+                cases["done"],
+                cases["dead"],
+                part["rates_per_s"]["cases_added"],
+            ]
+        )
+    return _table(rows, "<>")
 
 
 def _render_idle(section: str, consumers: list[dict[str, Any]]) -> list[str]:

@@ -23,10 +23,16 @@ def format_event(event: Event) -> str:
 
 
 def follow_events(
-    client: redis.Redis, keys: Keys, last: int, block_ms: int = 1000
+    client: redis.Redis, keys: Keys, last: int, block_ms: int = 1000, partitions: int = 1
 ) -> Iterable[Event | None]:
     """Events from the `last` most recent on, then new ones as they come; None when a
-    blocking read timed out (so callers can check for a stop)."""
+    blocking read timed out (so callers can check for a stop). With partitions, the events
+    of the namespace and of every partition (detectors and reapers write their partition's),
+    merged by entry id."""
+    if partitions > 1:
+        streams = [keys.events, *(part.events for part in keys.partitioned(partitions))]
+        yield from _follow_merged(client, streams, last, block_ms)
+        return
     cursor = "$"
     if last > 0:
         recent = client.xrevrange(keys.events, count=last)
@@ -43,6 +49,42 @@ def follow_events(
         for entry_id, fields in reply[0][1]:
             cursor = entry_id
             yield Event.from_fields(fields)
+
+
+def _follow_merged(
+    client: redis.Redis, streams: list[str], last: int, block_ms: int
+) -> Iterable[Event | None]:
+    """follow_events over several streams, which may sit in different Cluster slots: each is
+    read on its own (one XREAD may not span slots), polled every POLL_S when all are quiet."""
+    recent, cursors = [], {}
+    for stream in streams:
+        newest = client.xrevrange(stream, count=max(1, last))
+        cursors[stream] = newest[0][0] if newest else "0-0"
+        recent += newest[: max(0, last)]
+    shown = sorted(recent, key=lambda entry: _id_order(entry[0]))[-last:] if last > 0 else []
+    for _, fields in shown:
+        yield Event.from_fields(fields)
+    while True:
+        arrived = []
+        for stream in streams:
+            reply = client.xread({stream: cursors[stream]}, count=500)
+            for entry_id, fields in reply[0][1] if reply else []:
+                cursors[stream] = entry_id
+                arrived.append((entry_id, fields))
+        if not arrived:
+            time.sleep(min(POLL_S, block_ms / 1000))
+            yield None
+            continue
+        for _, fields in sorted(arrived, key=lambda entry: _id_order(entry[0])):
+            yield Event.from_fields(fields)
+
+
+POLL_S = 0.2
+
+
+def _id_order(entry_id: bytes) -> tuple[int, int]:
+    milliseconds, sequence = entry_id.split(b"-")
+    return int(milliseconds), int(sequence)
 
 
 def _wanted(event: Event, types: set[str], symbols: set[str]) -> bool:
@@ -80,7 +122,9 @@ def run_tail(args: argparse.Namespace) -> int:
     types, symbols = set(args.type), set(args.symbol)
     shown = 0
     try:
-        for event in follow_events(client, settings.keys, args.last):
+        for event in follow_events(
+            client, settings.keys, args.last, partitions=settings.partitions
+        ):
             if event is None or not _wanted(event, types, symbols):
                 continue
             if args.json:

@@ -12,6 +12,7 @@ import logging
 import redis
 
 from negcase.cli.options import (
+    CommandError,
     archive_options,
     connection_options,
     positive_int,
@@ -57,12 +58,31 @@ def register_detect(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--no-archive", action="store_true", help="do not write the disk archive")
     parser.add_argument("--burst", action="store_true", help="drain the stream, then exit")
+    parser.add_argument(
+        "--partitions",
+        type=partition_list,
+        help="with NEGCASE_PARTITIONS above 1: the partitions to consume, e.g. 0,2 "
+        "(default all; one thread each)",
+    )
     parser.set_defaults(run=run_detect)
+
+
+def partition_list(text: str) -> list[int]:
+    """An argparse type: comma-separated partition numbers, e.g. `0,2`."""
+    try:
+        chosen = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"partition numbers separated by commas, got {text!r}"
+        ) from None
+    if not chosen or chosen[0] < 0:
+        raise argparse.ArgumentTypeError(f"partition numbers from 0, got {text!r}")
+    return chosen
 
 
 def run_detect(args: argparse.Namespace) -> int:
     """Run one detector until stopped (or drained, with --burst)."""
-    from negcase.processes.detector import LossDetector
+    from negcase.processes.detector import LossDetector, run_detectors
     from negcase.store.archive import Archive
 
     settings = settings_from(
@@ -73,16 +93,31 @@ def run_detect(args: argparse.Namespace) -> int:
         archive=False if args.no_archive else None,
     )
     client = redis_client(settings)
-    archive = Archive(settings.data_dir) if settings.archive else None
+    archived = settings.archive
     consumer = args.consumer or default_consumer_name()
     log_startup(log, "detector", settings, consumer, DETECTOR_GROUP)
     stop = StopFlag()
     install_signal_handlers(stop, f"detector {consumer}")
-    detector = LossDetector(client, settings, consumer, archive)
-    serve_metrics(detector.metrics.registry, args.metrics_port)
-    totals = detector.run(stop, burst=args.burst)
-    detector.progress.flush()
-    leave(client, settings.keys.trades, DETECTOR_GROUP, consumer)
+    partitions = args.partitions or list(range(settings.partitions))
+    if partitions[-1] >= settings.partitions:
+        raise CommandError(
+            f"--partitions {args.partitions}: NEGCASE_PARTITIONS={settings.partitions} "
+            f"has partitions 0 to {settings.partitions - 1}"
+        )
+    detectors = [
+        # An archive each: detectors of one archive folder share it as processes do.
+        LossDetector(
+            client, settings, consumer, Archive(settings.data_dir) if archived else None, p
+        )
+        for p in partitions
+    ]
+    for detector in detectors[1:]:
+        detector.metrics = detectors[0].metrics  # one /metrics for the process
+    serve_metrics(detectors[0].metrics.registry, args.metrics_port)
+    totals = run_detectors(detectors, stop, burst=args.burst)
+    for detector in detectors:
+        detector.progress.flush()
+        leave(client, detector.keys.trades, DETECTOR_GROUP, consumer)
     log.info(
         "detector %s stopped: %d entries, %d cases added, %d duplicates, %d dead-lettered, %d wins",
         consumer,

@@ -1,4 +1,5 @@
-"""Publishing trade-close events on `<ns>:trades`, for trading engines and tools."""
+"""Publishing trade-close events on `<ns>:trades` (or, with partitions, on the trades stream
+of the partition the trade's symbol picks), for trading engines and tools."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import msgpack
 import orjson
 import redis
 
-from negcase.store.keys import Keys
+from negcase.store.keys import Keys, partition_of
 
 ENCODINGS = ("flat", "json", "msgpack")
 PIPELINE_SIZE = 500
@@ -32,14 +33,27 @@ def _flat_text(value: Any) -> bytes | str:
     return repr(value)
 
 
+def trades_stream(keys: Keys, trade: Mapping[str, Any], partitions: int = 1) -> str:
+    """The stream a trade goes to: its symbol's partition's (keys.partition_of). A trade
+    without a usable symbol goes to partition 0, where the detector dead-letters it."""
+    symbol = trade.get("symbol")
+    partition = partition_of(symbol, partitions) if isinstance(symbol, str) else 0
+    return keys.partition(partition, partitions).trades
+
+
 def publish_trades(
-    client: redis.Redis, keys: Keys, trades: Iterable[Mapping[str, Any]], encoding: str = "flat"
+    client: redis.Redis,
+    keys: Keys,
+    trades: Iterable[Mapping[str, Any]],
+    encoding: str = "flat",
+    partitions: int = 1,
 ) -> int:
-    """XADD every trade, PIPELINE_SIZE per round trip. Returns how many were published."""
+    """XADD every trade to its partition's stream, PIPELINE_SIZE per round trip. Returns how
+    many were published."""
     published = 0
     pipe = client.pipeline(transaction=False)
     for trade in trades:
-        pipe.xadd(keys.trades, encode_trade(trade, encoding))
+        pipe.xadd(trades_stream(keys, trade, partitions), encode_trade(trade, encoding))
         published += 1
         if published % PIPELINE_SIZE == 0:
             pipe.execute()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -57,7 +58,9 @@ class DetectorTotals:
 
 
 class LossDetector:
-    """One member of the `detectors` consumer group on `<ns>:trades`."""
+    """One member of the `detectors` consumer group on the trades stream of one partition
+    (`<ns>:trades` when there is one): its cases, queue and counters are that partition's;
+    live windows, serving and health are the namespace's."""
 
     def __init__(
         self,
@@ -65,14 +68,15 @@ class LossDetector:
         settings: Settings,
         consumer: str,
         archive: Archive | None,
+        partition: int = 0,
     ) -> None:
         self.client = client
         self.settings = settings
-        self.keys = settings.keys
+        self.keys = settings.keys.partition(partition, settings.partitions)
         self.consumer = consumer
         self.archive = archive
         self.cases = CaseStore(client, self.keys, settings.replica_acks)
-        self.live = LiveScores(client, self.keys, settings.live_window)
+        self.live = LiveScores(client, settings.keys, settings.live_window)
         self.serving = ServingControl(client, settings)
         self.defaults = TradeDefaults(
             feature_count=settings.feature_count,
@@ -89,10 +93,10 @@ class LossDetector:
             outcomes_maxlen=settings.outcomes_maxlen,
             validation_maxlen=settings.validation_size,
         )
-        self.retention = Retention.of(client, settings)
+        self.retention = Retention.of(client, settings, self.keys)
         self.totals = DetectorTotals()
         self.metrics = DetectorMetrics()
-        self.health = HealthKey(client, self.keys, "detector", settings.health_ttl_s)
+        self.health = HealthKey(client, settings.keys, "detector", settings.health_ttl_s)
         self._retired_s = 0.0
         self._swept = False
         self._in_flight: Future[None] | None = None  # the batch being stored, if any
@@ -325,6 +329,26 @@ class LossDetector:
         """Whether entries are still pending in the group (burst mode waits for them)."""
         summary = self.client.xpending(self.keys.trades, DETECTOR_GROUP)
         return bool(summary and summary.get("pending"))
+
+
+def run_detectors(detectors: list[LossDetector], stop: StopFlag, burst: bool) -> DetectorTotals:
+    """Run detectors of different partitions side by side, the first in this thread and each
+    other in one of its own, until `stop` (or, in burst mode, until each stream is drained);
+    returns their totals added up."""
+    threads = [
+        threading.Thread(target=d.run, args=(stop, burst), name=f"detector-{i}", daemon=True)
+        for i, d in enumerate(detectors[1:], start=1)
+    ]
+    for thread in threads:
+        thread.start()
+    detectors[0].run(stop, burst=burst)
+    for thread in threads:
+        thread.join()
+    totals = DetectorTotals()
+    for detector in detectors:
+        for name in DetectorTotals.__slots__:
+            setattr(totals, name, getattr(totals, name) + getattr(detector.totals, name))
+    return totals
 
 
 def _settled(in_flight: Future[None] | None) -> None:

@@ -49,7 +49,8 @@ from negcase.store.checkpoints import CheckpointRegistry
 from negcase.store.health import HealthKey
 from negcase.store.leases import Lease, LeaseLost
 from negcase.store.outcomes import OutcomeStore
-from negcase.store.queue import CaseQueue, priority_of_score, queue_counts
+from negcase.store.partitions import CaseQueues, by_partition
+from negcase.store.queue import priority_of_score
 from negcase.store.replication import ReplicaAcksMissing
 from negcase.store.retention import Retention
 from negcase.store.serving import ServingControl
@@ -70,7 +71,7 @@ class Heartbeat:
 
     def __init__(
         self,
-        queue: CaseQueue,
+        queue: CaseQueues,
         leases: Sequence[Lease],
         interval_s: float,
         on_beat: Callable[[], None] | None = None,
@@ -160,9 +161,10 @@ class Trainer:
         self.keys = settings.keys
         self.name = name
         self.archive = archive
-        self.queue = CaseQueue(
+        self.queue = CaseQueues.of(
             client,
             self.keys,
+            settings.partitions,
             settings.lease_s,
             settings.max_attempts,
             settings.events_maxlen,
@@ -175,13 +177,17 @@ class Trainer:
             settings.keep_checkpoints,
             settings.events_maxlen,
             settings.replica_acks,
+            self.queue,
+            round(settings.dedup_window_s * 1000),
         )
         self.serving = ServingControl(client, settings)
         self.sessions = SessionStore(
             client, self.keys, archive, settings.events_maxlen, settings.sessions_kept
         )
-        self.retention = Retention.of(client, settings)
-        self.outcome_store = OutcomeStore(client, self.keys, settings.outcomes_maxlen)
+        self.retentions = [Retention.of(client, settings, part) for part in settings.partition_keys]
+        self.outcome_store = OutcomeStore(
+            client, self.keys, settings.outcomes_maxlen, settings.partitions
+        )
         self.spec = spec_from_settings(settings)
         self.scratch = build_model(self.spec)  # verifies and measures checkpoints
         self.rng = random.Random(f"{settings.seed}:{name}")
@@ -207,7 +213,11 @@ class Trainer:
             drained=self._drained,
         )
         upkeep = Upkeep(
-            [self.queue.reap, self.sessions.close_abandoned, self.retention.retire_cases],
+            [
+                self.queue.reap,
+                self.sessions.close_abandoned,
+                *(retention.retire_cases for retention in self.retentions),
+            ],
             min(UPKEEP_EVERY_S, self.settings.lease_s / 4),
         )
         with upkeep:
@@ -327,7 +337,13 @@ class Trainer:
 
     def _usable(self, leases: list[Lease]) -> tuple[list[Lease], list[NegativeCase]]:
         """The leases whose cases can be trained; the others fail with the reason."""
-        stored = CaseStore(self.client, self.keys).get_many(lease.case_id for lease in leases)
+        stored = [
+            case
+            for partition, held in by_partition(leases).items()
+            for case in CaseStore(self.client, self.queue.queues[partition].keys).get_many(
+                lease.case_id for lease in held
+            )
+        ]
         found = {case.case_id: case for case in stored}
         good: list[tuple[Lease, NegativeCase]] = []
         for lease in leases:
@@ -498,5 +514,5 @@ class Trainer:
         # In burst mode, cases that must wait for more outcomes count as nothing to do.
         if self._waiting_for_outcomes:
             return True
-        counts = queue_counts(self.client, self.keys)
+        counts = self.queue.counts()
         return counts["queued"] == 0 and counts["leased"] == 0

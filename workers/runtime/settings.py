@@ -17,6 +17,7 @@ ENV_PREFIX = "NEGCASE_"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 MAX_BATCH = 5000
 MAX_BLOCK_MS = 20_000
+MAX_PARTITIONS = 1024
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMATS = ("text", "json")
 
@@ -92,6 +93,10 @@ class Settings:
     block_ms: int = 1000
     claim_idle_ms: int = 30000
     archive: bool = True
+
+    # Partitions (README, "Partitions"): the trades stream, the case queue and their
+    # companions split by symbol into this many hash-tagged partitions; 1 is one of each.
+    partitions: int = 1
 
     # Streams and caps.
     trades_maxlen: int = 1_000_000
@@ -230,6 +235,8 @@ class Settings:
             )
         if self.log_format not in LOG_FORMATS:
             raise SettingsError(f"log_format: text or json, got {self.log_format!r}")
+        if not 1 <= self.partitions <= MAX_PARTITIONS:
+            raise SettingsError(f"partitions: must be 1 to {MAX_PARTITIONS}")
         if self.min_replica_acks < 0:
             raise SettingsError("min_replica_acks: must be 0 (no WAIT) or more")
         # WAIT's timeout 0 means "forever": a worker would hang while no replica is up.
@@ -262,6 +269,11 @@ class Settings:
     def keys(self) -> Keys:
         """The Redis key names for this namespace."""
         return Keys(self.namespace)
+
+    @property
+    def partition_keys(self) -> list[Keys]:
+        """The keys of every partition, in partition order (one: the namespace's own)."""
+        return self.keys.partitioned(self.partitions)
 
     @property
     def cases_dir(self) -> Path:

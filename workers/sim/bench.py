@@ -314,6 +314,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     ingest.add_argument("--json", action="store_true", help="print JSON")
     ingest.set_defaults(run=run_ingest)
 
+    from negcase.sim import bench_partitions
+
+    bench_partitions.register(targets, [connection_options()])
+
     train = targets.add_parser(
         "train",
         parents=[connection_options(), archive_options()],

@@ -178,7 +178,9 @@ class TradingEngine:
                 continue
             side, version = decision
             closed.append(self.engine.closed_trade(situation, side, version))
-        self.trades += publish_trades(self.client, self.settings.keys, closed)
+        self.trades += publish_trades(
+            self.client, self.settings.keys, closed, partitions=self.settings.partitions
+        )
 
     def _decide(self, situation: Situation) -> tuple[str, int | None] | None:
         from negcase.client.signal_client import SignalTimeout

@@ -1,0 +1,64 @@
+-- Publish a checkpoint when the namespace has more than one partition: the cases it learned
+-- from lease in their partition's slot, which no script here can reach, so instead of
+-- finishing them this script records them in `learned` (case id -> ms), the publish step's
+-- idempotency record in the lineage's slot. A case already there was published by an earlier
+-- checkpoint (its trainer died between that publish and its ack): refused, so no case's
+-- update is ever published twice. The trainer checked its leases just before, and acks its
+-- cases in their partition just after; a case left leased by a crash in between is reaped,
+-- claimed again and finished as learned (store/partitions.py). Otherwise as
+-- publish_checkpoint.lua: compare-and-set `latest`, store, announce, trim. Everything is
+-- read and checked before the first write.
+--
+-- KEYS: 1 latest, 2 the new checkpoint hash, 3 versions, 4 checkpoints stream, 5 events,
+--       6 version counter, 7 learned, 8.. the checkpoint hashes to drop (older than the last K)
+-- ARGV: 1 expected latest ('' for none), 2 version, 3 parent ('' for none), 4 weights,
+--       5 sha256, 6 meta JSON, 7 stream maxlen, 8 events maxlen, 9 trainer,
+--       10 learned window ms, 11 case count, then the case ids, then one version per dropped
+--       checkpoint hash, in KEYS order
+-- Returns {'published', version} | {'conflict', current latest or ''} | {'learned', case_id}
+local latest, checkpoint, versions, stream, events, counter, learned =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
+local version, parent, sha256 = ARGV[2], ARGV[3], ARGV[5]
+local window_ms, n_cases = tonumber(ARGV[10]), tonumber(ARGV[11])
+local FIRST_CASE, FIRST_STALE_KEY = 12, 8
+
+local current = redis.call('GET', latest) or ''
+-- The client retried this very publish (its reply was lost): it is done, do not redo it.
+if current == version and redis.call('HGET', checkpoint, 'sha256') == sha256 then
+  return {'published', version}
+end
+if current ~= ARGV[1] then return {'conflict', current} end
+for i = FIRST_CASE, FIRST_CASE + n_cases - 1 do
+  if redis.call('ZSCORE', learned, ARGV[i]) then return {'learned', ARGV[i]} end
+end
+
+local now_ms = redis_now_ms()
+-- A failover can lose the INCR that handed out `version` while this publish survives.
+local raise_counter = (tonumber(redis.call('GET', counter)) or 0) < tonumber(version)
+
+redis.call('HSET', checkpoint, 'weights', ARGV[4], 'sha256', sha256, 'meta', ARGV[6])
+redis.call('ZADD', versions, version, version)
+redis.call('SET', latest, version)
+if raise_counter then redis.call('SET', counter, version) end
+local announcement = {'kind', 'published', 'version', version, 'sha256', sha256, 'at_ms', now_ms}
+if parent ~= '' then
+  table.insert(announcement, 'parent_version')
+  table.insert(announcement, parent)
+end
+redis.call('XADD', stream, 'MAXLEN', '~', ARGV[7], '*', unpack(announcement))
+redis.call('XADD', events, 'MAXLEN', '~', ARGV[8], '*', 'type', 'checkpoint_published',
+  'at_ms', now_ms, 'version', version, 'parent_version', parent, 'sha256', sha256,
+  'trainer', ARGV[9])
+for i = FIRST_CASE, FIRST_CASE + n_cases - 1 do
+  redis.call('ZADD', learned, now_ms, ARGV[i])
+end
+-- The record outlives any lease and every redelivery by far: the dedup window.
+redis.call('ZREMRANGEBYSCORE', learned, '-inf', now_ms - window_ms)
+
+local i = FIRST_CASE + n_cases
+for key = FIRST_STALE_KEY, #KEYS do
+  redis.call('DEL', KEYS[key])
+  redis.call('ZREM', versions, ARGV[i])
+  i = i + 1
+end
+return {'published', version}

@@ -1,0 +1,134 @@
+"""Partitions on one server: the key-name rule, publishing by symbol, the trainer's claim
+across partitions, and a publish whose trainer died before it finished its cases."""
+
+from __future__ import annotations
+
+import random
+import zlib
+
+import redis
+
+from negcase.client.trades import publish_trades
+from negcase.runtime.settings import Settings
+from negcase.store.cases import CaseStore
+from negcase.store.checkpoints import CheckpointRegistry
+from negcase.store.keys import Keys, partition_namespace, partition_of
+from negcase.store.partitions import CaseQueues
+from tests.conftest import wait_until
+from tests.training_cases import make_case, random_features, redis_now_ms
+
+
+def test_a_symbol_always_maps_to_the_same_partition_by_crc32() -> None:
+    # given the rule other languages follow: CRC-32 of the UTF-8 symbol, mod N
+    for symbol in ("ETH/USDT", "BTC/USDT", "SOL/USDT", "ÉTH/€"):
+        expected = zlib.crc32(symbol.encode("utf-8")) % 3
+        # then it is that partition, every time, and partition 0 with one partition
+        assert {partition_of(symbol, 3) for _ in range(5)} == {expected}
+        assert partition_of(symbol, 1) == 0
+    # and the figures the README quotes for other languages to check against
+    assert (partition_of("ETH/USDT", 3), partition_of("SOL/USDT", 3)) == (1, 0)
+
+
+def test_one_partition_is_todays_layout_and_more_carry_a_tag_each() -> None:
+    # given the default namespace and a Cluster one
+    plain, tagged = Keys("negcase"), Keys("{negcase}")
+    # then one partition is the namespace itself: the same key names as before partitions
+    assert plain.partition(0, 1) is plain and plain.partitioned(1) == [plain]
+    assert Settings().partition_keys == [Settings().keys]
+    assert plain.partition(0, 1).queue == "negcase:queue"
+    # and with three, each partition's keys carry a tag of its own
+    assert [k.queue for k in tagged.partitioned(3)] == [
+        "{negcase:p0}:queue",
+        "{negcase:p1}:queue",
+        "{negcase:p2}:queue",
+    ]
+    assert partition_namespace("app:{negcase}", 2) == "app:{negcase:p2}"
+    assert plain.partition(1, 3).trades == "negcase:p1:trades"
+
+
+def test_publishing_sends_each_symbol_to_its_partition_in_order(
+    client: redis.Redis, settings: Settings
+) -> None:
+    # given three partitions and trades of three symbols, interleaved
+    keys = settings.keys
+    symbols = ["ETH/USDT", "BTC/USDT", "SOL/USDT"]
+    trades = [{"trade_id": f"t{i}", "symbol": symbols[i % 3]} for i in range(12)]
+    # when they are published
+    assert publish_trades(client, keys, trades, partitions=3) == 12
+    # then each symbol's trades are in its partition's stream, in the order sent
+    for symbol in symbols:
+        stream = keys.partition(partition_of(symbol, 3), 3).trades
+        ids = [
+            f[b"trade_id"].decode()
+            for _, f in client.xrange(stream)
+            if f[b"symbol"] == symbol.encode()
+        ]
+        assert ids == [t["trade_id"] for t in trades if t["symbol"] == symbol]
+    # and nothing went to the unpartitioned stream
+    assert client.xlen(keys.trades) == 0
+
+
+def partitioned_cases(client: redis.Redis, keys: Keys, priorities: list[list[int]]) -> None:
+    """Queue cases in each partition p with the priorities priorities[p]."""
+    n = 0
+    for p, wanted in enumerate(priorities):
+        cases = []
+        for priority in wanted:
+            n += 1
+            cases.append(make_case(n, random_features(random.Random(n)), priority=priority))
+        CaseStore(client, keys.partition(p, len(priorities))).add(cases, "test")
+
+
+def test_the_cross_partition_claim_takes_the_highest_priority_case(
+    client: redis.Redis, settings: Settings
+) -> None:
+    # given three partitions whose best cases are priority 2, 5 and 3
+    keys = settings.keys
+    partitioned_cases(client, keys, [[1, 2], [5, 1], [3]])
+    queues = CaseQueues.of(client, keys, 3, lease_s=30)
+    # when a trainer claims, one case at a time
+    claimed = [queues.claim("t1")[0] for _ in range(5)]
+    # then it takes them best first, each from the partition that holds it
+    assert [round(lease.score) // 100_000 for lease in claimed] == [5, 3, 2, 1, 1]
+    assert [lease.partition for lease in claimed[:3]] == [1, 2, 0]
+    # and every partition's books balance, with nothing left to claim
+    assert queues.claim("t1") == []
+    counts = queues.counts()
+    assert (counts["leased"], counts["queued"], counts["total"]) == (5, 0, 5)
+    # and acks go to each lease's own partition
+    queues.ack(claimed)
+    assert queues.counts()["done"] == 5
+
+
+def test_a_case_published_by_a_trainer_that_died_before_its_ack_is_not_published_again(
+    client: redis.Redis, settings: Settings
+) -> None:
+    # given a partitioned queue and a trainer holding a short lease on its one case
+    keys = settings.keys
+    partitioned_cases(client, keys, [[], [4]])
+    queues = CaseQueues.of(client, keys, 2, lease_s=0.5)
+    registry = CheckpointRegistry(client, keys, queues=queues)
+    [lease] = queues.claim("t1")
+    weights = _weights()
+    # when it publishes (the lineage records the case) and dies before finishing the case
+    status, _ = registry._publish_recording(1, weights, "sha", b"{}", None, [lease], "t1", [])
+    assert status == b"published"
+    # then once the lease lapses and is reaped, the case is queued again
+    wait_until(lambda: redis_now_ms(client) > lease.deadline_ms, 20, "the lease to lapse")
+    wait_until(lambda: queues.reap() or queues.counts()["queued"] == 1, 20, "the reap")
+    # and the next claim finishes it as learned instead of handing it out to train again
+    assert queues.claim("t2") == []
+    counts = queues.counts()
+    assert (counts["done"], counts["queued"], counts["leased"]) == (1, 0, 0)
+    # and a requeue by an operator makes it trainable and publishable again
+    case = CaseStore(client, keys.partition(1, 2)).get(lease.case_id)
+    assert queues.requeue([case], partition=1) == 1
+    assert client.zscore(keys.learned, lease.case_id) is None
+    assert [again.case_id for again in queues.claim("t3")] == [lease.case_id]
+
+
+def _weights() -> bytes:
+    import torch
+    from safetensors.torch import save
+
+    return save({"w": torch.zeros(2)})

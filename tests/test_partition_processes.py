@@ -102,10 +102,8 @@ def test_three_partitions_lose_nothing_and_do_nothing_twice_when_a_trainer_is_ki
         list(expected.values()).count(p) for p in range(PARTITIONS)
     ]
     assert status["trades"]["stream_length"] == LOSSES + WINS
-    assert (
-        status["trades"]["pending"] == 0
-        and status["memory"]["families"]["case blobs"]["keys"] == LOSSES
-    )
+    assert status["trades"]["pending"] == 0
+    assert status["memory"]["families"]["case blobs"]["keys"] == LOSSES
 
 
 def _holds_leases(client: redis.Redis, settings: Settings, trainer: str) -> bool:

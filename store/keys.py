@@ -52,6 +52,11 @@ class Keys:
         """The keys of every partition, in partition order."""
         return [self.partition(index, partitions) for index in range(max(1, partitions))]
 
+    def with_partitions(self, partitions: int) -> list[Keys]:
+        """This namespace's own keys, then each partition's (only the namespace's with one
+        partition): every place a key family of the namespace can live."""
+        return [self] if partitions <= 1 else [self, *self.partitioned(partitions)]
+
     @property
     def learned(self) -> str:
         """Sorted set case_id -> when a published checkpoint learned it (ms), with more than

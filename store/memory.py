@@ -8,7 +8,8 @@ How each figure is measured (the `how` of each row):
   key count (from the index that lists them) times the mean MEMORY USAGE of up to
   SAMPLE_KEYS keys drawn at random (all of them when there are no more).
 INFO memory and two pipelines, whatever the sizes; on a Cluster, INFO's figures are summed
-over its nodes.
+over its nodes. With partitions, each family is added up over the namespace and every
+partition (a family absent from one of them counts nothing there).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 import redis
+from redis.client import Pipeline
 
 from negcase.store.keys import Keys
 
@@ -55,37 +57,22 @@ def _key_families(keys: Keys) -> dict[str, list[str]]:
     }
 
 
-def memory_report(client: redis.Redis, keys: Keys) -> dict[str, Any]:
-    """Redis's memory figures and the estimated bytes each key family holds."""
+def memory_report(client: redis.Redis, keys: Keys, partitions: int = 1) -> dict[str, Any]:
+    """Redis's memory figures and the estimated bytes each key family holds, summed over the
+    namespace and its partitions."""
     info = _memory_info(client)
+    spaces = keys.with_partitions(partitions)
     pipe = client.pipeline(transaction=False)
-    pipe.scard(keys.cases)
-    pipe.scard(keys.featureless)
-    pipe.srandmember(keys.cases, SAMPLE_KEYS)
-    pipe.srandmember(keys.featureless, SAMPLE_KEYS)
-    pipe.zcard(keys.sessions)
-    pipe.zrandmember(keys.sessions, SAMPLE_KEYS)
-    pipe.zrange(keys.versions, 0, -1)
-    pipe.zrange(keys.live_versions, 0, -1)
+    for one in spaces:
+        _count_reads(pipe, one)
     replies = pipe.execute()
-    n_cases, n_featureless, case_ids, featureless_ids, n_sessions, session_ids = replies[:6]
-    versions, live_versions = replies[6:]
-    # family -> (how many keys it has, the keys measured)
-    measured: dict[str, tuple[int, list[str]]] = {
-        family: (len(names), names) for family, names in _key_families(keys).items()
-    }
-    sampled_cases = [*(case_ids or []), *(featureless_ids or [])]
-    measured["case blobs"] = (
-        n_cases + n_featureless,
-        [keys.case(i.decode()) for i in sampled_cases],
-    )
-    measured["session records"] = (
-        n_sessions,
-        [keys.session(i.decode()) for i in session_ids or []],
-    )
-    measured["checkpoints"] = (len(versions), [keys.checkpoint(int(v)) for v in versions])
-    measured["live windows"] = (len(live_versions), [keys.live(int(v)) for v in live_versions])
-
+    # family -> (how many keys it has, the keys measured), added up over the namespaces
+    measured: dict[str, tuple[int, list[str]]] = {}
+    for index, one in enumerate(spaces):
+        own = _measured(one, replies[index * _COUNT_READS : (index + 1) * _COUNT_READS])
+        for family, (count, names) in own.items():
+            before_count, before_names = measured.get(family, (0, []))
+            measured[family] = (before_count + count, before_names + names)
     pipe = client.pipeline(transaction=False)
     for _, names in measured.values():
         for name in names:
@@ -108,6 +95,42 @@ def memory_report(client: redis.Redis, keys: Keys) -> dict[str, Any]:
         "accounted_bytes": sum(row["bytes"] for row in families.values()),
         "families": dict(sorted(families.items(), key=lambda item: -item[1]["bytes"])),
     }
+
+
+_COUNT_READS = 8
+
+
+def _count_reads(pipe: Pipeline, keys: Keys) -> None:
+    """The _COUNT_READS reads that count and sample the per-id families of `keys`."""
+    pipe.scard(keys.cases)
+    pipe.scard(keys.featureless)
+    pipe.srandmember(keys.cases, SAMPLE_KEYS)
+    pipe.srandmember(keys.featureless, SAMPLE_KEYS)
+    pipe.zcard(keys.sessions)
+    pipe.zrandmember(keys.sessions, SAMPLE_KEYS)
+    pipe.zrange(keys.versions, 0, -1)
+    pipe.zrange(keys.live_versions, 0, -1)
+
+
+def _measured(keys: Keys, replies: list[Any]) -> dict[str, tuple[int, list[str]]]:
+    """Family -> (how many keys it has, the keys to measure) of one namespace."""
+    n_cases, n_featureless, case_ids, featureless_ids, n_sessions, session_ids = replies[:6]
+    versions, live_versions = replies[6:]
+    measured: dict[str, tuple[int, list[str]]] = {
+        family: (len(names), names) for family, names in _key_families(keys).items()
+    }
+    sampled_cases = [*(case_ids or []), *(featureless_ids or [])]
+    measured["case blobs"] = (
+        n_cases + n_featureless,
+        [keys.case(i.decode()) for i in sampled_cases],
+    )
+    measured["session records"] = (
+        n_sessions,
+        [keys.session(i.decode()) for i in session_ids or []],
+    )
+    measured["checkpoints"] = (len(versions), [keys.checkpoint(int(v)) for v in versions])
+    measured["live windows"] = (len(live_versions), [keys.live(int(v)) for v in live_versions])
+    return measured
 
 
 def _memory_info(client: redis.Redis) -> dict[str, Any]:

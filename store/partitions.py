@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import dataclasses
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TypeVar
 
 import redis
+from redis.client import Pipeline
 
 from negcase.schemas.case import NegativeCase
 from negcase.store.keys import Keys
 from negcase.store.leases import Lease
 from negcase.store.queue import CaseQueue, queue_counts
+
+T = TypeVar("T")
 
 
 class CaseQueues:
@@ -165,3 +169,33 @@ def by_partition(leases: Sequence[Lease]) -> dict[int, list[Lease]]:
     for lease in leases:
         grouped[lease.partition].append(lease)
     return grouped
+
+
+def locate(
+    client: redis.Redis,
+    parts: Sequence[Keys],
+    ids: Sequence[str],
+    holds: Callable[[Pipeline, Keys, str], object],
+) -> dict[str, int]:
+    """The partition (index into `parts`) that holds each of `ids`, where `holds(pipe, keys,
+    id)` queues a read that answers truthy: a case id does not name its partition, so every
+    partition is asked, in one pipeline. An id no partition holds is left out."""
+    pipe = client.pipeline(transaction=False)
+    for part in parts:
+        for one in ids:
+            holds(pipe, part, one)
+    replies = iter(pipe.execute())
+    found: dict[str, int] = {}
+    for index in range(len(parts)):
+        for one in ids:
+            if next(replies) and one not in found:
+                found[one] = index
+    return found
+
+
+def grouped(items: Iterable[T], partition_of_item: Callable[[T], int]) -> dict[int, list[T]]:
+    """The items grouped by the partition `partition_of_item` names, in partition order."""
+    groups: dict[int, list[T]] = defaultdict(list)
+    for item in items:
+        groups[partition_of_item(item)].append(item)
+    return dict(sorted(groups.items()))

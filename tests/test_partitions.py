@@ -3,18 +3,29 @@ across partitions, and a publish whose trainer died before it finished its cases
 
 from __future__ import annotations
 
+import json
 import random
+import subprocess
+import sys
 import zlib
 
 import redis
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
+from negcase.cli.cluster_metrics import ClusterCollector
+from negcase.cli.dashboard import snapshot
+from negcase.cli.status import gather_status
 from negcase.client.trades import publish_trades
+from negcase.processes.detector import LossDetector
 from negcase.runtime.settings import Settings
+from negcase.schemas.case import case_id_for
+from negcase.store.archive import Archive
 from negcase.store.cases import CaseStore
 from negcase.store.checkpoints import CheckpointRegistry
 from negcase.store.keys import Keys, partition_namespace, partition_of
 from negcase.store.partitions import CaseQueues
-from tests.conftest import wait_until
+from tests.conftest import ROOT, run_burst, wait_until, worker_env
 from tests.training_cases import make_case, random_features, redis_now_ms
 
 
@@ -132,3 +143,124 @@ def _weights() -> bytes:
     from safetensors.torch import save
 
     return save({"w": torch.zeros(2)})
+
+
+# Two symbols in each of three partitions (partition_of: 1, 1, 0, 0, 2, 2).
+SYMBOLS = ["ETH/USDT", "BTC/USDT", "SOL/USDT", "DOGE/USDT", "DOT/USDT", "NEAR/USDT"]
+
+
+def partitioned_losses(count: int, prefix: str = "pl") -> list[dict[str, object]]:
+    """`count` losing BUYs with features, spread over SYMBOLS (so over every partition)."""
+    rng = random.Random(prefix)
+    return [
+        {
+            "trade_id": f"{prefix}-{n}",
+            "symbol": SYMBOLS[n % len(SYMBOLS)],
+            "side": "BUY",
+            "entry_price": 3000,
+            "exit_price": 2970 - n,
+            "features": random_features(rng),
+        }
+        for n in range(count)
+    ]
+
+
+def negcase(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "negcase", *args],
+        cwd=ROOT,
+        env=worker_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_operator_commands_find_each_case_in_its_own_partition(
+    client: redis.Redis, settings: Settings
+) -> None:
+    # given three partitions, detected losses on six symbols, archived, all of them dead
+    three = settings.with_overrides(partitions=3, max_attempts=1, heldout_share=0.0)
+    trades = partitioned_losses(12)
+    publish_trades(client, three.keys, trades, partitions=3)
+    archive = Archive(three.data_dir)
+    for p in range(3):
+        run_burst(LossDetector(client, three, "d", archive, p))
+    queues = CaseQueues.of(client, three.keys, 3, lease_s=30, max_attempts=1)
+    while leases := queues.claim("t", 12):
+        queues.fail(leases, "CUDA out of memory", "t")
+    assert queues.counts()["dead"] == 12
+    home = {case_id_for(str(t["trade_id"])): partition_of(str(t["symbol"]), 3) for t in trades}
+    assert len(set(home.values())) == 3
+    # when an operator looks one up by its trade id
+    shown = negcase(three, "case", "pl-5", "--json")
+    # then it is found in its partition, with its state there
+    assert shown.returncode == 0, shown.stderr
+    state = json.loads(shown.stdout)["state"]
+    assert state["state"] == "dead" and state["partition"] == home[case_id_for("pl-5")]
+    assert "CUDA" in state["last_error"]
+    # when one dead case is requeued by id, with an id that is nowhere
+    one = case_id_for("pl-4")
+    requeued = negcase(three, "requeue", "--dead", one, "nc-nowhere")
+    # then that one is queued in its own partition and the other is named and left alone
+    assert requeued.returncode == 1 and "nc-nowhere: not dead" in requeued.stdout
+    assert "queued 1 dead case(s)" in requeued.stdout
+    assert client.zscore(three.keys.partition(home[one], 3).queue, one) is not None
+    # when the rest are requeued, then every partition's dead set is empty
+    assert "queued 11 dead" in negcase(three, "requeue", "--dead").stdout
+    assert (queues.counts()["queued"], queues.counts()["dead"]) == (12, 0)
+    # when every case is trained (done) and retrain-all queues them again
+    while leases := queues.claim("t", 12):
+        queues.ack(leases)
+    assert "queued 12 cases" in negcase(three, "retrain-all").stdout
+    # then each is queued in its own partition, in none other
+    for case_id, p in home.items():
+        for q, keys in enumerate(three.partition_keys):
+            assert (client.zscore(keys.queue, case_id) is not None) == (p == q)
+    # when Redis lost everything and the archive is replayed
+    client.flushall()
+    restored = negcase(three, "retrain-all", "--from-archive", str(three.data_dir))
+    # then each case is back in the partition its symbol picks
+    assert "queued 12 cases" in restored.stdout, restored.stderr
+    for case_id, p in home.items():
+        assert client.zscore(three.keys.partition(p, 3).queue, case_id) is not None
+    assert client.zcard(three.keys.queue) == 0
+
+
+def test_status_memory_dashboard_and_gauges_count_every_partition(
+    client: redis.Redis, settings: Settings
+) -> None:
+    # given three partitions holding 12 cases, detected by one detector per partition
+    three = settings.with_overrides(partitions=3)
+    publish_trades(client, three.keys, partitioned_losses(12), partitions=3)
+    for p in range(3):
+        run_burst(LossDetector(client, three, "d", None, p))
+    # when the status, the dashboard's snapshot and the gauges are read
+    status = gather_status(client, three.keys, 3)
+    page = snapshot(client, three.keys, 3)
+    registry = CollectorRegistry()
+    registry.register(ClusterCollector(client, three.keys, 3))
+    gauges = {
+        (sample.name, sample.labels.get("state")): sample.value
+        for family in text_string_to_metric_families(generate_latest(registry).decode())
+        for sample in family.samples
+    }
+    # then each counts the cases of every partition
+    assert status["cases"]["total"] == 12
+    assert status["memory"]["families"]["case blobs"]["keys"] == 12
+    assert status["memory"]["families"]["trades stream"]["keys"] == 3
+    assert len(page["recent_cases"]) == 10  # the newest ten, from the partitions' events
+    assert page["status"]["cases"]["queued"] == 12
+    assert gauges[("negcase_cases", "queued")] == 12
+    # and one partition alone is today's status: its own keys only
+    assert gather_status(client, three.keys)["memory"]["families"]["case blobs"]["keys"] == 0
+
+
+def test_single_partition_tools_refuse_several_partitions(settings: Settings) -> None:
+    # given a deployment of three partitions
+    three = settings.with_overrides(partitions=3)
+    # when a tool that runs on one partition in its own namespace is started
+    for args in (["bench", "soak", "--trades", "10"], ["bench", "ingest", "--events", "10"]):
+        result = negcase(three, *args)
+        # then it refuses with one line that says why, rather than misread its data
+        assert result.returncode != 0 and "NEGCASE_PARTITIONS is 3" in result.stderr, args

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from negcase.cli.options import CommandError
+from negcase.cli.options import CommandError, one_partition
 from negcase.runtime.settings import Settings, SettingsError, variable_of
 from negcase.runtime.shutdown import interrupt_on_sigterm
 
@@ -186,6 +186,7 @@ def backtest(config: BacktestConfig, settings: Settings) -> BacktestResult:
     from negcase.sim.pipeline import PipelineError
     from negcase.sim.walk import PlanError
 
+    one_partition(settings, "a backtest")
     try:
         market = prepare(config, settings)
     except (BarsError, FeatureError, PlanError, OSError) as error:

@@ -22,7 +22,9 @@ from negcase.cli.options import (
 from negcase.runtime.settings import Settings
 from negcase.schemas.case import NegativeCase, case_id_for
 from negcase.store.cases import CaseStore
-from negcase.store.queue import CaseQueue, is_held_out, priority_of_score
+from negcase.store.keys import Keys, partition_of
+from negcase.store.partitions import CaseQueues, grouped, locate
+from negcase.store.queue import is_held_out, priority_of_score
 
 # Case ids are `nc-<hex>`, trade ids 1-128 of these characters: nothing that leaves a folder.
 _ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -77,9 +79,13 @@ def run_case(args: argparse.Namespace) -> int:
             f"no case {args.id} (nor one for trade_id {args.id}) in namespace "
             f"{settings.namespace} or in {settings.cases_dir}"
         )
-    case, where = found
-    state = case_state(client, settings, case.case_id)
+    case, where, partition = found
+    state = case_state(
+        client, settings, case.case_id, settings.keys.partition(partition, settings.partitions)
+    )
     state["stored_in"] = where
+    if settings.partitions > 1:
+        state["partition"] = partition
     if args.json:
         print(
             orjson.dumps(
@@ -93,22 +99,27 @@ def run_case(args: argparse.Namespace) -> int:
 
 def find_case(
     client: redis.Redis, settings: Settings, given: str
-) -> tuple[NegativeCase, str] | None:
-    """The case with id `given`, or the case of trade `given`: from Redis, else the archive."""
-    store = CaseStore(client, settings.keys)
-    for case_id in (given, case_id_for(given)):
-        case = store.get(case_id)
-        if case is not None:
-            return case, "redis"
+) -> tuple[NegativeCase, str, int] | None:
+    """The case with id `given`, or the case of trade `given`, and its partition: from Redis
+    (every partition asked in one round trip), else the archive (the partition its symbol
+    picks)."""
+    parts = settings.partition_keys
+    ids = list(dict.fromkeys((given, case_id_for(given))))
+    stored = locate(client, parts, ids, lambda pipe, keys, case_id: pipe.exists(keys.case(case_id)))
+    for case_id in ids:
+        partition = stored.get(case_id)
+        case = None if partition is None else CaseStore(client, parts[partition]).get(case_id)
+        if case is not None and partition is not None:
+            return case, "redis", partition
         path = settings.cases_dir / f"{case_id}.msgpack"
         if path.is_file():
-            return NegativeCase.from_msgpack(path.read_bytes()), str(path)
+            case = NegativeCase.from_msgpack(path.read_bytes())
+            return case, str(path), partition_of(case.symbol, settings.partitions)
     return None
 
 
-def case_state(client: redis.Redis, settings: Settings, case_id: str) -> dict[str, Any]:
-    """Where a case stands, read in one round trip."""
-    keys = settings.keys
+def case_state(client: redis.Redis, settings: Settings, case_id: str, keys: Keys) -> dict[str, Any]:
+    """Where a case stands in its partition (`keys`), read in one round trip."""
     pipe = client.pipeline(transaction=True)
     pipe.zscore(keys.queue, case_id)
     pipe.zscore(keys.leased, case_id)
@@ -170,7 +181,8 @@ def render_case(case: NegativeCase, state: dict[str, Any]) -> str:
         lines.append(f"  tick data: {len(case.tick_data)} ticks")
     if case.extra:
         lines.append(f"  extra: {orjson.dumps(case.extra, default=str).decode()}")
-    lines.append(f"  stored in {state['stored_in']}")
+    where = f" (partition {state['partition']})" if "partition" in state else ""
+    lines.append(f"  stored in {state['stored_in']}{where}")
     return "\n".join(lines)
 
 
@@ -196,31 +208,45 @@ def _when(ms: int | None) -> str:
 
 
 def run_requeue(args: argparse.Namespace) -> int:
-    """Queue dead or rejected cases again."""
+    """Queue dead or rejected cases again, each in its partition."""
     settings = settings_from(args)
     client = redis_client(settings)
-    keys = settings.keys
-    source = keys.dead if args.dead else keys.rejected
     state = "dead" if args.dead else "rejected"
+    parts = settings.partition_keys
     if args.ids:
-        ids, skipped = _in_hash(client, source, args.ids)
+        found = locate(
+            client,
+            parts,
+            args.ids,
+            lambda pipe, keys, i: pipe.hexists(_held_in(keys, args.dead), i),
+        )
+        by_partition = grouped(found, found.__getitem__)
+        skipped = [case_id for case_id in args.ids if case_id not in found]
     else:
-        ids, skipped = [k.decode() for k, _ in client.hscan_iter(source, count=1000)], []
-    queue = CaseQueue(
-        client, keys, settings.lease_s, settings.max_attempts, heldout_share=settings.heldout_share
+        by_partition = {
+            p: [k.decode() for k, _ in client.hscan_iter(_held_in(keys, args.dead), count=1000)]
+            for p, keys in enumerate(parts)
+        }
+        skipped = []
+    queues = CaseQueues.of(
+        client,
+        settings.keys,
+        settings.partitions,
+        settings.lease_s,
+        settings.max_attempts,
+        heldout_share=settings.heldout_share,
     )
     queued = 0
-    store = CaseStore(client, keys)
-    for start in range(0, len(ids), REQUEUE_CHUNK):
-        cases = store.get_many(ids[start : start + REQUEUE_CHUNK])
-        queued += queue.requeue([case for case in cases if case.trainable])
+    for partition, ids in by_partition.items():
+        store = CaseStore(client, parts[partition])
+        for start in range(0, len(ids), REQUEUE_CHUNK):
+            cases = store.get_many(ids[start : start + REQUEUE_CHUNK])
+            queued += queues.requeue([case for case in cases if case.trainable], partition)
     for case_id in skipped:
         print(f"{case_id}: not {state}, left alone")
-    print(f"queued {queued} {state} case(s) again in namespace {keys.namespace}")
+    print(f"queued {queued} {state} case(s) again in namespace {settings.namespace}")
     return 1 if skipped else 0
 
 
-def _in_hash(client: redis.Redis, key: str, ids: list[str]) -> tuple[list[str], list[str]]:
-    present = client.hmget(key, ids)
-    found = [case_id for case_id, value in zip(ids, present, strict=True) if value is not None]
-    return found, [case_id for case_id in ids if case_id not in found]
+def _held_in(keys: Keys, dead: bool) -> str:
+    return keys.dead if dead else keys.rejected

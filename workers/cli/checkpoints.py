@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +26,14 @@ from negcase.schemas.case import NegativeCase
 from negcase.store.archive import Archive
 from negcase.store.cases import CaseStore
 from negcase.store.checkpoints import CheckpointInfo, CheckpointMissing, CheckpointRegistry
-from negcase.store.keys import Keys
-from negcase.store.queue import CaseQueue, queue_counts
+from negcase.store.keys import Keys, partition_of
+from negcase.store.partitions import CaseQueues, grouped
 from negcase.store.replication import ReplicaAcksMissing
 from negcase.store.serving import ServingState, read_state
 
 REQUEUE_CHUNK = 500
+# Cases a chunk at a time, each chunk with the partition its cases belong to.
+PartitionChunks = Iterator[tuple[int, list[NegativeCase]]]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -210,13 +212,13 @@ def run_rollback(args: argparse.Namespace) -> int:
 
 
 def run_retrain_all(args: argparse.Namespace) -> int:
-    """Requeue every stored (or archived) trainable case."""
+    """Requeue every stored (or archived) trainable case, each in its partition."""
     settings = settings_from(args)
     client = redis_client(settings)
-    keys = settings.keys
-    queue = CaseQueue(
+    queues = CaseQueues.of(
         client,
-        keys,
+        settings.keys,
+        settings.partitions,
         settings.lease_s,
         settings.max_attempts,
         heldout_share=settings.heldout_share,
@@ -224,24 +226,31 @@ def run_retrain_all(args: argparse.Namespace) -> int:
     if args.from_archive:
         if not args.from_archive.is_dir():
             raise CommandError(f"{args.from_archive}: no such archive folder")
-        cases: Iterable[NegativeCase] = Archive(args.from_archive).iter_cases()
+        found = _archived_cases(args.from_archive, settings.partitions)
     else:
-        cases = _stored_cases(client, keys)
+        found = _stored_cases(client, settings.partition_keys)
     queued = skipped = 0
-    for chunk in chunks(cases, REQUEUE_CHUNK):
-        trainable = [case for case in chunk if case.trainable]
-        skipped += len(chunk) - len(trainable)
-        queued += queue.requeue(trainable, restore=bool(args.from_archive))
-    counts = queue_counts(client, keys)
+    for partition, cases in found:
+        trainable = [case for case in cases if case.trainable]
+        skipped += len(cases) - len(trainable)
+        queued += queues.requeue(trainable, partition, restore=bool(args.from_archive))
     print(
         f"queued {queued} cases ({skipped} without features skipped); now "
-        + ", ".join(f"{name} {count}" for name, count in counts.items())
+        + ", ".join(f"{name} {count}" for name, count in queues.counts().items())
     )
     return 0
 
 
-def _stored_cases(client: redis.Redis, keys: Keys) -> Iterator[NegativeCase]:
-    store = CaseStore(client, keys)
-    ids = (case_id.decode() for case_id in client.sscan_iter(keys.cases, count=REQUEUE_CHUNK))
-    for chunk in chunks(ids, REQUEUE_CHUNK):
-        yield from store.get_many(chunk)
+def _stored_cases(client: redis.Redis, parts: list[Keys]) -> PartitionChunks:
+    """Every case Redis holds, a chunk at a time, with the partition that holds it."""
+    for partition, keys in enumerate(parts):
+        store = CaseStore(client, keys)
+        ids = (case_id.decode() for case_id in client.sscan_iter(keys.cases, count=REQUEUE_CHUNK))
+        for chunk in chunks(ids, REQUEUE_CHUNK):
+            yield partition, store.get_many(chunk)
+
+
+def _archived_cases(folder: Path, partitions: int) -> PartitionChunks:
+    """Every archived case, a chunk at a time, with the partition its symbol picks."""
+    for chunk in chunks(Archive(folder).iter_cases(), REQUEUE_CHUNK):
+        yield from grouped(chunk, lambda case: partition_of(case.symbol, partitions)).items()

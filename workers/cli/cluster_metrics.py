@@ -23,15 +23,16 @@ CASE_STATES = ("queued", "leased", "done", "dead", "rejected", "held_out", "tota
 class ClusterCollector(Collector):
     """Collects the deployment's gauges with one `gather_status` per scrape."""
 
-    def __init__(self, client: redis.Redis, keys: Keys) -> None:
+    def __init__(self, client: redis.Redis, keys: Keys, partitions: int = 1) -> None:
         self.client = client
         self.keys = keys
+        self.partitions = partitions
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         """Every gauge, or only negcase_redis_up 0 while Redis does not answer."""
         up = GaugeMetricFamily("negcase_redis_up", "Whether Redis answered this scrape")
         try:
-            status = gather_status(self.client, self.keys)
+            status = gather_status(self.client, self.keys, self.partitions)
         except redis.RedisError:
             up.add_metric([], 0)
             yield up

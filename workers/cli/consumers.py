@@ -9,7 +9,7 @@ import argparse
 import orjson
 
 from negcase.cli.options import CommandError, connection_options, redis_client, settings_from
-from negcase.cli.status import group_streams
+from negcase.cli.status import every_group_stream
 from negcase.store.streams import group_consumers, leave_group
 
 
@@ -44,7 +44,7 @@ def run_prune(args: argparse.Namespace) -> int:
     client = redis_client(settings)
     min_idle_ms = int(args.idle_s * 1000)
     report = []
-    for s in group_streams(settings.keys):
+    for s in every_group_stream(settings.keys, settings.partitions):
         for consumer in group_consumers(client, s.stream, s.group):
             if consumer["idle_ms"] < min_idle_ms:
                 continue
@@ -58,6 +58,7 @@ def run_prune(args: argparse.Namespace) -> int:
             report.append(
                 {
                     "group": s.group,
+                    "stream": s.stream,
                     "consumer": consumer["name"],
                     "idle_ms": consumer["idle_ms"],
                     "pending": consumer["pending"],
@@ -68,16 +69,18 @@ def run_prune(args: argparse.Namespace) -> int:
         print(orjson.dumps({"idle_s": args.idle_s, "consumers": report}).decode())
     else:
         for row in report:
-            print(_line(row))
+            print(_line(row, settings.partitions > 1))
         deleted = sum(row["outcome"] in ("deleted", "would be deleted") for row in report)
         verb = "would remove" if args.dry_run else "removed"
         print(f"{verb} {deleted} consumer(s) idle over {args.idle_s:g}s")
     return 0
 
 
-def _line(row: dict[str, object]) -> str:
+def _line(row: dict[str, object], several_streams: bool) -> str:
     idle_s = int(row["idle_ms"]) / 1000  # type: ignore[call-overload]
-    head = f"{row['group']}: {row['consumer']} (idle {idle_s:.0f}s)"
+    # With partitions a detector is a consumer of each partition's stream: say which.
+    group = f"{row['group']} on {row['stream']}" if several_streams else row["group"]
+    head = f"{group}: {row['consumer']} (idle {idle_s:.0f}s)"
     if row["outcome"] == "pending":
         entries = "entry" if row["pending"] == 1 else "entries"
         return f"{head}: kept, deleting it would lose {row['pending']} pending {entries}"

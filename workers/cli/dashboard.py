@@ -21,9 +21,8 @@ from prometheus_client.exposition import choose_encoder
 from negcase.cli.cluster_metrics import ClusterCollector
 from negcase.cli.options import connection_options, logging_options, redis_client, settings_from
 from negcase.cli.status import gather_status
-from negcase.cli.tail import format_event
+from negcase.cli.tail import format_event, recent_events
 from negcase.runtime.shutdown import StopFlag, install_signal_handlers
-from negcase.schemas.event import Event
 from negcase.store.connection import redacted
 from negcase.store.health import HealthKey
 from negcase.store.keys import Keys
@@ -47,25 +46,30 @@ RECENT_EVENTS = 1000
 log = logging.getLogger("negcase.dashboard")
 
 
-def snapshot(client: redis.Redis, keys: Keys) -> dict[str, Any]:
-    """Everything the page shows: the status, the newest cases, and the training log."""
-    recent = [
-        Event.from_fields(fields)
-        for _, fields in client.xrevrange(keys.events, count=RECENT_EVENTS)
-    ]
+def snapshot(client: redis.Redis, keys: Keys, partitions: int = 1) -> dict[str, Any]:
+    """Everything the page shows: the status, the newest cases, and the training log (of
+    every partition)."""
+    recent = recent_events(client, keys, RECENT_EVENTS, partitions)
     cases = [e.details for e in recent if e.type == "case_added"][:10]
     training = [
         {"time": time.strftime("%H:%M:%S", time.localtime(e.at_ms / 1000)), "line": format_event(e)}
         for e in recent
         if e.type in TRAINING_TYPES
     ][:15]
-    return {"status": gather_status(client, keys), "recent_cases": cases, "training_log": training}
+    status = gather_status(client, keys, partitions)
+    return {"status": status, "recent_cases": cases, "training_log": training}
 
 
-def make_handler(client: redis.Redis, keys: Keys, interval_s: float, stop: threading.Event) -> type:
-    """A request handler bound to one Redis client and namespace."""
+def make_handler(
+    client: redis.Redis,
+    keys: Keys,
+    interval_s: float,
+    stop: threading.Event,
+    partitions: int = 1,
+) -> type:
+    """A request handler bound to one Redis client and namespace (of `partitions`)."""
     registry = CollectorRegistry()
-    registry.register(ClusterCollector(client, keys))
+    registry.register(ClusterCollector(client, keys, partitions))
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
@@ -73,7 +77,11 @@ def make_handler(client: redis.Redis, keys: Keys, interval_s: float, stop: threa
             if path in ("/", "/index.html"):
                 self._send(HTTPStatus.OK, "text/html; charset=utf-8", PAGE)
             elif path == "/snapshot.json":
-                self._send(HTTPStatus.OK, "application/json", orjson.dumps(snapshot(client, keys)))
+                self._send(
+                    HTTPStatus.OK,
+                    "application/json",
+                    orjson.dumps(snapshot(client, keys, partitions)),
+                )
             elif path == "/events":
                 self._stream()
             elif path == "/metrics":
@@ -111,7 +119,7 @@ def make_handler(client: redis.Redis, keys: Keys, interval_s: float, stop: threa
             with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                 while not stop.is_set():
                     try:
-                        data = orjson.dumps(snapshot(client, keys))
+                        data = orjson.dumps(snapshot(client, keys, partitions))
                     except redis.RedisError as error:
                         # A comment line keeps the stream open while Redis is away.
                         data = None
@@ -153,7 +161,7 @@ def run_dashboard(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     client = redis_client(settings)
     stop = threading.Event()
-    handler = make_handler(client, settings.keys, args.interval, stop)
+    handler = make_handler(client, settings.keys, args.interval, stop, settings.partitions)
     server = ThreadingHTTPServer((args.host, args.port), handler)
     server.daemon_threads = True
     health = HealthKey(client, settings.keys, "dashboard", settings.health_ttl_s)

@@ -33,6 +33,17 @@ class CommandError(Exception):
     """A failure to report to the user in one line, without a traceback."""
 
 
+def one_partition(settings: Settings, what: str) -> Settings:
+    """`settings`, for a command that works on one partition by design (in a namespace of its
+    own); with NEGCASE_PARTITIONS above 1 it would misread where its data lives: refused."""
+    if settings.partitions > 1:
+        raise CommandError(
+            f"{what} runs on one partition in a namespace of its own; NEGCASE_PARTITIONS is "
+            f"{settings.partitions}: unset it (or set it to 1) for this command"
+        )
+    return settings
+
+
 def connection_options() -> argparse.ArgumentParser:
     """--redis-url and --namespace: every command that talks to Redis."""
     parent = argparse.ArgumentParser(add_help=False)

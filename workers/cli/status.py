@@ -63,12 +63,22 @@ def group_streams(keys: Keys) -> tuple[GroupStream, ...]:
     )
 
 
+def every_group_stream(keys: Keys, partitions: int) -> tuple[GroupStream, ...]:
+    """group_streams with the trade stream of every partition (the signal request stream is
+    the namespace's)."""
+    if partitions <= 1:
+        return group_streams(keys)
+    trades = (group_streams(part)[0] for part in keys.partitioned(partitions))
+    return (*trades, group_streams(keys)[1])
+
+
 def gather_status(client: redis.Redis, keys: Keys, partitions: int = 1) -> dict[str, Any]:
     """Everything `negcase status` shows; with partitions, the namespace's own status with
-    the partitions' trades, cases, leases, rates and counters summed into it, and
+    the partitions' trades, cases, leases, rates, counters and memory summed into it, and
     `partitions` breaking them down (each partition is read as a namespace of its own)."""
+    memory = {"memory": memory_report(client, keys, partitions)}
     if partitions <= 1:
-        return _gather_one(client, keys)
+        return _gather_one(client, keys) | memory
     whole = _gather_one(client, keys)
     parts = [_gather_one(client, part) for part in keys.partitioned(partitions)]
     counters = _summed_counters(client, [keys, *keys.partitioned(partitions)])
@@ -94,6 +104,7 @@ def gather_status(client: redis.Redis, keys: Keys, partitions: int = 1) -> dict[
             }
             for index, part in enumerate(parts)
         ],
+        **memory,
     }
 
 
@@ -150,7 +161,7 @@ def _summed_cases(cases: Sequence[dict[str, Any]]) -> dict[str, Any]:
 def _gather_one(client: redis.Redis, keys: Keys) -> dict[str, Any]:
     """Everything `negcase status` shows of one namespace (or partition): one MULTI for the
     case counts, one pipeline of independent reads, one of the reads that depend on those,
-    the health keys, and two pipelines for the memory by key family (store/memory.py)."""
+    and the health keys."""
     counts = queue_counts(client, keys)  # one MULTI: the conservation check is exact
     streams = group_streams(keys)
     # Every key of the namespace is on one server (in a Cluster, the owner of its slot):
@@ -176,7 +187,6 @@ def _gather_one(client: redis.Redis, keys: Keys) -> dict[str, Any]:
         "workers_alive": _alive_by_kind(workers),
         "serving": serving_versions(workers),
         "live": _live_status(first, second),
-        "memory": memory_report(client, keys),
     }
 
 

@@ -51,6 +51,17 @@ def follow_events(
             yield Event.from_fields(fields)
 
 
+def recent_events(client: redis.Redis, keys: Keys, count: int, partitions: int = 1) -> list[Event]:
+    """The `count` newest events, newest first: with partitions, of the namespace and every
+    partition merged by entry id (one pipeline; no XREAD spans Cluster slots)."""
+    pipe = client.pipeline(transaction=False)
+    for one in keys.with_partitions(partitions):
+        pipe.xrevrange(one.events, count=count)
+    entries = [entry for newest in pipe.execute() for entry in newest]
+    entries.sort(key=lambda entry: _id_order(entry[0]), reverse=True)
+    return [Event.from_fields(fields) for _, fields in entries[:count]]
+
+
 def _follow_merged(
     client: redis.Redis, streams: list[str], last: int, block_ms: int
 ) -> Iterable[Event | None]:

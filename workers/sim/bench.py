@@ -17,7 +17,12 @@ import orjson
 import redis
 
 from negcase.cli.backtest import walk_options
-from negcase.cli.options import archive_options, connection_options, settings_from
+from negcase.cli.options import (
+    archive_options,
+    connection_options,
+    one_partition,
+    settings_from,
+)
 from negcase.client.trades import encode_trade
 from negcase.processes.detector import LossDetector
 from negcase.runtime.settings import Settings
@@ -414,9 +419,8 @@ def run_soak(args: argparse.Namespace) -> int:
 
 def run_ingest(args: argparse.Namespace) -> int:
     """Run the ingest bench and print its figures."""
-    result = run_ingest_bench(
-        settings_from(args), args.events, args.repeats, args.rate, args.duration
-    )
+    settings = one_partition(settings_from(args), "bench ingest")
+    result = run_ingest_bench(settings, args.events, args.repeats, args.rate, args.duration)
     print(
         orjson.dumps(result, option=orjson.OPT_INDENT_2).decode()
         if args.json

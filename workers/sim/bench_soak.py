@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 import redis
 
-from negcase.cli.options import settings_from
+from negcase.cli.options import one_partition, settings_from
 from negcase.client.trades import encode_trade
 from negcase.processes.detector import LossDetector
 from negcase.runtime.settings import Settings
@@ -210,7 +210,7 @@ def render(result: dict[str, Any]) -> str:
 
 def run_bench_soak(args: argparse.Namespace) -> int:
     """Run the soak bench and print its figures."""
-    settings = soak_settings(settings_from(args))
+    settings = soak_settings(one_partition(settings_from(args), "bench soak"))
     plan = SoakPlan(trades=args.trades, chunk=min(5_000, args.every), every=args.every)
     with bench_redis(settings) as url:
         client = connect(url)

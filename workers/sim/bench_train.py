@@ -24,7 +24,7 @@ import orjson
 import redis
 import torch
 
-from negcase.cli.options import settings_from
+from negcase.cli.options import one_partition, settings_from
 from negcase.processes.trainer import Trainer
 from negcase.runtime.settings import Settings
 from negcase.runtime.shutdown import StopFlag
@@ -265,7 +265,8 @@ def render(result: dict[str, Any]) -> str:
 
 def run_bench_train(args: argparse.Namespace) -> int:
     """Run the train bench and print its figures."""
-    result = run_train_bench(settings_from(args), args.cases, args.epochs, args.repeats)
+    settings = one_partition(settings_from(args), "bench train")
+    result = run_train_bench(settings, args.cases, args.epochs, args.repeats)
     print(
         orjson.dumps(result, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS).decode()
         if args.json

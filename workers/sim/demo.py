@@ -96,11 +96,12 @@ def demo_redis(settings: Settings) -> Iterator[Settings]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def claim_namespace(client: redis.Redis, keys: Keys) -> bool:
+def claim_namespace(client: redis.Redis, keys: Keys, partitions: int = 1) -> bool:
     """Make the namespace the demo's: refuse one that holds data the demo did not write,
     clear what an earlier demo left (its counts would mix with this run's), then mark it.
     Returns whether an earlier demo's data was cleared."""
-    used = [name for name in _USED_KEYS if client.exists(getattr(keys, name))]
+    spaces = keys.with_partitions(partitions)
+    used = [name for name in _USED_KEYS if any(client.exists(getattr(k, name)) for k in spaces)]
     earlier_demo = bool(client.exists(keys.demo))
     if used and not earlier_demo:
         raise CommandError(
@@ -108,7 +109,8 @@ def claim_namespace(client: redis.Redis, keys: Keys) -> bool:
             "the demo never runs on someone else's data; give it an empty one with --namespace"
         )
     if earlier_demo:
-        drop_namespace(client, keys.namespace)
+        for one in spaces:
+            drop_namespace(client, one.namespace)
     mark = {
         "host": socket.gethostname(),
         "pid": os.getpid(),
@@ -120,10 +122,12 @@ def claim_namespace(client: redis.Redis, keys: Keys) -> bool:
 
 @dataclass
 class EventTally:
-    """Counts of what happened, read incrementally from `<ns>:events`."""
+    """Counts of what happened, read incrementally from `<ns>:events` (and, with partitions,
+    from each partition's, where detectors announce their cases)."""
 
     keys: Keys
-    cursor: bytes | str = "0-0"
+    partitions: int = 1
+    cursors: dict[str, bytes | str] = field(default_factory=dict)
     types: Counter[str] = field(default_factory=Counter)
     cases_by_priority: Counter[str] = field(default_factory=Counter)
     cases_by_label: Counter[str] = field(default_factory=Counter)
@@ -133,10 +137,11 @@ class EventTally:
 
     def update(self, client: redis.Redis) -> None:
         """Read every event since the last update."""
-        while reply := client.xread({self.keys.events: self.cursor}, count=5000):
-            for entry_id, fields in reply[0][1]:
-                self.cursor = entry_id
-                self._count(fields)
+        for stream in (one.events for one in self.keys.with_partitions(self.partitions)):
+            while reply := client.xread({stream: self.cursors.get(stream, "0-0")}, count=5000):
+                for entry_id, fields in reply[0][1]:
+                    self.cursors[stream] = entry_id
+                    self._count(fields)
 
     def _count(self, fields: dict[bytes, bytes]) -> None:
         kind = fields.get(b"type", b"").decode()
@@ -498,7 +503,7 @@ def run_demo(args: argparse.Namespace) -> int:
     interrupt_on_sigterm()
     with demo_redis(demo_settings(args)) as settings:
         client = connect(settings.redis_url or "")
-        cleared = claim_namespace(client, settings.keys)
+        cleared = claim_namespace(client, settings.keys, settings.partitions)
         screen.say(
             f"negcase demo: Redis {redacted(settings.redis_url or '')}, namespace "
             f"{settings.namespace}{' (an earlier demo cleared)' if cleared else ''}, archive "
@@ -513,7 +518,7 @@ def run_demo(args: argparse.Namespace) -> int:
             SyntheticEngine(market, prefix=f"demo-{run_id}"),
             SignalClient(client, settings.namespace, settings.feature_count),
         )
-        tally = EventTally(settings.keys)
+        tally = EventTally(settings.keys, settings.partitions)
         started = time.monotonic()
         try:
             start_workers(supervisor)
@@ -530,7 +535,7 @@ def run_demo(args: argparse.Namespace) -> int:
                 time.sleep(max(0.0, TICK_S - (time.monotonic() - started - elapsed)))
                 if time.monotonic() >= next_view_s:
                     tally.update(client)
-                    status = gather_status(client, settings.keys)
+                    status = gather_status(client, settings.keys, settings.partitions)
                     screen.show(
                         live_view(elapsed, args.duration, trading, tally, status, FIRST_VERSION)
                     )
@@ -542,7 +547,7 @@ def run_demo(args: argparse.Namespace) -> int:
             exit_codes = supervisor.stop_all()
         duration_s = time.monotonic() - started
         tally.update(client)
-        status = gather_status(client, settings.keys)
+        status = gather_status(client, settings.keys, settings.partitions)
         registry = CheckpointRegistry(client, settings.keys, Archive(settings.data_dir))
         situations = held_out_situations(args.seed, settings.feature_count, HELD_OUT_PER_REGIME)
         latest = status["latest_checkpoint"]
@@ -624,7 +629,7 @@ def wait_for_detector(client: redis.Redis, settings: Settings, timeout_s: float)
     """Give the detector time to handle the last trades before it is stopped."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        trades = gather_status(client, settings.keys)["trades"]
+        trades = gather_status(client, settings.keys, settings.partitions)["trades"]
         if trades["pending"] == 0 and not trades["lag"]:
             return
         time.sleep(0.1)

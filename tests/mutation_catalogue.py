@@ -43,6 +43,7 @@ GATE = (
     "tests/test_learning.py::test_the_gate_refuses_a_harmful_update_and_says_why",
 )
 RELOAD = ("tests/test_predictor.py", "tests/test_reload.py")
+PARTITIONS = ("tests/test_partitions.py", "tests/test_partition_processes.py")
 
 MUTATIONS: tuple[Mutation, ...] = (
     # Losses and priorities
@@ -372,6 +373,47 @@ MUTATIONS: tuple[Mutation, ...] = (
         "    if theirs != spec:\n        raise SpecMismatch(",
         "    if False:\n        raise SpecMismatch(",
         RELOAD,
+    ),
+    # Partitions
+    Mutation(
+        "partitions",
+        "a symbol's partition comes from Python's per-process string hash, not CRC-32",
+        "store/keys.py",
+        'return zlib.crc32(symbol.encode("utf-8")) % partitions',
+        "return hash(symbol) % partitions",
+        PARTITIONS,
+    ),
+    Mutation(
+        "partitions",
+        "the cross-partition claim starts at the partition whose best case is the worst",
+        "store/partitions.py",
+        "return [partition for _, partition in sorted(heads, reverse=True)]",
+        "return [partition for _, partition in sorted(heads)]",
+        PARTITIONS,
+    ),
+    Mutation(
+        "partitions",
+        "a claimed case an earlier checkpoint already learned is handed out again",
+        "store/partitions.py",
+        "fresh = [lease for lease, done in zip(claimed, learned, strict=True) if not done]",
+        "fresh = list(claimed)",
+        PARTITIONS,
+    ),
+    Mutation(
+        "partitions",
+        "a partitioned publish does not refuse a case already learned",
+        "store/publish_learned.lua",
+        "if redis.call('ZSCORE', learned, ARGV[i]) then return {'learned', ARGV[i]} end",
+        "if false then return {'learned', ARGV[i]} end",
+        PARTITIONS,
+    ),
+    Mutation(
+        "partitions",
+        "a requeued case stays in `learned`: the next claim finishes it untrained",
+        "store/partitions.py",
+        "            self.client.zrem(self.keys.learned, *(case.case_id for case in cases))",
+        "            pass",
+        PARTITIONS,
     ),
     # Hot reload
     Mutation(

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import zlib
 
+import pytest
 import redis
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -24,6 +25,7 @@ from negcase.store.archive import Archive
 from negcase.store.cases import CaseStore
 from negcase.store.checkpoints import CheckpointRegistry
 from negcase.store.keys import Keys, partition_namespace, partition_of
+from negcase.store.leases import LeaseLost
 from negcase.store.partitions import CaseQueues
 from tests.conftest import ROOT, run_burst, wait_until, worker_env
 from tests.training_cases import make_case, random_features, redis_now_ms
@@ -136,6 +138,31 @@ def test_a_case_published_by_a_trainer_that_died_before_its_ack_is_not_published
     assert queues.requeue([case], partition=1) == 1
     assert client.zscore(keys.learned, lease.case_id) is None
     assert [again.case_id for again in queues.claim("t3")] == [lease.case_id]
+
+
+def test_a_paused_trainers_publish_wins_once_and_the_next_holders_publish_is_refused(
+    client: redis.Redis, settings: Settings
+) -> None:
+    # given a case claimed by t1, whose lease lapses and is reaped, then claimed by t2
+    keys = settings.keys
+    partitioned_cases(client, keys, [[], [4]])
+    queues = CaseQueues.of(client, keys, 2, lease_s=0.5)
+    registry = CheckpointRegistry(client, keys, queues=queues)
+    [first] = queues.claim("t1")
+    wait_until(lambda: redis_now_ms(client) > first.deadline_ms, 20, "the lease to lapse")
+    wait_until(lambda: queues.reap() or queues.counts()["queued"] == 1, 20, "the reap")
+    [second] = queues.claim("t2")
+    assert second.case_id == first.case_id
+    # when t1, paused between its lease check and its publish, publishes the case first
+    status, _ = registry._publish_recording(1, _weights(), "sha", b"{}", None, [first], "t1", [])
+    assert status == b"published"
+    # then t2's publish of the same case is refused: no case's update is published twice
+    with pytest.raises(LeaseLost):
+        registry.publish(_weights(), "sha2", {}, 1, [second], "t2")
+    assert client.get(keys.latest) == b"1"
+    # and the case is finished, as learned, not queued to train a third time
+    counts = queues.counts()
+    assert (counts["done"], counts["queued"], counts["leased"]) == (1, 0, 0)
 
 
 def _weights() -> bytes:

@@ -140,11 +140,15 @@ def register(targets: argparse._SubParsersAction, parents: list[argparse.Argumen
         "partitions",
         parents=parents,
         help="detector throughput with 1 vs N partitions on a Redis Cluster",
+        description="Drain the same trades of evenly spread symbols with one detector process "
+        "per partition, 1 partition against --partitions, interleaved --repeats times, on "
+        "the Cluster NEGCASE_REDIS_URL names (a redis+cluster:// URL); prints the medians and "
+        "their ratio. Keys live in namespaces of their own, deleted after.",
     )
-    parser.add_argument("--events", type=int, default=30_000)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--partitions", type=int, default=3)
-    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--events", type=int, default=30_000, help="trades per run (30000)")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved runs of each (3)")
+    parser.add_argument("--partitions", type=int, default=3, help="partitions against 1 (3)")
+    parser.add_argument("--json", action="store_true", help="print JSON")
     parser.set_defaults(run=run)
 
 

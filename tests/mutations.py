@@ -105,14 +105,20 @@ class Scratch:
             "import negcase, negcase.schemas, negcase.store, negcase.processes.training as t;"
             "print('\\n'.join(m.__file__ for m in (negcase, negcase.schemas, negcase.store, t)))"
         )
-        out = subprocess.run(
+        done = subprocess.run(
             [sys.executable, "-c", probe],
             cwd=self.repo,
             env=self.env,
             capture_output=True,
             text=True,
-            check=True,
-        ).stdout.split()
+        )
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise SystemExit(
+                f"negcase does not import in the scratch copy ({last}): is the "
+                "project's virtual environment active?"
+            )
+        out = done.stdout.split()
         strays = [path for path in out if not Path(path).is_relative_to(self.repo)]
         if strays or len(out) != 4:
             raise SystemExit(f"negcase does not import from the scratch copy: {out}")

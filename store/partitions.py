@@ -165,10 +165,7 @@ def sum_counts(counts: Iterable[Mapping[str, int]]) -> dict[str, int]:
 
 def by_partition(leases: Sequence[Lease]) -> dict[int, list[Lease]]:
     """The leases grouped by the partition they came from."""
-    grouped: dict[int, list[Lease]] = defaultdict(list)
-    for lease in leases:
-        grouped[lease.partition].append(lease)
-    return grouped
+    return grouped(leases, lambda lease: lease.partition)
 
 
 def locate(

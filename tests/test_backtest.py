@@ -11,10 +11,13 @@ import subprocess
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
+from negcase.cli.backtest import first_checkpoint_after
 from negcase.cli.main import main
+from negcase.runtime.settings import Settings
 from negcase.schemas.case import NegativeCase
 from negcase.sim.bars import read_bars
 from negcase.sim.bench_learn import market_file, write_derived_bars
@@ -169,6 +172,8 @@ def test_one_trainer_and_one_seed_print_the_same_table_twice(tmp_path):
         (sp500_csv(70), [], "the train part has no decision"),
         (sp500_csv(300), ["--features", "tests.no_such_module:f"], "cannot import"),
         (sp500_csv(300), ["--train-share", "1.5"], "--train-share: must be between 0 and 1"),
+        (sp500_csv(300), ["--trades-out", "/"], "--trades-out: / is a folder"),
+        (sp500_csv(300), ["--trades-out", "/no/such/t.jsonl"], "/no/such is not a folder"),
     ],
 )
 def test_input_it_cannot_use_is_one_clear_line_before_anything_starts(
@@ -181,6 +186,23 @@ def test_input_it_cannot_use_is_one_clear_line_before_anything_starts(
     stderr = capsys.readouterr().err
     assert message in stderr and len(stderr.strip().splitlines()) == 1
     assert not (tmp_path / "kept").exists()  # nothing started, nothing written
+
+
+@pytest.mark.parametrize(
+    ("decisions", "environment", "expected"),
+    [(900, {}, 200), (300, {}, 100), (30, {}, 20), (300, {"NEGCASE_MIN_OUTCOMES": "250"}, 250)],
+)
+def test_a_backtest_waits_for_at_most_a_third_of_its_train_decisions_before_a_first_model(
+    monkeypatch, decisions, environment, expected
+):
+    # given a train part of `decisions` decisions, and NEGCASE_MIN_OUTCOMES set or not
+    monkeypatch.delenv("NEGCASE_MIN_OUTCOMES", raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    settings = Settings.from_env()
+    market = SimpleNamespace(plan=SimpleNamespace(train=range(decisions)))
+    # then the first checkpoint waits for the setting, capped at a third unless it is set
+    assert first_checkpoint_after(market, settings) == expected
 
 
 def test_an_archive_folder_that_holds_something_is_refused(tmp_path, capsys):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -72,6 +73,7 @@ from negcase.sim.walk import Decision, Plan, TrainWalk, make_plan, train_quarter
 from negcase.store.archive import Archive
 from negcase.store.checkpoints import CheckpointRegistry
 from negcase.store.connection import connect
+from negcase.store.files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +114,8 @@ def prepare(config: BacktestConfig, settings: Settings) -> Market:
     archive = config.archive
     if archive is not None and archive.exists() and any(archive.iterdir()):
         raise FileExistsError(f"{archive} is not empty: a run's archive never mixes with another")
-    if config.trades_out is not None and not config.trades_out.parent.is_dir():
-        raise FileNotFoundError(f"--trades-out: {config.trades_out.parent} is not a folder")
+    if config.trades_out is not None:
+        check_writable(config.trades_out)
     bars = read_bars(config.bars_path)
     function = load_feature_function(config.features) if config.features else builtin_features
     table = feature_table(bars, function)
@@ -242,13 +244,26 @@ def _walk(
     )
 
 
+def check_writable(path: Path) -> None:
+    """Before a run starts: OSError unless `path` can be written once the train part is done
+    (its folder exists and is writable, and it is not a folder itself)."""
+    if path.is_dir():
+        raise IsADirectoryError(f"--trades-out: {path} is a folder")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"--trades-out: {path.parent} is not a folder")
+    if not os.access(path.parent, os.W_OK):
+        raise PermissionError(f"--trades-out: {path.parent} is not writable")
+
+
 def write_trades(path: Path, trades: list[dict[str, Any]]) -> None:
     """The train part's trades and skips as JSON lines of TradeClosed, in the order they were
-    published: what `negcase bootstrap --trades` reads to start a deployment's first model
-    from this history."""
-    with path.open("wb") as out:
-        for trade in trades:
-            out.write(orjson.dumps(trade) + b"\n")
+    published (what `negcase bootstrap --trades` reads to start a deployment's first model
+    from this history), written whole. A failure is logged, not raised: the run's report
+    matters more than this copy of its history."""
+    try:
+        write_atomic(path, b"".join(orjson.dumps(trade) + b"\n" for trade in trades))
+    except OSError as error:
+        log.error("--trades-out: %s not written (%s); the report follows", path, error)
 
 
 def _report(

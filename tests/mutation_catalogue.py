@@ -415,6 +415,38 @@ MUTATIONS: tuple[Mutation, ...] = (
         "            pass",
         PARTITIONS,
     ),
+    Mutation(
+        "partitions",
+        "a partitioned publish does not check its leases first",
+        "store/checkpoints.py",
+        "            lost = self.queues.heartbeat(leases)\n            if lost:",
+        "            lost = self.queues.heartbeat(leases)\n            if False:",
+        PARTITIONS,
+    ),
+    Mutation(
+        "partitions",
+        "the published cases are not finished: they wait for the reaper",
+        "store/checkpoints.py",
+        "            self.queues.ack(leases, blobs)\n",
+        "            pass\n",
+        PARTITIONS,
+    ),
+    Mutation(
+        "partitions",
+        "a publish refused for a learned case keeps the other cases' leases",
+        "store/checkpoints.py",
+        "self.queues.release([lease for lease in leases if lease.case_id != case_id], trainer)",
+        "pass",
+        PARTITIONS,
+    ),
+    Mutation(
+        "partitions",
+        "a heartbeat across partitions does not report a lease it lost",
+        "store/partitions.py",
+        "            for case_id in self.queues[partition].heartbeat(held)\n",
+        "            for case_id in self.queues[partition].heartbeat(held)[:0]\n",
+        PARTITIONS,
+    ),
     # Hot reload
     Mutation(
         "reload",

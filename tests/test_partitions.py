@@ -3,6 +3,7 @@ across partitions, and a publish whose trainer died before it finished its cases
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import subprocess
@@ -143,26 +144,57 @@ def test_a_case_published_by_a_trainer_that_died_before_its_ack_is_not_published
 def test_a_paused_trainers_publish_wins_once_and_the_next_holders_publish_is_refused(
     client: redis.Redis, settings: Settings
 ) -> None:
-    # given a case claimed by t1, whose lease lapses and is reaped, then claimed by t2
+    # given case X claimed by t1, whose lease lapses and is reaped, then X and Y claimed by t2
     keys = settings.keys
-    partitioned_cases(client, keys, [[], [4]])
+    partitioned_cases(client, keys, [[], [4, 3]])
     queues = CaseQueues.of(client, keys, 2, lease_s=0.5)
     registry = CheckpointRegistry(client, keys, queues=queues)
     [first] = queues.claim("t1")
     wait_until(lambda: redis_now_ms(client) > first.deadline_ms, 20, "the lease to lapse")
-    wait_until(lambda: queues.reap() or queues.counts()["queued"] == 1, 20, "the reap")
-    [second] = queues.claim("t2")
-    assert second.case_id == first.case_id
-    # when t1, paused between its lease check and its publish, publishes the case first
+    wait_until(lambda: queues.reap() or queues.counts()["leased"] == 0, 20, "the reap")
+    held = CaseQueues.of(client, keys, 2, lease_s=30).claim("t2", count=2)
+    assert len(held) == 2
+    assert held[0].case_id == first.case_id
+    # when t1, paused between its lease check and its publish, publishes X first
     status, _ = registry._publish_recording(1, _weights(), "sha", b"{}", None, [first], "t1", [])
     assert status == b"published"
-    # then t2's publish of the same case is refused: no case's update is published twice
+    # then t2's publish of X and Y is refused: no case's update is published twice
     with pytest.raises(LeaseLost):
-        registry.publish(_weights(), "sha2", {}, 1, [second], "t2")
+        registry.publish(_weights(), "sha2", {}, 1, held, "t2")
     assert client.get(keys.latest) == b"1"
-    # and the case is finished, as learned, not queued to train a third time
+    # and X is finished, as learned, while Y goes back to the queue to be trained
     counts = queues.counts()
-    assert (counts["done"], counts["queued"], counts["leased"]) == (1, 0, 0)
+    assert (counts["done"], counts["queued"], counts["leased"]) == (1, 1, 0)
+    queued = client.zrange(keys.partition(1, 2).queue, 0, -1)
+    assert queued == [held[1].case_id.encode()]
+
+
+def test_a_partitioned_publish_finishes_its_cases_at_once_and_checks_its_leases_first(
+    client: redis.Redis, settings: Settings
+) -> None:
+    # given a case in each of two partitions, claimed under a long lease
+    keys = settings.keys
+    partitioned_cases(client, keys, [[3], [4]])
+    queues = CaseQueues.of(client, keys, 2, lease_s=30)
+    registry = CheckpointRegistry(client, keys, queues=queues)
+    [lease] = queues.claim("t1")
+    store = CaseStore(client, keys.partition(lease.partition, 2))
+    case = store.get(lease.case_id)
+    trained = dataclasses.replace(case, retraining_count=case.retraining_count + 1)
+    # when its trainer publishes the update
+    blobs = {lease.case_id: trained.to_msgpack()}
+    assert registry.publish(_weights(), "sha", {}, None, [lease], "t1", blobs) == 1
+    # then the case is done at once with its update, not left leased for the reaper
+    counts = queues.counts()
+    assert (counts["done"], counts["leased"], counts["queued"]) == (1, 0, 1)
+    assert store.get(lease.case_id).retraining_count == case.retraining_count + 1
+    # and a trainer whose lease lapsed publishes nothing: the leases are checked first
+    [late] = CaseQueues.of(client, keys, 2, lease_s=0.5).claim("t2")
+    wait_until(lambda: redis_now_ms(client) > late.deadline_ms, 20, "the lease to lapse")
+    with pytest.raises(LeaseLost):
+        registry.publish(_weights(), "sha2", {}, 1, [late], "t2")
+    assert client.get(keys.latest) == b"1"
+    assert queues.heartbeat([late]) == [late.case_id]
 
 
 def _weights() -> bytes:

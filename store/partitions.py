@@ -111,8 +111,27 @@ class CaseQueues:
         return outcome
 
     def reap(self, limit: int = 100) -> int:
-        """Return up to `limit` expired leases per partition to its queue (or dead set)."""
-        return sum(queue.reap(limit) for queue in self.queues)
+        """Return up to `limit` expired leases per partition to its queue (or dead set);
+        a case `learned` holds is finished instead, so one whose update was published never
+        ends dead for its lapsed lease."""
+        if not self.partitioned:
+            return self.queues[0].reap(limit)
+        learned = self._learned_among_leased(limit)
+        return sum(queue.reap(limit, learned[p]) for p, queue in enumerate(self.queues))
+
+    def _learned_among_leased(self, limit: int) -> list[list[str]]:
+        """Per partition, which of the `limit` leases closest to their deadline (those a reap
+        may take) are of cases `learned` holds: two pipelines, whatever the partitions."""
+        pipe = self.client.pipeline(transaction=False)
+        for queue in self.queues:
+            pipe.zrange(queue.keys.leased, 0, limit - 1)
+        leased = [[case_id.decode() for case_id in ids] for ids in pipe.execute()]
+        pipe = self.client.pipeline(transaction=False)
+        for ids in leased:
+            for case_id in ids:
+                pipe.zscore(self.keys.learned, case_id)
+        scores = iter(pipe.execute())
+        return [[case_id for case_id in ids if next(scores) is not None] for ids in leased]
 
     def requeue(self, cases: Sequence[NegativeCase], partition: int, restore: bool = False) -> int:
         """CaseQueue.requeue in `partition`; the cases may be published again (they leave

@@ -165,8 +165,9 @@ class CaseQueue:
         """Hand leases back untouched (a worker shutting down): no attempt is counted."""
         return self._give_back_leases(leases, counted=False, error="", worker=worker)
 
-    def reap(self, limit: int = 100) -> int:
-        """Return up to `limit` expired leases to the queue (or the dead set)."""
+    def reap(self, limit: int = 100, learned: Sequence[str] = ()) -> int:
+        """Return up to `limit` expired leases to the queue (or the dead set); those of
+        `learned` cases (a published checkpoint has their update) are finished instead."""
         keys = self.keys
         return int(
             self._reap(
@@ -178,8 +179,10 @@ class CaseQueue:
                     keys.dead,
                     keys.events,
                     keys.retire,
+                    keys.done,
+                    keys.rejected,
                 ],
-                args=[self.max_attempts, self.events_maxlen, limit],
+                args=[self.max_attempts, self.events_maxlen, limit, *learned],
             )
         )
 

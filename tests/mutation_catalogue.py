@@ -223,8 +223,8 @@ MUTATIONS: tuple[Mutation, ...] = (
         "reaping",
         "the reaper lets a case past its attempt limit go round again (> for >=)",
         "store/reap.lua",
-        "dead = tries >= max_attempts})",
-        "dead = tries > max_attempts})",
+        "dead = tries >= max_attempts,",
+        "dead = tries > max_attempts,",
         (*QUEUE, *PAUSED),
     ),
     Mutation(
@@ -445,6 +445,14 @@ MUTATIONS: tuple[Mutation, ...] = (
         "store/partitions.py",
         "            for case_id in self.queues[partition].heartbeat(held)\n",
         "            for case_id in self.queues[partition].heartbeat(held)[:0]\n",
+        PARTITIONS,
+    ),
+    Mutation(
+        "partitions",
+        "the reaper retries a learned case like any other: at its last attempt it ends dead",
+        "store/reap.lua",
+        "for i = 4, #ARGV do learned[ARGV[i]] = true end",
+        "",
         PARTITIONS,
     ),
     # Hot reload

@@ -127,9 +127,10 @@ def test_a_case_published_by_a_trainer_that_died_before_its_ack_is_not_published
     # when it publishes (the lineage records the case) and dies before finishing the case
     status, _ = registry._publish_recording(1, weights, "sha", b"{}", None, [lease], "t1", [])
     assert status == b"published"
-    # then once the lease lapses and is reaped, the case is queued again
+    # then once the lease lapses, a reap that read `learned` before the publish wrote it (the
+    # partition's own reap, which is told of no learned case) queues the case again
     wait_until(lambda: redis_now_ms(client) > lease.deadline_ms, 20, "the lease to lapse")
-    wait_until(lambda: queues.reap() or queues.counts()["queued"] == 1, 20, "the reap")
+    assert queues.queues[1].reap() == 1 and queues.counts()["queued"] == 1
     # and the next claim finishes it as learned instead of handing it out to train again
     assert queues.claim("t2") == []
     counts = queues.counts()
@@ -139,6 +140,25 @@ def test_a_case_published_by_a_trainer_that_died_before_its_ack_is_not_published
     assert queues.requeue([case], partition=1) == 1
     assert client.zscore(keys.learned, lease.case_id) is None
     assert [again.case_id for again in queues.claim("t3")] == [lease.case_id]
+
+
+def test_a_learned_case_whose_lease_lapses_at_its_last_attempt_is_done_not_dead(
+    client: redis.Redis, settings: Settings
+) -> None:
+    # given a case on its last attempt, published by a trainer that died before its ack
+    keys = settings.keys
+    partitioned_cases(client, keys, [[], [4]])
+    queues = CaseQueues.of(client, keys, 2, lease_s=0.5, max_attempts=1)
+    registry = CheckpointRegistry(client, keys, queues=queues)
+    [lease] = queues.claim("t1")
+    status, _ = registry._publish_recording(1, _weights(), "sha", b"{}", None, [lease], "t1", [])
+    assert status == b"published"
+    # when its lease lapses and the reaper runs
+    wait_until(lambda: redis_now_ms(client) > lease.deadline_ms, 20, "the lease to lapse")
+    assert queues.reap() == 1
+    # then the case is done, as its update is in the lineage: not dead, not queued
+    counts = queues.counts()
+    assert (counts["done"], counts["dead"], counts["queued"], counts["leased"]) == (1, 0, 0, 0)
 
 
 def test_a_paused_trainers_publish_wins_once_and_the_next_holders_publish_is_refused(

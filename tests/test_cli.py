@@ -156,6 +156,40 @@ def test_an_unreachable_redis_is_a_clear_error(settings):
     assert "cannot reach Redis at redis://127.0.0.1:1/0" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [
+        ("5", "--partitions 5: no partition 5; NEGCASE_PARTITIONS=3 has partitions 0 to 2"),
+        ("0,3", "--partitions 0,3: no partition 3; NEGCASE_PARTITIONS=3 has partitions 0 to 2"),
+        (
+            "",
+            "--partitions is empty: give partition numbers; NEGCASE_PARTITIONS=3 has "
+            "partitions 0 to 2",
+        ),
+        (
+            "1,x",
+            "--partitions 1,x: 'x' is not a partition number; NEGCASE_PARTITIONS=3 has "
+            "partitions 0 to 2",
+        ),
+    ],
+)
+def test_a_bad_partitions_flag_is_reported_before_redis_is_reached(settings, given, message):
+    # given no Redis at the URL: a check after connecting would say "cannot reach Redis"
+    result = negcase(
+        settings,
+        "detect",
+        "--burst",
+        "--redis-url",
+        "redis://127.0.0.1:1/0",
+        "--partitions",
+        given,
+        NEGCASE_PARTITIONS="3",
+    )
+    assert result.returncode == 2
+    # one line, the problem itself: no startup line, no "cannot reach Redis", no traceback
+    assert result.stderr.splitlines() == [f"negcase detect: {message}"], result.stderr
+
+
 def test_a_worker_serves_prometheus_metrics(settings, spawn, client):
     # given a detector with --metrics-port, and trades for it
     port = free_port()

@@ -45,6 +45,8 @@ def test_every_variable_is_read_with_its_type():
         ("NEGCASE_PRIORITY_THRESHOLDS_PCT", "1,2,5,10", "decreasing"),
         ("NEGCASE_PRIORITY_THRESHOLDS_PCT", "10,5", "4 thresholds"),
         ("NEGCASE_DEFAULT_LEVERAGE", "0.5", "default_leverage"),
+        ("NEGCASE_PARTITIONS", "0", "NEGCASE_PARTITIONS: must be 1 to 1024, got 0"),
+        ("NEGCASE_PARTITIONS", "1025", "NEGCASE_PARTITIONS: must be 1 to 1024, got 1025"),
     ],
 )
 def test_a_bad_variable_is_an_error_that_names_it(variable, value, message):

@@ -58,25 +58,36 @@ def register_detect(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--no-archive", action="store_true", help="do not write the disk archive")
     parser.add_argument("--burst", action="store_true", help="drain the stream, then exit")
+    # Checked in run_detect, not by an argparse type: the valid range comes from
+    # NEGCASE_PARTITIONS, and the check must come before connecting to Redis.
     parser.add_argument(
         "--partitions",
-        type=partition_list,
+        metavar="LIST",
         help="with NEGCASE_PARTITIONS above 1: the partitions to consume, e.g. 0,2 "
         "(default all; one thread each)",
     )
     parser.set_defaults(run=run_detect)
 
 
-def partition_list(text: str) -> list[int]:
-    """An argparse type: comma-separated partition numbers, e.g. `0,2`."""
-    try:
-        chosen = sorted({int(part) for part in text.split(",") if part.strip()})
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"partition numbers separated by commas, got {text!r}"
-        ) from None
-    if not chosen or chosen[0] < 0:
-        raise argparse.ArgumentTypeError(f"partition numbers from 0, got {text!r}")
+def chosen_partitions(text: str | None, count: int) -> list[int]:
+    """The partitions `--partitions text` names (all `count` without the flag), or a
+    CommandError that echoes the text and names the valid range."""
+    if text is None:
+        return list(range(count))
+    valid = f"NEGCASE_PARTITIONS={count} has " + (
+        "partition 0 only" if count == 1 else f"partitions 0 to {count - 1}"
+    )
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    if not parts:
+        raise CommandError(f"--partitions is empty: give partition numbers; {valid}")
+    not_numbers = [part for part in parts if not (part.isascii() and part.isdigit())]
+    if not_numbers:
+        raise CommandError(
+            f"--partitions {text}: {not_numbers[0]!r} is not a partition number; {valid}"
+        )
+    chosen = sorted({int(part) for part in parts})
+    if chosen[-1] >= count:
+        raise CommandError(f"--partitions {text}: no partition {chosen[-1]}; {valid}")
     return chosen
 
 
@@ -92,18 +103,13 @@ def run_detect(args: argparse.Namespace) -> int:
         claim_idle_ms=args.claim_idle_ms,
         archive=False if args.no_archive else None,
     )
+    partitions = chosen_partitions(args.partitions, settings.partitions)
     client = redis_client(settings)
     archived = settings.archive
     consumer = args.consumer or default_consumer_name()
     log_startup(log, "detector", settings, consumer, DETECTOR_GROUP)
     stop = StopFlag()
     install_signal_handlers(stop, f"detector {consumer}")
-    partitions = args.partitions or list(range(settings.partitions))
-    if partitions[-1] >= settings.partitions:
-        raise CommandError(
-            f"--partitions {args.partitions}: NEGCASE_PARTITIONS={settings.partitions} "
-            f"has partitions 0 to {settings.partitions - 1}"
-        )
     detectors = [
         # An archive each: detectors of one archive folder share it as processes do.
         LossDetector(

@@ -236,7 +236,9 @@ class Settings:
         if self.log_format not in LOG_FORMATS:
             raise SettingsError(f"log_format: text or json, got {self.log_format!r}")
         if not 1 <= self.partitions <= MAX_PARTITIONS:
-            raise SettingsError(f"partitions: must be 1 to {MAX_PARTITIONS}")
+            raise SettingsError(
+                f"NEGCASE_PARTITIONS: must be 1 to {MAX_PARTITIONS}, got {self.partitions}"
+            )
         if self.min_replica_acks < 0:
             raise SettingsError("min_replica_acks: must be 0 (no WAIT) or more")
         # WAIT's timeout 0 means "forever": a worker would hang while no replica is up.

@@ -63,13 +63,16 @@ def memory_report(client: redis.Redis, keys: Keys, partitions: int = 1) -> dict[
     info = _memory_info(client)
     spaces = keys.with_partitions(partitions)
     pipe = client.pipeline(transaction=False)
+    spans = []  # each namespace's replies: what its _count_reads queued, however many
     for one in spaces:
+        start = len(pipe)
         _count_reads(pipe, one)
+        spans.append(slice(start, len(pipe)))
     replies = pipe.execute()
     # family -> (how many keys it has, the keys measured), added up over the namespaces
     measured: dict[str, tuple[int, list[str]]] = {}
-    for index, one in enumerate(spaces):
-        own = _measured(one, replies[index * _COUNT_READS : (index + 1) * _COUNT_READS])
+    for one, span in zip(spaces, spans, strict=True):
+        own = _measured(one, replies[span])
         for family, (count, names) in own.items():
             before_count, before_names = measured.get(family, (0, []))
             measured[family] = (before_count + count, before_names + names)
@@ -97,11 +100,9 @@ def memory_report(client: redis.Redis, keys: Keys, partitions: int = 1) -> dict[
     }
 
 
-_COUNT_READS = 8
-
-
 def _count_reads(pipe: Pipeline, keys: Keys) -> None:
-    """The _COUNT_READS reads that count and sample the per-id families of `keys`."""
+    """Queue the reads that count and sample the per-id families of `keys` (_measured
+    reads their replies in this order)."""
     pipe.scard(keys.cases)
     pipe.scard(keys.featureless)
     pipe.srandmember(keys.cases, SAMPLE_KEYS)

@@ -12,6 +12,7 @@ import redis
 
 from negcase.schemas.outcome import Outcome
 from negcase.store.keys import Keys
+from negcase.store.streams import by_entry_id
 
 FIELD = b"o"
 READ_CHUNK = 1000
@@ -46,7 +47,7 @@ class OutcomeStore:
         arrived: list[tuple[bytes, bytes]] = []
         for p, part in enumerate(self.parts):
             arrived += self._read_new(p, part)
-        for _, packed in sorted(arrived, key=lambda entry: _id_order(entry[0])):
+        for _, packed in sorted(arrived, key=by_entry_id):
             self._replay.append(Outcome.from_msgpack(packed))
         return list(self._replay)
 
@@ -58,7 +59,7 @@ class OutcomeStore:
         for part in self.parts:
             pipe.xrevrange(part.validation, b"+", b"-", count=size)
         entries = [entry for reply in pipe.execute() for entry in reply]
-        newest = sorted(entries, key=lambda entry: _id_order(entry[0]))[-size:]
+        newest = sorted(entries, key=by_entry_id)[-size:]
         return [Outcome.from_msgpack(fields[FIELD]) for _, fields in newest]
 
     def _read_new(self, p: int, part: Keys) -> list[tuple[bytes, bytes]]:
@@ -72,8 +73,3 @@ class OutcomeStore:
                 self._last_ids[p] = entry_id
             if len(entries) < READ_CHUNK:
                 return arrived
-
-
-def _id_order(entry_id: bytes) -> tuple[int, int]:
-    milliseconds, sequence = entry_id.split(b"-")
-    return int(milliseconds), int(sequence)

@@ -1,6 +1,7 @@
 """What every consumer-group worker shares: reading entries out of a reply, its own pending
 entries and abandoned ones, naming the consumer, its consumers and leaving the group, and
-packing a dead letter for a Lua script."""
+packing a dead letter for a Lua script; and the order that merges entries of several
+streams."""
 
 from __future__ import annotations
 
@@ -34,6 +35,13 @@ def entries_of(reply: list | dict | None) -> list[Entry]:
             stream_entries = stream_entries[0]
         entries.extend(stream_entries)
     return entries
+
+
+def by_entry_id(entry: tuple[bytes, object]) -> tuple[int, int]:
+    """Sort key of a stream entry (id first): its id as numbers, so that entries read from
+    several streams merge in time order (as bytes, b"10-0" would sort before b"9-0")."""
+    milliseconds, sequence = entry[0].split(b"-")
+    return int(milliseconds), int(sequence)
 
 
 def own_pending(

@@ -14,6 +14,10 @@ import redis
 from negcase.cli.options import connection_options, redis_client, settings_from
 from negcase.schemas.event import EVENT_TYPES, Event, event_json, event_line
 from negcase.store.keys import Keys
+from negcase.store.streams import by_entry_id
+
+# How often _follow_merged polls its streams while all are quiet (no XREAD spans slots).
+POLL_S = 0.2
 
 
 def format_event(event: Event) -> str:
@@ -58,7 +62,7 @@ def recent_events(client: redis.Redis, keys: Keys, count: int, partitions: int =
     for one in keys.with_partitions(partitions):
         pipe.xrevrange(one.events, count=count)
     entries = [entry for newest in pipe.execute() for entry in newest]
-    entries.sort(key=lambda entry: _id_order(entry[0]), reverse=True)
+    entries.sort(key=by_entry_id, reverse=True)
     return [Event.from_fields(fields) for _, fields in entries[:count]]
 
 
@@ -72,7 +76,7 @@ def _follow_merged(
         newest = client.xrevrange(stream, count=max(1, last))
         cursors[stream] = newest[0][0] if newest else "0-0"
         recent += newest[: max(0, last)]
-    shown = sorted(recent, key=lambda entry: _id_order(entry[0]))[-last:] if last > 0 else []
+    shown = sorted(recent, key=by_entry_id)[-last:] if last > 0 else []
     for _, fields in shown:
         yield Event.from_fields(fields)
     while True:
@@ -86,16 +90,8 @@ def _follow_merged(
             time.sleep(min(POLL_S, block_ms / 1000))
             yield None
             continue
-        for _, fields in sorted(arrived, key=lambda entry: _id_order(entry[0])):
+        for _, fields in sorted(arrived, key=by_entry_id):
             yield Event.from_fields(fields)
-
-
-POLL_S = 0.2
-
-
-def _id_order(entry_id: bytes) -> tuple[int, int]:
-    milliseconds, sequence = entry_id.split(b"-")
-    return int(milliseconds), int(sequence)
 
 
 def _wanted(event: Event, types: set[str], symbols: set[str]) -> bool:

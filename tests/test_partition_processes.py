@@ -5,7 +5,9 @@ and `negcase status --json` adds the partitions up to the truth."""
 from __future__ import annotations
 
 import json
+import os
 import signal
+import subprocess
 from collections import Counter
 
 import redis
@@ -42,13 +44,17 @@ def wins(count: int) -> list[dict[str, object]]:
 def test_three_partitions_lose_nothing_and_do_nothing_twice_when_a_trainer_is_killed(
     client: redis.Redis, settings: Settings, spawn
 ) -> None:
-    # given three partitions and trades on six symbols (two per partition)
+    # given three partitions and trades on six symbols (two per partition): half of the
+    # losses now, the other half once a first trainer is claiming
     three = settings.with_overrides(partitions=PARTITIONS, heldout_share=0.0)
     losses = partitioned_losses(LOSSES, prefix="pp")
-    publish_trades(client, three.keys, [*losses, *wins(WINS)], partitions=PARTITIONS)
+    first_half, second_half = losses[: LOSSES // 2], losses[LOSSES // 2 :]
+    publish_trades(client, three.keys, [*first_half, *wins(WINS)], partitions=PARTITIONS)
+    # A 4 s lease: a trainer's heartbeat thread stalled for a second on a loaded machine
+    # must not lose its lease (three lost leases make a case dead).
     env = worker_env(
         three,
-        NEGCASE_LEASE_S="1",
+        NEGCASE_LEASE_S="4",
         NEGCASE_BASE_EPOCHS="2,2,2,2,2",
         NEGCASE_EPOCH_MULTIPLIER="1",
         NEGCASE_VALIDATION_SIZE="10",
@@ -56,12 +62,17 @@ def test_three_partitions_lose_nothing_and_do_nothing_twice_when_a_trainer_is_ki
         NEGCASE_MIN_OUTCOMES="0",
     )
     queues = CaseQueues.of(client, three.keys, PARTITIONS)
-    # when one detector consumes every partition and two trainers train
+    # when one detector consumes every partition and a first trainer claims
     detector = spawn("detect", "--consumer", "d", "--block-ms", "100", env=env)
     victim = spawn("train", "--consumer", "t1", env=env)
-    other = spawn("train", "--consumer", "t2", env=env)
-    # and the first trainer is SIGKILLed while it holds leases, then restarted
+    # (the second trainer starts only now: started together, it could drain every case
+    # while the first still imports torch, and the first would never hold a lease)
     wait_until(lambda: _holds_leases(client, three, "t1"), 60, "t1 to hold a lease")
+    # and a second trainer joins, with the second half of the losses
+    other = spawn("train", "--consumer", "t2", env=env)
+    publish_trades(client, three.keys, second_half, partitions=PARTITIONS)
+    # and the first trainer is SIGKILLed while it holds leases, then restarted
+    wait_until(lambda: _paused_holding_leases(victim, client, three, "t1"), 60, "t1 held")
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     restarted = spawn("train", "--consumer", "t1-again", env=env)
@@ -112,6 +123,19 @@ def _holds_leases(client: redis.Redis, settings: Settings, trainer: str) -> bool
         for record in client.hvals(keys.leases):
             if trainer.encode() in record:
                 return True
+    return False
+
+
+def _paused_holding_leases(
+    process: subprocess.Popen[str], client: redis.Redis, settings: Settings, trainer: str
+) -> bool:
+    """Stop `process` (SIGSTOP); true if it holds a lease, and it stays stopped, so that
+    a kill lands mid-lease; otherwise it continues (SIGCONT) and the answer is false."""
+    process.send_signal(signal.SIGSTOP)
+    os.waitpid(process.pid, os.WUNTRACED)  # SIGSTOP is delivered asynchronously
+    if _holds_leases(client, settings, trainer):
+        return True
+    process.send_signal(signal.SIGCONT)
     return False
 
 

@@ -90,6 +90,14 @@ def test_the_real_loop_learns_on_the_train_part_and_is_judged_on_the_held_out_pa
         assert -1 <= low <= high <= 1
         difference = row["loss_rate"] - control["loss_rate"]
         assert row["loss_rate_vs_control"] == pytest.approx(difference, abs=1e-5)
+    # and the latest checkpoint is set beside the first and the offline model, paired
+    against = held["latest_against"]
+    for other in (first, offline):
+        paired = against[other["policy"]]
+        difference = latest["loss_rate"] - other["loss_rate"]
+        assert paired["difference"] == pytest.approx(difference, abs=1e-5)
+        low, high = paired["interval_95"]
+        assert -1 <= low <= high <= 1
     # and the served policy is the live logic carried on: each decision answered by the
     # version serving named (or the control rule), starting from what served at the end
     served_report = report["served"]
@@ -157,6 +165,7 @@ def test_one_trainer_and_one_seed_print_the_same_table_twice(tmp_path):
     first, second = (finished(run) for run in runs)
     # then they print the same table, to the last digit, after learning something
     assert first == second
+    assert "latest    loss rate against the first checkpoint " in first
     latest = re.search(r"^latest checkpoint v(\d+) ", first, re.MULTILINE)
     assert latest and int(latest[1]) >= 2, first
 

@@ -66,6 +66,7 @@ from negcase.sim.verdict import (
     SERVED,
     Outcomes,
     block_resamples,
+    latest_against,
     row_figures,
     verdict_line,
 )
@@ -316,6 +317,7 @@ def _report(
             "to": bars.label(len(bars) - 1),
             "decisions": len(plan.held_out),
             "rows": rows,
+            "latest_against": latest_against(outcomes, indices),
         },
         "cases": {
             "total": sum(tally.cases_by_priority.values()),

@@ -108,6 +108,27 @@ def row_figures(row: Outcomes, control: Outcomes, indices: np.ndarray) -> dict[s
     }
 
 
+def latest_against(outcomes: list[Outcomes], indices: np.ndarray) -> dict[str, Any]:
+    """The latest checkpoint's loss rate minus the first checkpoint's and the offline
+    model's, each with its paired 95 % interval: whether learning moved past its start, and
+    whether it matches an offline model of every train bar."""
+    by_name = {row.name: row for row in outcomes}
+    latest = by_name[LATEST]
+    return {name: _paired(latest, by_name[name], indices) for name in (FIRST, OFFLINE)}
+
+
+def _paired(row: Outcomes, other: Outcomes, indices: np.ndarray) -> dict[str, Any] | None:
+    """Row's loss rate minus other's, with its interval; None where either made no trade."""
+    rates = (_loss_rate(row), _loss_rate(other))
+    if rates[0] is None or rates[1] is None or len(row.sides) != len(other.sides):
+        return None
+    interval = difference_interval(row, other, indices)
+    return {
+        "difference": _rounded(rates[0] - rates[1]),
+        "interval_95": None if interval is None else [_rounded(v) for v in interval],
+    }
+
+
 def _loss_rate(outcomes: Outcomes) -> float | None:
     trades = int(outcomes.traded.sum())
     return int(outcomes.lost.sum()) / trades if trades else None
@@ -229,9 +250,25 @@ def render_report(report: dict[str, Any]) -> str:
         "train part, loss rate of the model's live trades by quarter, beside the control rule "
         "on the same bars:",
         *(_quarter_line(quarter) for quarter in train["quarters"]),
+        *_latest_lines(held.get("latest_against")),
         "verdict   " + report["verdict"],
     ]
     return "\n".join(lines)
+
+
+def _latest_lines(compared: dict[str, Any] | None) -> list[str]:
+    """The latest checkpoint against the first and the offline model, paired."""
+    if not compared:
+        return []
+    parts = []
+    for name, figures in compared.items():
+        if figures is None:
+            parts.append(f"{name} n/a")
+            continue
+        interval = figures["interval_95"]
+        within = "" if interval is None else f" [{_points(interval[0])}, {_points(interval[1])}]"
+        parts.append(f"{name} {_points(figures['difference'])} points{within}")
+    return ["latest    loss rate against the " + ", against the ".join(parts)]
 
 
 def _served_lines(served: dict[str, Any] | None, canary: dict[str, Any] | None) -> list[str]:

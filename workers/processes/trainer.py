@@ -365,6 +365,11 @@ class Trainer:
     ) -> None:
         settings = self.settings
         fc = settings.feature_count
+        # Build on what the live logic has decided by now: the outcomes that queued these
+        # cases may end a trial (a retired canary sets latest back), and whether the detector
+        # took that step yet must not change what is trained from (one trainer and a seed
+        # give the same lineage every run).
+        self.serving.step()
         base_version, base_state = self._base_state()
         session.base_version = base_version
         replay = self.outcome_store.replay()

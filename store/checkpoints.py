@@ -371,12 +371,12 @@ class CheckpointRegistry:
 
     def _finish_learned(self, leases: Sequence[Lease], blobs: Mapping[str, bytes]) -> None:
         """Finish the published cases in their partitions. A lease lost since the check is
-        left to the reaper: its case is claimed again and finished as learned then."""
+        left to the reaper, which finishes its case as learned."""
         assert self.queues is not None
         try:
             self.queues.ack(leases, blobs)
         except LeaseLost as error:
-            log.warning("published, but %s; it is finished when next claimed", error)
+            log.warning("published, but %s; the reaper finishes it as learned", error)
 
     def _drop_learned(self, leases: Sequence[Lease], case_id: str, trainer: str) -> None:
         """An earlier checkpoint learned `case_id`: finish it, hand the others back."""

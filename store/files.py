@@ -71,10 +71,16 @@ def write_atomic(path: Path, data: bytes, replace: bool = True) -> None:
     """Write `data` to `path` whole and durably; without `replace`, FileExistsError when
     `path` exists (and nothing is written)."""
     tmp = temp_name(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError:
+        # A full disk or a lost folder: no half-written temp file is left behind.
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     give_name(tmp, path, replace)
     fsync_folder(path.parent)
 

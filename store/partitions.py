@@ -4,8 +4,9 @@ every later step of a lease goes to the partition it came from.
 
 With one partition this is the namespace's own queue, called exactly as CaseQueue is.
 With more, a publish cannot finish its cases in the lineage's script (another slot): the
-lineage keeps `learned`, and a claim finishes at once a case that a published checkpoint
-already learned (its trainer died between that publish and its ack)."""
+lineage keeps `learned`; a case a published checkpoint already learned (its trainer died
+between that publish and its ack) is finished by the reaper when its lease lapses, or by a
+claim that meets it queued, never trained again."""
 
 from __future__ import annotations
 
@@ -120,18 +121,24 @@ class CaseQueues:
         return sum(queue.reap(limit, learned[p]) for p, queue in enumerate(self.queues))
 
     def _learned_among_leased(self, limit: int) -> list[list[str]]:
-        """Per partition, which of the `limit` leases closest to their deadline (those a reap
-        may take) are of cases `learned` holds: two pipelines, whatever the partitions."""
+        """Per partition, which expired leases (at most `limit`, those a reap takes) are of
+        cases `learned` holds. Cheap when nothing expired: one TIME and one pipeline. A lease
+        that expires between this read and the reap is retried as usual, and its case is
+        finished as learned when next claimed."""
+        seconds, micros = self.client.time()
+        now_ms = seconds * 1000 + micros // 1000
         pipe = self.client.pipeline(transaction=False)
         for queue in self.queues:
-            pipe.zrange(queue.keys.leased, 0, limit - 1)
-        leased = [[case_id.decode() for case_id in ids] for ids in pipe.execute()]
+            pipe.zrangebyscore(queue.keys.leased, "-inf", now_ms, start=0, num=limit)
+        expired = [[case_id.decode() for case_id in ids] for ids in pipe.execute()]
+        if not any(expired):
+            return expired
         pipe = self.client.pipeline(transaction=False)
-        for ids in leased:
+        for ids in expired:
             for case_id in ids:
                 pipe.zscore(self.keys.learned, case_id)
         scores = iter(pipe.execute())
-        return [[case_id for case_id in ids if next(scores) is not None] for ids in leased]
+        return [[case_id for case_id in ids if next(scores) is not None] for ids in expired]
 
     def requeue(self, cases: Sequence[NegativeCase], partition: int, restore: bool = False) -> int:
         """CaseQueue.requeue in `partition`; the cases may be published again (they leave

@@ -4,8 +4,8 @@
 -- idempotency record in the lineage's slot. A case already there was published by an earlier
 -- checkpoint (its trainer died between that publish and its ack): refused, so no case's
 -- update is ever published twice. The trainer checked its leases just before, and acks its
--- cases in their partition just after; a case left leased by a crash in between is reaped,
--- claimed again and finished as learned (store/partitions.py). Otherwise as
+-- cases in their partition just after; a case left leased by a crash in between is finished
+-- as learned by the reaper (or a claim that meets it queued; store/partitions.py). Otherwise as
 -- publish_checkpoint.lua: compare-and-set `latest`, store, announce, trim. Everything is
 -- read and checked before the first write.
 --

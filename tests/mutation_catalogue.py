@@ -455,6 +455,16 @@ MUTATIONS: tuple[Mutation, ...] = (
         "",
         PARTITIONS,
     ),
+    Mutation(
+        "reload",
+        "a trainer builds on latest as it stands, before the trial its cases ended is settled",
+        "workers/processes/trainer.py",
+        "        try:\n            self.serving.step()\n",
+        "        try:\n            pass\n",
+        (
+            "tests/test_serving.py::test_a_trainer_builds_on_what_the_live_logic_decided_before_it_trains",
+        ),
+    ),
     # Hot reload
     Mutation(
         "reload",

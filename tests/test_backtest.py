@@ -134,6 +134,7 @@ def test_the_real_loop_learns_on_the_train_part_and_is_judged_on_the_held_out_pa
     # the pipeline kept up, and every worker stopped cleanly
     run = report["run"]
     assert (run["pipeline_late"], run["failed_signal_requests"]) == (0, 0)
+    assert run["trades_out_error"] is None
     assert set(run["worker_exit_codes"].values()) == {0}
     # the run's namespace is gone and the live keys are untouched
     assert client.get("negcase:ckpt:latest") == b"7"
@@ -201,7 +202,7 @@ def test_input_it_cannot_use_is_one_clear_line_before_anything_starts(
     ("decisions", "environment", "expected"),
     [(900, {}, 200), (300, {}, 100), (30, {}, 20), (300, {"NEGCASE_MIN_OUTCOMES": "250"}, 250)],
 )
-def test_a_backtest_waits_for_at_most_a_third_of_its_train_decisions_before_a_first_model(
+def test_a_backtest_waits_for_a_third_of_its_train_decisions_at_most_and_20_at_least(
     monkeypatch, decisions, environment, expected
 ):
     # given a train part of `decisions` decisions, and NEGCASE_MIN_OUTCOMES set or not

@@ -4,6 +4,7 @@ and steps racing from many clients making each change once."""
 
 from __future__ import annotations
 
+import random
 import threading
 
 import numpy as np
@@ -13,13 +14,17 @@ import safetensors.numpy
 
 from negcase.cli.status import gather_status
 from negcase.cli.status_view import render_status
+from negcase.processes.trainer import Trainer
 from negcase.runtime.settings import Settings
 from negcase.schemas.event import Event
 from negcase.store.checkpoints import CheckpointRegistry
 from negcase.store.connection import connect
 from negcase.store.live import LiveOutcome, LiveScores, window_stats, z_score
 from negcase.store.serving import ServingControl, read_state, takes_canary
+from negcase.store.sessions import SessionStore
+from tests.conftest import run_burst
 from tests.serving import events_of, publish
+from tests.training_cases import add_cases, make_case, random_features
 
 # Two P&L patterns with the same spread: a version that earns, one that loses.
 GOOD = [1.5, -0.5, 2.0, 0.5, -1.0, 1.0, 2.5, 0.0]
@@ -153,6 +158,23 @@ def test_a_worse_canary_is_retired_and_trainers_build_on_the_version_in_service(
     following = publish(client, settings, seed=3)
     assert control(client, settings).step().kind == "canary_started"
     assert read_state(client, settings.keys).canary == following
+
+
+def test_a_trainer_builds_on_what_the_live_logic_decided_before_it_trains(client, settings) -> None:
+    # given a canary whose live results call for its retirement, before any process took
+    # that step (latest still names the canary)
+    service, canary = canary_on_trial(client, settings)
+    score(client, settings, service, GOOD * 2, "s")
+    score(client, settings, canary, BAD * 2, "c")
+    assert read_state(client, settings.keys).latest == canary
+    # when a trainer trains the next case
+    quick = settings.with_overrides(min_outcomes=0, epoch_multiplier=0.01)
+    add_cases(client, quick, [make_case(1, random_features(random.Random(1)), priority=1)])
+    run_burst(Trainer(client, quick, "t1", None), timeout_s=120)
+    # then it built on the version in service: the retirement was settled first
+    (session,) = SessionStore(client, settings.keys, None).recent()
+    assert session.base_version == service
+    assert read_state(client, settings.keys).canary != canary
 
 
 def served_directly(client: redis.Redis, settings: Settings, seeds: range) -> list[int]:

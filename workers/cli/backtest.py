@@ -213,7 +213,8 @@ def first_checkpoint_after(market: Market, settings: Settings) -> int:
 
 
 def run_backtest_command(args: argparse.Namespace) -> int:
-    """Run the backtest and print its report; exit status 1 if a worker did not stop cleanly."""
+    """Run the backtest and print its report; exit status 1 if a worker did not stop cleanly
+    or the --trades-out file could not be written (the log says why)."""
     from negcase.sim.plot import PlotUnavailable, check_plotting, plot_equity
     from negcase.sim.verdict import render_report
 
@@ -235,4 +236,6 @@ def run_backtest_command(args: argparse.Namespace) -> int:
         held = report["held_out"]
         title = f"{symbol}: held-out equity, {held['from']} to {held['to']}"
         plot_equity(args.plot, result.outcomes, result.dates, title)
-    return 0 if set(report["run"]["worker_exit_codes"].values()) <= {0} else 1
+    run = report["run"]
+    clean = set(run["worker_exit_codes"].values()) <= {0}
+    return 0 if clean and not run["trades_out_error"] else 1

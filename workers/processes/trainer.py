@@ -368,8 +368,11 @@ class Trainer:
         # Build on what the live logic has decided by now: the outcomes that queued these
         # cases may end a trial (a retired canary sets latest back), and whether the detector
         # took that step yet must not change what is trained from (one trainer and a seed
-        # give the same lineage every run).
-        self.serving.step()
+        # give the same lineage every run). A step that fails is not these cases' fault.
+        try:
+            self.serving.step()
+        except (redis.ResponseError, ValueError) as error:
+            log.warning("serving step before training failed (%s); building on latest", error)
         base_version, base_state = self._base_state()
         session.base_version = base_version
         replay = self.outcome_store.replay()

@@ -205,6 +205,7 @@ class Walked:
     waits: int
     late: int
     failed_requests: int
+    trades_out_error: str | None
 
 
 def _walk(
@@ -238,10 +239,17 @@ def _walk(
         walk_s = time.monotonic() - started_s
     finally:
         exit_codes = pipeline.stop()
+    trades_out_error = None
     if config.trades_out is not None:
-        write_trades(config.trades_out, walk.published)
+        trades_out_error = write_trades(config.trades_out, walk.published)
     return Walked(
-        decisions, walk_s, exit_codes, pipeline.waits, pipeline.late, pipeline.failed_requests
+        decisions,
+        walk_s,
+        exit_codes,
+        pipeline.waits,
+        pipeline.late,
+        pipeline.failed_requests,
+        trades_out_error,
     )
 
 
@@ -256,15 +264,17 @@ def check_writable(path: Path) -> None:
         raise PermissionError(f"--trades-out: {path.parent} is not writable")
 
 
-def write_trades(path: Path, trades: list[dict[str, Any]]) -> None:
+def write_trades(path: Path, trades: list[dict[str, Any]]) -> str | None:
     """The train part's trades and skips as JSON lines of TradeClosed, in the order they were
     published (what `negcase bootstrap --trades` reads to start a deployment's first model
-    from this history), written whole. A failure is logged, not raised: the run's report
-    matters more than this copy of its history."""
+    from this history), written whole. Returns why it could not be written, or None: the
+    run's report matters more than this copy of its history, so it is not raised."""
     try:
         write_atomic(path, b"".join(orjson.dumps(trade) + b"\n" for trade in trades))
     except OSError as error:
         log.error("--trades-out: %s not written (%s); the report follows", path, error)
+        return f"{path}: {error.strerror or error}"
+    return None
 
 
 def _report(
@@ -346,6 +356,7 @@ def _report(
             "pipeline_late": walked.late,
             "failed_signal_requests": walked.failed_requests,
             "worker_exit_codes": walked.exit_codes,
+            "trades_out_error": walked.trades_out_error,
         },
     }
 

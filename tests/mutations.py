@@ -180,14 +180,20 @@ def checkout_files(root: Path) -> list[str]:
     return [name for name in listed.decode().split("\0") if name and (root / name).is_file()]
 
 
-def failed_tests(report: Path) -> list[str]:
-    """`file::test` of every test that failed or errored, from a JUnit XML report."""
+def failed_tests(report: Path, why: bool = False) -> list[str]:
+    """`file::test` of every test that failed or errored, from a JUnit XML report; with
+    `why`, each followed by the first line of its failure message."""
     failed = []
     for case in ET.parse(report).getroot().iter("testcase"):
-        if case.find("failure") is not None or case.find("error") is not None:
-            module = case.get("classname", "").split(".")
-            file = "/".join(part for part in module if not part[:1].isupper()) + ".py"
-            failed.append(f"{file.removeprefix('tests/')}::{case.get('name')}")
+        problem = case.find("failure")
+        problem = problem if problem is not None else case.find("error")
+        if problem is None:
+            continue
+        module = case.get("classname", "").split(".")
+        file = "/".join(part for part in module if not part[:1].isupper()) + ".py"
+        name = f"{file.removeprefix('tests/')}::{case.get('name')}"
+        message = (problem.get("message") or "").strip().splitlines()
+        failed.append(f"{name} ({message[0][:300]})" if why and message else name)
     return failed
 
 
@@ -250,9 +256,10 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_baseline:
             baseline = tuple(dict.fromkeys(test for m in chosen for test in m.tests))
             print(f"baseline: {len(baseline)} test selections on the unmutated copy", flush=True)
-            code, failed = scratch.pytest(baseline, every=True, report=report)
+            code, _ = scratch.pytest(baseline, every=True, report=report)
             if code != 0:
-                print(f"the unmutated copy fails: {', '.join(failed)}", file=sys.stderr)
+                why = "; ".join(failed_tests(report, why=True))
+                print(f"the unmutated copy fails: {why}", file=sys.stderr)
                 return 2
         verdicts = []
         for n, mutation in enumerate(chosen, 1):

@@ -138,8 +138,8 @@ class CheckpointRegistry:
         self.acks = acks
         # Versions whose publish reply was lost: settled once Redis answers (settle_pending).
         self._unsettled: set[int] = set()
-        self._publish = script(client, "publish_checkpoint", "clock", "lease")
-        self._publish_learned = script(client, "publish_learned", "clock")
+        self._publish = script(client, "publish_checkpoint", "clock", "lease", "store_checkpoint")
+        self._publish_learned = script(client, "publish_learned", "clock", "store_checkpoint")
         self._rollback = script(client, "rollback_checkpoint", "clock")
 
     def latest_version(self) -> int | None:

@@ -16,11 +16,14 @@
 --       10 lease count, then per lease (3): case_id, fencing token, updated blob ('' keeps it),
 --       then one version per dropped checkpoint hash, in KEYS order
 -- Returns {'published', version} | {'conflict', current latest or ''} | {'fenced', case_id}
-local latest, checkpoint, versions, stream, events, counter =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[8]
+local latest, checkpoint, versions = KEYS[1], KEYS[2], KEYS[3]
+local lineage = {latest = latest, checkpoint = checkpoint, versions = versions,
+  stream = KEYS[4], events = KEYS[5], counter = KEYS[8]}
 local k = {leased = KEYS[6], leases = KEYS[7], done = KEYS[9], attempts = KEYS[10],
   rejected = KEYS[11], retire = KEYS[12]}
-local version, parent, sha256 = ARGV[2], ARGV[3], ARGV[5]
+local version, sha256 = ARGV[2], ARGV[5]
+local published = {version = version, parent = ARGV[3], weights = ARGV[4], sha256 = sha256,
+  meta = ARGV[6], stream_maxlen = ARGV[7], events_maxlen = ARGV[8], trainer = ARGV[9]}
 local n_leases = tonumber(ARGV[10])
 local FIRST_CASE_KEY = 13
 
@@ -36,23 +39,7 @@ local now_ms = redis_now_ms()
 for i = 11, 10 + 3 * n_leases, 3 do
   if not lease_holds(k.leased, k.leases, ARGV[i], ARGV[i + 1], now_ms) then return {'fenced', ARGV[i]} end
 end
--- A failover can lose the INCR that handed out `version` while this publish survives:
--- the counter never stays below a published version, so no number is handed out twice.
-local raise_counter = (tonumber(redis.call('GET', counter)) or 0) < tonumber(version)
-
-redis.call('HSET', checkpoint, 'weights', ARGV[4], 'sha256', sha256, 'meta', ARGV[6])
-redis.call('ZADD', versions, version, version)
-redis.call('SET', latest, version)
-if raise_counter then redis.call('SET', counter, version) end
-local announcement = {'kind', 'published', 'version', version, 'sha256', sha256, 'at_ms', now_ms}
-if parent ~= '' then
-  table.insert(announcement, 'parent_version')
-  table.insert(announcement, parent)
-end
-redis.call('XADD', stream, 'MAXLEN', '~', ARGV[7], '*', unpack(announcement))
-redis.call('XADD', events, 'MAXLEN', '~', ARGV[8], '*', 'type', 'checkpoint_published',
-  'at_ms', now_ms, 'version', version, 'parent_version', parent, 'sha256', sha256,
-  'trainer', ARGV[9])
+store_checkpoint(lineage, published, now_ms)
 
 local n = 0
 for i = 11, 10 + 3 * n_leases, 3 do

@@ -16,9 +16,12 @@
 --       10 learned window ms, 11 case count, then the case ids, then one version per dropped
 --       checkpoint hash, in KEYS order
 -- Returns {'published', version} | {'conflict', current latest or ''} | {'learned', case_id}
-local latest, checkpoint, versions, stream, events, counter, learned =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
-local version, parent, sha256 = ARGV[2], ARGV[3], ARGV[5]
+local latest, checkpoint, versions, learned = KEYS[1], KEYS[2], KEYS[3], KEYS[7]
+local lineage = {latest = latest, checkpoint = checkpoint, versions = versions,
+  stream = KEYS[4], events = KEYS[5], counter = KEYS[6]}
+local version, sha256 = ARGV[2], ARGV[5]
+local published = {version = version, parent = ARGV[3], weights = ARGV[4], sha256 = sha256,
+  meta = ARGV[6], stream_maxlen = ARGV[7], events_maxlen = ARGV[8], trainer = ARGV[9]}
 local window_ms, n_cases = tonumber(ARGV[10]), tonumber(ARGV[11])
 local FIRST_CASE, FIRST_STALE_KEY = 12, 8
 
@@ -33,22 +36,7 @@ for i = FIRST_CASE, FIRST_CASE + n_cases - 1 do
 end
 
 local now_ms = redis_now_ms()
--- A failover can lose the INCR that handed out `version` while this publish survives.
-local raise_counter = (tonumber(redis.call('GET', counter)) or 0) < tonumber(version)
-
-redis.call('HSET', checkpoint, 'weights', ARGV[4], 'sha256', sha256, 'meta', ARGV[6])
-redis.call('ZADD', versions, version, version)
-redis.call('SET', latest, version)
-if raise_counter then redis.call('SET', counter, version) end
-local announcement = {'kind', 'published', 'version', version, 'sha256', sha256, 'at_ms', now_ms}
-if parent ~= '' then
-  table.insert(announcement, 'parent_version')
-  table.insert(announcement, parent)
-end
-redis.call('XADD', stream, 'MAXLEN', '~', ARGV[7], '*', unpack(announcement))
-redis.call('XADD', events, 'MAXLEN', '~', ARGV[8], '*', 'type', 'checkpoint_published',
-  'at_ms', now_ms, 'version', version, 'parent_version', parent, 'sha256', sha256,
-  'trainer', ARGV[9])
+store_checkpoint(lineage, published, now_ms)
 for i = FIRST_CASE, FIRST_CASE + n_cases - 1 do
   redis.call('ZADD', learned, now_ms, ARGV[i])
 end

@@ -182,7 +182,7 @@ def test_files_of_a_publish_that_never_completed_are_not_trusted(client, setting
 def test_a_retried_publish_is_done_once_and_the_counter_never_lags(client, settings) -> None:
     # given a publish of v7 whose INCR a failover lost (the counter is still empty)
     keys = settings.keys
-    publish = script(client, "publish_checkpoint", "clock", "lease")
+    publish = script(client, "publish_checkpoint", "clock", "lease", "store_checkpoint")
     script_keys = [
         *(keys.latest, keys.checkpoint(7), keys.versions, keys.checkpoints, keys.events),
         *(keys.leased, keys.leases, keys.version_counter),

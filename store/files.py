@@ -76,12 +76,12 @@ def write_atomic(path: Path, data: bytes, replace: bool = True) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        give_name(tmp, path, replace)
     except OSError:
-        # A full disk or a lost folder: no half-written temp file is left behind.
+        # A full disk, a lost folder, a folder where the file was: no temp file is left.
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    give_name(tmp, path, replace)
     fsync_folder(path.parent)
 
 

@@ -26,6 +26,10 @@ from negcase.store.queue import CaseQueue, queue_counts
 T = TypeVar("T")
 
 
+# How far past now the reaper's "learned" read looks (see _learned_among_leased).
+REAP_MARGIN_MS = 5_000
+
+
 class CaseQueues:
     """One CaseQueue per partition (`queues[p]` has partition p's keys), and a queue on the
     namespace's own keys for what lives there (open sessions, `learned`)."""
@@ -121,24 +125,25 @@ class CaseQueues:
         return sum(queue.reap(limit, learned[p]) for p, queue in enumerate(self.queues))
 
     def _learned_among_leased(self, limit: int) -> list[list[str]]:
-        """Per partition, which expired leases (at most `limit`, those a reap takes) are of
-        cases `learned` holds. Cheap when nothing expired: one TIME and one pipeline. A lease
-        that expires between this read and the reap is retried as usual, and its case is
-        finished as learned when next claimed."""
+        """Per partition, which leases due by now plus REAP_MARGIN_MS (at most `limit`: those
+        a reap may take) are of cases `learned` holds. The margin covers the time until the
+        reap runs and the skew between this node's clock and the partition's; a lease named
+        but not yet expired is left alone by the reap. Cheap when none is due: one TIME and
+        one pipeline."""
         seconds, micros = self.client.time()
-        now_ms = seconds * 1000 + micros // 1000
+        due_ms = seconds * 1000 + micros // 1000 + REAP_MARGIN_MS
         pipe = self.client.pipeline(transaction=False)
         for queue in self.queues:
-            pipe.zrangebyscore(queue.keys.leased, "-inf", now_ms, start=0, num=limit)
-        expired = [[case_id.decode() for case_id in ids] for ids in pipe.execute()]
-        if not any(expired):
-            return expired
+            pipe.zrangebyscore(queue.keys.leased, "-inf", due_ms, start=0, num=limit)
+        due = [[case_id.decode() for case_id in ids] for ids in pipe.execute()]
+        if not any(due):
+            return due
         pipe = self.client.pipeline(transaction=False)
-        for ids in expired:
+        for ids in due:
             for case_id in ids:
                 pipe.zscore(self.keys.learned, case_id)
         scores = iter(pipe.execute())
-        return [[case_id for case_id in ids if next(scores) is not None] for ids in expired]
+        return [[case_id for case_id in ids if next(scores) is not None] for ids in due]
 
     def requeue(self, cases: Sequence[NegativeCase], partition: int, restore: bool = False) -> int:
         """CaseQueue.requeue in `partition`; the cases may be published again (they leave

@@ -2,9 +2,10 @@
 -- requests), which is the canary (answers a share of them on trial), moved by live results.
 -- Every change happens here, in one script, and moves `epoch` on: any process may run it at
 -- any moment (a detector after each batch, a trainer before each session and after
--- publishing, an inference worker when it reads an announcement), and none can decide against another. The caller reads the
--- state first and names the keys it needs; when `epoch` or `latest` moved since, the step
--- is refused as 'stale' (before any write) and the caller reads again.
+-- publishing, an inference worker when it reads an announcement), and none can decide
+-- against another. The caller reads the state first and names the keys it needs; when
+-- `epoch` or `latest` moved since, the step is refused as 'stale' (before any write) and
+-- the caller reads again.
 --
 -- In order, at most one change a step:
 --   a version an inference worker refused is marked, and retired as canary or rolled back

@@ -288,6 +288,7 @@ class CheckpointRegistry:
         for lease in leases:
             fences += [lease.case_id, lease.token, blobs.get(lease.case_id, b"")]
         keys = self.keys
+        head = self._checkpoint_args(version, weights, sha256, meta_json, parent_version, trainer)
         status, detail = self.acks.run_script(
             self.client,
             self._publish,
@@ -308,15 +309,7 @@ class CheckpointRegistry:
                 *(keys.checkpoint(old) for old in stale),
             ],
             args=[
-                "" if parent_version is None else parent_version,
-                version,
-                "" if parent_version is None else parent_version,
-                weights,
-                sha256,
-                meta_json,
-                ANNOUNCEMENTS_MAXLEN,
-                self.events_maxlen,
-                trainer,
+                *head,
                 len(leases),
                 *fences,
                 *stale,
@@ -338,6 +331,7 @@ class CheckpointRegistry:
         """Several partitions: publish and record the cases in `learned`, in the lineage's
         slot; the caller finishes them in their partitions."""
         keys = self.keys
+        head = self._checkpoint_args(version, weights, sha256, meta_json, parent_version, trainer)
         status, detail = self.acks.run_script(
             self.client,
             self._publish_learned,
@@ -352,15 +346,7 @@ class CheckpointRegistry:
                 *(keys.checkpoint(old) for old in stale),
             ],
             args=[
-                "" if parent_version is None else parent_version,
-                version,
-                "" if parent_version is None else parent_version,
-                weights,
-                sha256,
-                meta_json,
-                ANNOUNCEMENTS_MAXLEN,
-                self.events_maxlen,
-                trainer,
+                *head,
                 self.learned_window_ms,
                 len(leases),
                 *(lease.case_id for lease in leases),
@@ -368,6 +354,30 @@ class CheckpointRegistry:
             ],
         )
         return status, detail
+
+    def _checkpoint_args(
+        self,
+        version: int,
+        weights: bytes,
+        sha256: str,
+        meta_json: bytes,
+        parent_version: int | None,
+        trainer: str,
+    ) -> list[str | int | bytes]:
+        """ARGV 1-9 of both publish scripts: the expected latest, then what
+        store_checkpoint.lua stores and announces."""
+        parent: str | int = "" if parent_version is None else parent_version
+        return [
+            parent,
+            version,
+            parent,
+            weights,
+            sha256,
+            meta_json,
+            ANNOUNCEMENTS_MAXLEN,
+            self.events_maxlen,
+            trainer,
+        ]
 
     def _finish_learned(self, leases: Sequence[Lease], blobs: Mapping[str, bytes]) -> None:
         """Finish the published cases in their partitions. A lease lost since the check is

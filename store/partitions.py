@@ -18,6 +18,7 @@ from typing import TypeVar
 import redis
 from redis.client import Pipeline
 
+from negcase.runtime.settings import Settings
 from negcase.schemas.case import NegativeCase
 from negcase.store.keys import Keys
 from negcase.store.leases import Lease
@@ -58,6 +59,20 @@ class CaseQueues:
         ]
         home = queues[0] if len(queues) == 1 else CaseQueue(client, keys, lease_s)
         return cls(client, home, queues)
+
+    @classmethod
+    def of_settings(cls, client: redis.Redis, settings: Settings) -> CaseQueues:
+        """The queues of the deployment `settings` describes (its namespace, partitions,
+        leases, attempts and held-out share)."""
+        return cls.of(
+            client,
+            settings.keys,
+            settings.partitions,
+            settings.lease_s,
+            settings.max_attempts,
+            settings.events_maxlen,
+            settings.heldout_share,
+        )
 
     @property
     def partitioned(self) -> bool:

@@ -228,14 +228,7 @@ def run_requeue(args: argparse.Namespace) -> int:
             for p, keys in enumerate(parts)
         }
         skipped = []
-    queues = CaseQueues.of(
-        client,
-        settings.keys,
-        settings.partitions,
-        settings.lease_s,
-        settings.max_attempts,
-        heldout_share=settings.heldout_share,
-    )
+    queues = CaseQueues.of_settings(client, settings)
     queued = 0
     for partition, ids in by_partition.items():
         store = CaseStore(client, parts[partition])

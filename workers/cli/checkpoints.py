@@ -215,14 +215,7 @@ def run_retrain_all(args: argparse.Namespace) -> int:
     """Requeue every stored (or archived) trainable case, each in its partition."""
     settings = settings_from(args)
     client = redis_client(settings)
-    queues = CaseQueues.of(
-        client,
-        settings.keys,
-        settings.partitions,
-        settings.lease_s,
-        settings.max_attempts,
-        heldout_share=settings.heldout_share,
-    )
+    queues = CaseQueues.of_settings(client, settings)
     if args.from_archive:
         if not args.from_archive.is_dir():
             raise CommandError(f"{args.from_archive}: no such archive folder")

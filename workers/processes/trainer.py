@@ -161,15 +161,7 @@ class Trainer:
         self.keys = settings.keys
         self.name = name
         self.archive = archive
-        self.queue = CaseQueues.of(
-            client,
-            self.keys,
-            settings.partitions,
-            settings.lease_s,
-            settings.max_attempts,
-            settings.events_maxlen,
-            settings.heldout_share,
-        )
+        self.queue = CaseQueues.of_settings(client, settings)
         self.registry = CheckpointRegistry(
             client,
             self.keys,

@@ -293,11 +293,7 @@ class CheckpointRegistry:
             self.client,
             self._publish,
             keys=[
-                keys.latest,
-                keys.checkpoint(version),
-                keys.versions,
-                keys.checkpoints,
-                keys.events,
+                *self._checkpoint_keys(version),
                 keys.leased,
                 keys.leases,
                 keys.version_counter,
@@ -336,11 +332,7 @@ class CheckpointRegistry:
             self.client,
             self._publish_learned,
             keys=[
-                keys.latest,
-                keys.checkpoint(version),
-                keys.versions,
-                keys.checkpoints,
-                keys.events,
+                *self._checkpoint_keys(version),
                 keys.version_counter,
                 keys.learned,
                 *(keys.checkpoint(old) for old in stale),
@@ -354,6 +346,18 @@ class CheckpointRegistry:
             ],
         )
         return status, detail
+
+    def _checkpoint_keys(self, version: int) -> list[str]:
+        """KEYS 1-5 of both publish scripts and of the rollback script: latest, the version's
+        checkpoint hash, the versions index, the checkpoints stream, events."""
+        keys = self.keys
+        return [
+            keys.latest,
+            keys.checkpoint(version),
+            keys.versions,
+            keys.checkpoints,
+            keys.events,
+        ]
 
     def _checkpoint_args(
         self,
@@ -445,11 +449,7 @@ class CheckpointRegistry:
             self.client,
             self._rollback,
             keys=[
-                self.keys.latest,
-                self.keys.checkpoint(version),
-                self.keys.versions,
-                self.keys.checkpoints,
-                self.keys.events,
+                *self._checkpoint_keys(version),
                 self.keys.serving,
                 self.keys.serving_history,
             ],

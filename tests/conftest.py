@@ -59,6 +59,22 @@ def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
     return {**worker_environment(settings), **extra}
 
 
+def negcase(
+    settings: Settings, *args: str, input_text: str | None = None, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """Run `negcase <args>` as a real process against the test's Redis, with `env` added to
+    its environment, to its end (it imports torch: seconds on a busy machine)."""
+    return subprocess.run(
+        [sys.executable, "-m", "negcase", *args],
+        cwd=ROOT,
+        env=worker_env(settings, **env),
+        input=input_text,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
 @pytest.fixture
 def spawn(settings: Settings) -> Iterator[Callable[..., subprocess.Popen[str]]]:
     """Start `negcase <args>` as a real process; every process is killed at teardown."""

@@ -22,23 +22,8 @@ from negcase.store.archive import Archive
 from negcase.store.cases import RATE_BUCKET_S, rate_bucket_s
 from negcase.store.checkpoints import CheckpointRegistry
 from negcase.store.local_redis import free_port, redis_server_binary
-from tests.conftest import ROOT, wait_until, worker_env
+from tests.conftest import ROOT, negcase, wait_until, worker_env
 from tests.serving import checkpoint_meta, seeded_model
-
-
-def negcase(
-    settings, *args: str, input_text: str | None = None, **env: str
-) -> subprocess.CompletedProcess:
-    """Run `negcase <args>` against the test Redis, with `env` added to its environment."""
-    return subprocess.run(
-        [sys.executable, "-m", "negcase", *args],
-        cwd=ROOT,
-        env=worker_env(settings, **env),
-        input=input_text,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 def publish_loss(settings, trade_id: str, *more: str) -> None:

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import islice
@@ -26,7 +24,7 @@ from negcase.schemas.signal import SignalRequestError
 from negcase.schemas.trade import TradeDefaults, TradeError, validate_trade
 from negcase.sim.engine import random_trades
 from negcase.store.connection import connect
-from tests.conftest import ROOT, wait_until, worker_env
+from tests.conftest import negcase, wait_until, worker_env
 from tests.topologies import LocalCluster
 
 pytestmark = pytest.mark.slow
@@ -66,18 +64,6 @@ def settings(client, cluster: LocalCluster, tmp_path: Path) -> Settings:
         namespace="{negcase}",
         data_dir=tmp_path / "negative",
         canary_share=0.0,
-    )
-
-
-def negcase(settings: Settings, *args: str, **env: str) -> subprocess.CompletedProcess:
-    """A worker, as a real process (it imports torch: seconds on a busy machine)."""
-    return subprocess.run(
-        [sys.executable, "-m", "negcase", *args],
-        cwd=ROOT,
-        env=worker_env(settings, **env),
-        capture_output=True,
-        text=True,
-        timeout=120,
     )
 
 

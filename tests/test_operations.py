@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -25,21 +23,10 @@ from negcase.store.keys import DETECTOR_GROUP
 from negcase.store.local_redis import free_port
 from negcase.store.queue import CaseQueue
 from negcase.store.streams import leave_group
-from tests.conftest import ROOT, run_burst, wait_until, worker_env
+from tests.conftest import ROOT, negcase, run_burst, wait_until
 from tests.serving import FEATURES, publish
 
 GRAFANA = ROOT / "workers" / "deploy" / "grafana-dashboard.json"
-
-
-def negcase(settings, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "negcase", *args],
-        cwd=ROOT,
-        env=worker_env(settings),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 def loss(trade_id: str, exit_price: float, **extra) -> dict:

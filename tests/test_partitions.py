@@ -6,8 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
-import subprocess
-import sys
 import zlib
 
 import pytest
@@ -28,7 +26,7 @@ from negcase.store.checkpoints import CheckpointRegistry
 from negcase.store.keys import Keys, partition_namespace, partition_of
 from negcase.store.leases import LeaseLost
 from negcase.store.partitions import CaseQueues
-from tests.conftest import ROOT, run_burst, wait_until, worker_env
+from tests.conftest import negcase, run_burst, wait_until
 from tests.training_cases import make_case, random_features, redis_now_ms
 
 
@@ -242,17 +240,6 @@ def partitioned_losses(count: int, prefix: str = "pl") -> list[dict[str, object]
         }
         for n in range(count)
     ]
-
-
-def negcase(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "negcase", *args],
-        cwd=ROOT,
-        env=worker_env(settings),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 def test_operator_commands_find_each_case_in_its_own_partition(

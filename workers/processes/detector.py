@@ -96,7 +96,11 @@ class LossDetector:
         self.retention = Retention.of(client, settings, self.keys)
         self.totals = DetectorTotals()
         self.metrics = DetectorMetrics()
-        self.health = HealthKey(client, settings.keys, "detector", settings.health_ttl_s)
+        self.health: HealthKey | None = HealthKey(
+            client, settings.keys, "detector", settings.health_ttl_s
+        )
+        # The detectors whose entries this one's health record counts (run_detectors).
+        self.counted: list[LossDetector] = [self]
         self._retired_s = 0.0
         self._swept = False
         self._in_flight: Future[None] | None = None  # the batch being stored, if any
@@ -115,7 +119,10 @@ class LossDetector:
             burst=burst,
             idle_s=BURST_POLL_S if burst else 0.0,
             health=self.health,
-            health_info=lambda: {"consumer": self.consumer, "entries": self.totals.entries},
+            health_info=lambda: {
+                "consumer": self.consumer,
+                "entries": sum(d.totals.entries for d in self.counted),
+            },
             on_connect=self._recover,
             chore=self._claim_abandoned,
             chore_every_s=self.settings.claim_idle_ms / 2000,
@@ -334,7 +341,11 @@ class LossDetector:
 def run_detectors(detectors: list[LossDetector], stop: StopFlag, burst: bool) -> DetectorTotals:
     """Run detectors of different partitions side by side, the first in this thread and each
     other in one of its own, until `stop` (or, in burst mode, until each stream is drained);
-    returns their totals added up."""
+    returns their totals added up. They share the process's one health key (its id is
+    the process's): the first detector refreshes it with every detector's entries."""
+    for detector in detectors[1:]:
+        detector.health = None
+    detectors[0].counted = list(detectors)
     threads = [
         threading.Thread(target=d.run, args=(stop, burst), name=f"detector-{i}", daemon=True)
         for i, d in enumerate(detectors[1:], start=1)

@@ -132,7 +132,7 @@ def redis_client(settings: Settings) -> Client:
     url = settings.redis_url or DEFAULT_REDIS_URL
     try:
         client = connect(url)
-        for keys in {settings.keys, *settings.partition_keys}:
+        for keys in settings.keys.with_partitions(settings.partitions):
             check_namespace_slot(client, keys)
         client.ping()
     except (RedisUrlError, NamespaceSlotError) as error:

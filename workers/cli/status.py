@@ -81,7 +81,7 @@ def gather_status(client: redis.Redis, keys: Keys, partitions: int = 1) -> dict[
         return _gather_one(client, keys) | memory
     whole = _gather_one(client, keys)
     parts = [_gather_one(client, part) for part in keys.partitioned(partitions)]
-    counters = _summed_counters(client, [keys, *keys.partitioned(partitions)])
+    counters = _summed_counters(client, keys.with_partitions(partitions))
     return {
         **whole,
         "trades": _summed_stream([part["trades"] for part in parts]),

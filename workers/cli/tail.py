@@ -34,7 +34,7 @@ def follow_events(
     of the namespace and of every partition (detectors and reapers write their partition's),
     merged by entry id."""
     if partitions > 1:
-        streams = [keys.events, *(part.events for part in keys.partitioned(partitions))]
+        streams = [part.events for part in keys.with_partitions(partitions)]
         yield from _follow_merged(client, streams, last, block_ms)
         return
     cursor = "$"

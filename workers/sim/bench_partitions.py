@@ -97,9 +97,8 @@ def timed_run(settings: Settings, trades: list[dict[bytes, bytes]], partitions: 
         handled = sum(client.scard(part.cases) for part in run.partition_keys)
         assert handled == len(trades) // 2, f"{handled} cases of {len(trades) // 2} losses"
     finally:
-        for part in run.partition_keys:
+        for part in keys.with_partitions(partitions):
             drop_namespace(client, part.namespace)
-        drop_namespace(client, namespace)
     return len(trades) / elapsed
 
 

@@ -16,24 +16,16 @@
 --       10 lease count, then per lease (3): case_id, fencing token, updated blob ('' keeps it),
 --       then one version per dropped checkpoint hash, in KEYS order
 -- Returns {'published', version} | {'conflict', current latest or ''} | {'fenced', case_id}
-local latest, checkpoint, versions = KEYS[1], KEYS[2], KEYS[3]
-local lineage = {latest = latest, checkpoint = checkpoint, versions = versions,
-  stream = KEYS[4], events = KEYS[5], counter = KEYS[8]}
+local lineage = {latest = KEYS[1], checkpoint = KEYS[2], versions = KEYS[3], stream = KEYS[4],
+  events = KEYS[5], counter = KEYS[8]}
 local k = {leased = KEYS[6], leases = KEYS[7], done = KEYS[9], attempts = KEYS[10],
   rejected = KEYS[11], retire = KEYS[12]}
-local version, sha256 = ARGV[2], ARGV[5]
-local published = {version = version, parent = ARGV[3], weights = ARGV[4], sha256 = sha256,
-  meta = ARGV[6], stream_maxlen = ARGV[7], events_maxlen = ARGV[8], trainer = ARGV[9]}
+local published = checkpoint_args()
 local n_leases = tonumber(ARGV[10])
 local FIRST_CASE_KEY = 13
 
-local current = redis.call('GET', latest) or ''
--- The client retried this very publish (its reply was lost with a failing primary's
--- connection, and the first run had reached the new one): it is done, do not redo it.
-if current == version and redis.call('HGET', checkpoint, 'sha256') == sha256 then
-  return {'published', version}
-end
-if current ~= ARGV[1] then return {'conflict', current} end
+local refused = refusal_before_storing(lineage, published, ARGV[1])
+if refused then return refused end
 
 local now_ms = redis_now_ms()
 for i = 11, 10 + 3 * n_leases, 3 do
@@ -47,10 +39,5 @@ for i = 11, 10 + 3 * n_leases, 3 do
   n = n + 1
 end
 
-local i = 11 + 3 * n_leases
-for key = FIRST_CASE_KEY + n_leases, #KEYS do
-  redis.call('DEL', KEYS[key])
-  redis.call('ZREM', versions, ARGV[i])
-  i = i + 1
-end
-return {'published', version}
+drop_stale(lineage.versions, FIRST_CASE_KEY + n_leases, 11 + 3 * n_leases)
+return {'published', published.version}

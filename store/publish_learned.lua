@@ -16,21 +16,15 @@
 --       10 learned window ms, 11 case count, then the case ids, then one version per dropped
 --       checkpoint hash, in KEYS order
 -- Returns {'published', version} | {'conflict', current latest or ''} | {'learned', case_id}
-local latest, checkpoint, versions, learned = KEYS[1], KEYS[2], KEYS[3], KEYS[7]
-local lineage = {latest = latest, checkpoint = checkpoint, versions = versions,
-  stream = KEYS[4], events = KEYS[5], counter = KEYS[6]}
-local version, sha256 = ARGV[2], ARGV[5]
-local published = {version = version, parent = ARGV[3], weights = ARGV[4], sha256 = sha256,
-  meta = ARGV[6], stream_maxlen = ARGV[7], events_maxlen = ARGV[8], trainer = ARGV[9]}
+local lineage = {latest = KEYS[1], checkpoint = KEYS[2], versions = KEYS[3], stream = KEYS[4],
+  events = KEYS[5], counter = KEYS[6]}
+local learned = KEYS[7]
+local published = checkpoint_args()
 local window_ms, n_cases = tonumber(ARGV[10]), tonumber(ARGV[11])
 local FIRST_CASE, FIRST_STALE_KEY = 12, 8
 
-local current = redis.call('GET', latest) or ''
--- The client retried this very publish (its reply was lost): it is done, do not redo it.
-if current == version and redis.call('HGET', checkpoint, 'sha256') == sha256 then
-  return {'published', version}
-end
-if current ~= ARGV[1] then return {'conflict', current} end
+local refused = refusal_before_storing(lineage, published, ARGV[1])
+if refused then return refused end
 for i = FIRST_CASE, FIRST_CASE + n_cases - 1 do
   if redis.call('ZSCORE', learned, ARGV[i]) then return {'learned', ARGV[i]} end
 end
@@ -43,10 +37,5 @@ end
 -- The record outlives any lease and every redelivery by far: the dedup window.
 redis.call('ZREMRANGEBYSCORE', learned, '-inf', now_ms - window_ms)
 
-local i = FIRST_CASE + n_cases
-for key = FIRST_STALE_KEY, #KEYS do
-  redis.call('DEL', KEYS[key])
-  redis.call('ZREM', versions, ARGV[i])
-  i = i + 1
-end
-return {'published', version}
+drop_stale(lineage.versions, FIRST_STALE_KEY, FIRST_CASE + n_cases)
+return {'published', published.version}

@@ -328,8 +328,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "publishing",
         "publish does not compare-and-set latest",
-        "store/publish_checkpoint.lua",
-        "if current ~= ARGV[1] then return {'conflict', current} end",
+        "store/store_checkpoint.lua",
+        "if current ~= expected then return {'conflict', current} end",
         "",
         ("tests/test_checkpoints.py", "tests/test_learning.py"),
     ),

@@ -48,7 +48,7 @@ _NUMBER_FIELDS = frozenset(
     {"entry_price", "exit_price", "quantity", "leverage", "fee_rate", "confidence"}
 )
 KNOWN_FIELDS = frozenset(
-    {"trade_id", "symbol", "side", "opened_at", "closed_at", "model_version"}
+    {"trade_id", "symbol", "side", "rule_side", "opened_at", "closed_at", "model_version"}
     | _NUMBER_FIELDS
     | _JSON_TEXT_FIELDS
 )
@@ -100,6 +100,9 @@ class TradeClosed:
     closed_at_ms: int | None
     confidence: float | None
     model_version: int | None
+    # What the engine's own rule would have done on this decision, when the engine says:
+    # what lets the serving step judge the version in service against that rule.
+    rule_side: str | None
     features: list[float] | None
     market_state_before: dict[str, Any] | None
     market_state_after: dict[str, Any] | None
@@ -259,6 +262,7 @@ def validate_trade(obj: Mapping[str, Any], defaults: TradeDefaults) -> TradeClos
         closed_at_ms=_timestamp_ms(obj, "closed_at"),
         confidence=_number(obj, "confidence", None),
         model_version=_integer(obj, "model_version", MAX_INTEGER),
+        rule_side=_rule_side(obj.get("rule_side")),
         features=None if features is None else _features(features, defaults.feature_count),
         market_state_before=_object(obj, "market_state_before"),
         market_state_after=_object(obj, "market_state_after"),
@@ -266,6 +270,12 @@ def validate_trade(obj: Mapping[str, Any], defaults: TradeDefaults) -> TradeClos
         tick_data=_tick_data(obj.get("tick_data")),
         extra=_extra(obj),
     )
+
+
+def _rule_side(value: Any) -> str | None:
+    if value is None or value in SIDES:
+        return value
+    raise TradeError("rule_side", f"expected 'BUY', 'SELL', 'HOLD' or null, got {value!r}")
 
 
 def _extra(obj: Mapping[str, Any]) -> dict[str, Any]:

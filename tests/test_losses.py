@@ -40,6 +40,7 @@ def trade(
         closed_at_ms=None,
         confidence=None,
         model_version=None,
+        rule_side=None,
         features=None,
         market_state_before=None,
         market_state_after=None,

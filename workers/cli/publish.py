@@ -45,6 +45,7 @@ def trade_from_flags(args: argparse.Namespace) -> dict[str, Any]:
         "leverage": args.leverage,
         "fee_rate": args.fee_rate,
         "model_version": args.model_version,
+        "rule_side": args.rule_side and args.rule_side.upper(),
     }
     if args.features is not None:
         try:
@@ -86,6 +87,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--leverage", type=float)
     parser.add_argument("--fee-rate", type=float)
     parser.add_argument("--model-version", type=int)
+    parser.add_argument(
+        "--rule-side",
+        choices=("BUY", "SELL", "HOLD", "buy", "sell", "hold"),
+        help="what the engine's own rule would have done on this decision",
+    )
     parser.add_argument("--features", help="JSON array of the model's input numbers")
     parser.set_defaults(run=run_publish)
 

@@ -249,6 +249,16 @@ def _retired_line(d: dict[str, str]) -> str:
     )
 
 
+def _deferred_line(d: dict[str, str]) -> str:
+    return (
+        f"DEFERRED: {_version(d.get('version'))} in service answers with no opinion, the "
+        f"engine keeps its own rule | {d.get('reason')} | mean P&L "
+        f"{float(d.get('mean_pnl_pct', 0)):+.3f}% per decision against the rule's "
+        f"{float(d.get('rule_mean_pnl_pct', 0)):+.3f}% over the same {d.get('n')} | "
+        f"z {float(d.get('z', 0)):+.2f}, threshold {float(d.get('z_threshold', 0)):+.2f}"
+    )
+
+
 def _figures(d: dict[str, str]) -> str:
     """The live comparison a serving decision rests on, when it rests on one."""
     if "z" not in d:
@@ -480,6 +490,20 @@ CATALOGUE: dict[str, EventType] = {
             },
             _rollback_line,
         ),
+        EventType(
+            "deferred",
+            "the serving step (store/serving_step.lua)",
+            {
+                "version": "the version in service, now answering every request with no opinion",
+                "reason": "why, in words",
+                "n": "its decisions whose engine said what its own rule would have done",
+                "mean_pnl_pct": "its mean P&L per decision on them (a skip counts as 0)",
+                "rule_mean_pnl_pct": "the rule's mean P&L per decision on the same decisions",
+                "z": "(mean - rule's mean) / standard error of the paired differences",
+                "z_threshold": "below this z the version defers (-NEGCASE_CANARY_Z)",
+            },
+            _deferred_line,
+        ),
     )
 }
 # In the order `negcase tail --help` lists them.
@@ -497,6 +521,7 @@ EVENT_TYPES = (
     "promoted",
     "retired",
     "rollback",
+    "deferred",
 )
 
 
@@ -534,6 +559,7 @@ NUMBER_FIELDS = frozenset(
         "previous_version",
         "priority",
         "reload_ms",
+        "rule_mean_pnl_pct",
         "service_version",
         "serving_version",
         "share",

@@ -32,11 +32,19 @@ class LiveOutcome:
     trade_id: str
     version: int
     pnl_pct: float | None
+    # What the engine's own rule would have made on the same decision (0 for its HOLD), when
+    # the engine said (TradeClosed.rule_side): the serving step compares the two.
+    rule_pnl_pct: float | None = None
 
     @property
     def value(self) -> str:
         """The window's text for it: the P&L, or `hold`."""
         return HOLD if self.pnl_pct is None else repr(round(self.pnl_pct, 6))
+
+    @property
+    def rule_value(self) -> str:
+        """The rule's P&L as score_live.lua takes it ('' when unknown)."""
+        return "" if self.rule_pnl_pct is None else repr(round(self.rule_pnl_pct, 6))
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +126,7 @@ class LiveScores:
         position = {version: at for at, version in enumerate(versions, start=1)}
         args: list[str | int] = [self.window, SEEN_MAX_IDS, len(versions), *versions]
         for outcome in outcomes:
-            args += [outcome.trade_id, position[outcome.version], outcome.value]
+            args += [outcome.trade_id, position[outcome.version], outcome.value, outcome.rule_value]
         keys = self.keys
         scored, duplicates = self._score(
             keys=[keys.live_seen, keys.stats, keys.live_versions, *map(keys.live, versions)],

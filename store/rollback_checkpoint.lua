@@ -28,7 +28,7 @@ if restore then
 end
 -- A person chose it: it is not watched for an automatic rollback, and leaves the history.
 redis.call('HSET', serving, 'service', version, 'canary', '', 'service_since_ms', now_ms,
-  'watch', '0', 'epoch', string.format('%d', epoch))
+  'watch', '0', 'defers', '', 'rule_checked', '0', 'epoch', string.format('%d', epoch))
 redis.call('LREM', history, 0, version)
 redis.call('SET', latest, version)
 local announcement = {'kind', 'rollback', 'version', version, 'sha256', sha256, 'at_ms', now_ms,

@@ -9,6 +9,9 @@
   service_since_ms, canary_since_ms   when each began
   watch, checked    whether the version in service is judged against its predecessor, and
                     its scored outcomes when it last was
+  defers            the version in service when it defers to the engine's own rule: it was
+                    worse than the rule on the same decisions, and answers with no opinion
+  rule_checked      its decisions with a known rule when it was last compared with the rule
 `<ns>:serving:history` lists the versions in service before, newest first, and
 `<ns>:serving:refused` the versions an inference worker could not load.
 
@@ -70,11 +73,14 @@ class ServingState:
     epoch: int = 0
     history: tuple[int, ...] = ()
     latest: int | None = None
+    # The version in service defers to the engine's own rule (serving_step.lua): every
+    # reply it gives says "no opinion".
+    service_defers: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class ServingChange:
-    """A change one step made: canary_started, promoted, retired or rollback."""
+    """A change one step made: canary_started, promoted, retired, rollback or deferred."""
 
     kind: str
     version: int
@@ -84,18 +90,20 @@ class ServingChange:
 def read_state(client: redis.Redis, keys: Keys) -> ServingState:
     """The serving state in one round trip; before any step ran, latest is in service."""
     pipe = client.pipeline(transaction=True)
-    pipe.hmget(keys.serving, ["service", "canary", "canary_share", "epoch"])
+    pipe.hmget(keys.serving, ["service", "canary", "canary_share", "epoch", "defers"])
     pipe.lrange(keys.serving_history, 0, -1)
     pipe.get(keys.latest)
-    (service, canary, share, epoch), history, latest = pipe.execute()
+    (service, canary, share, epoch, defers), history, latest = pipe.execute()
     latest_version = version_of(latest)
+    in_service = version_of(service) if service is not None else latest_version
     return ServingState(
-        service=version_of(service) if service is not None else latest_version,
+        service=in_service,
         canary=version_of(canary),
         canary_share=float(share or 0),
         epoch=int(epoch or 0),
         history=tuple(int(v) for v in history),
         latest=latest_version,
+        service_defers=in_service is not None and version_of(defers) == in_service,
     )
 
 

@@ -12,6 +12,10 @@
 --     from service;
 --   nothing in service yet: the latest version serves;
 --   live decisions off (NEGCASE_AUTO_ROLLBACK=0): the latest version serves at once;
+--   the version in service, every min outcomes whose engine said what its own rule would
+--     have done (TradeClosed.rule_side): deferred to the rule when its z against the rule,
+--     paired on those decisions, is below -canary z; it then answers with no opinion until
+--     another version serves;
 --   a canary with min outcomes, and a version in service with as many: retired when its
 --     z (mean P&L per decision against the version in service) is below -canary z,
 --     promoted otherwise;
@@ -30,6 +34,8 @@
 --       involved versions (service, canary, latest, history: every one the step may read),
 --       then one version per dropped window, in KEYS order
 -- Returns {'stale'} | {'unchanged'} | {change, version, reason}
+-- (`serving` also holds `defers`, the version in service that defers to the engine's rule,
+-- and `rule_checked`, its decisions with a known rule when it was last compared with it.)
 local serving, history, refused, latest_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local stream, events, stats, live_versions = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local share, min_outcomes = ARGV[3], tonumber(ARGV[5])
@@ -100,6 +106,24 @@ local function figures(candidate, baseline_version, baseline, z, threshold)
   }
 end
 
+-- The version against the engine's rule on its decisions that say what the rule would
+-- have done (score_live.lua sums them): a paired z, since both acted on the same decisions.
+local function versus_rule(version)
+  local prefix = 'model:' .. version
+  local sums = redis.call('HMGET', stats, prefix .. ':rule_n', prefix .. ':rule_sum',
+    prefix .. ':rule_sum_d', prefix .. ':rule_sumsq_d')
+  local n = tonumber(sums[1]) or 0
+  if n < 2 then return nil end
+  local rule, d, squares = tonumber(sums[2]), tonumber(sums[3]), tonumber(sums[4])
+  local mean = d / n
+  local error = math.sqrt(math.max(0, (squares - n * mean * mean) / (n - 1)) / n)
+  local z = 0
+  if error > 1e-12 then z = mean / error
+  elseif mean < 0 then z = -math.huge
+  elseif mean > 0 then z = math.huge end
+  return {n = n, mean = (rule + d) / n, rule_mean = rule / n, z = z}
+end
+
 local function move(fields)
   redis.call('HSET', serving, 'epoch', epoch + 1, unpack(fields))
 end
@@ -121,7 +145,8 @@ local function promote(version, reason, with)
   end
   -- Watched for a rollback only when there is a predecessor to compare with.
   move({'service', version, 'canary', '', 'service_since_ms', now_ms,
-    'checked', scored(version), 'watch', service ~= '' and '1' or '0'})
+    'checked', scored(version), 'watch', service ~= '' and '1' or '0',
+    'defers', '', 'rule_checked', '0'})
   announce('promoted', version, service)
   event('promoted', joined({'version', version, 'previous_version', service, 'reason', reason},
     with))
@@ -163,13 +188,24 @@ local function rollback(target, reason, with)
   end
   -- A version restored by a rollback is the one that just did better: not watched again.
   move({'service', target, 'canary', '', 'service_since_ms', now_ms,
-    'checked', scored(target), 'watch', '0'})
+    'checked', scored(target), 'watch', '0', 'defers', '', 'rule_checked', '0'})
   redis.call('SET', latest_key, target)
   local sha256 = redis.call('HGET', involved[target].checkpoint, 'sha256') or ''
   announce('rollback', target, service)
   event('rollback', joined({'version', target, 'previous_version', service, 'sha256', sha256,
     'reason', reason}, with))
   return {'rollback', target, reason}
+end
+
+-- The version in service hands every decision back to the engine's own rule.
+local function defer(version, rule)
+  local reason = "worse than the engine's own rule on the same decisions"
+  move({'defers', version, 'rule_checked', rule.n})
+  announce('deferred', version, version)
+  event('deferred', {'version', version, 'reason', reason, 'n', rule.n,
+    'mean_pnl_pct', number(rule.mean), 'rule_mean_pnl_pct', number(rule.rule_mean),
+    'z', number(rule.z), 'z_threshold', number(-canary_z)})
+  return {'deferred', version, reason}
 end
 
 -- 1. A version a worker refused for a fault of its own checkpoint.
@@ -199,7 +235,18 @@ if ARGV[4] ~= '1' then
   return {'unchanged'}
 end
 
--- 4. A canary on trial.
+-- 4. The version in service against the engine's own rule, every min outcomes with a known
+--    rule. Deferring costs nothing where the version is no better than the rule, so the
+--    canary's threshold, not the stricter rollback's.
+if state.defers ~= service then
+  local rule = versus_rule(service)
+  if rule and rule.n - (tonumber(state.rule_checked) or 0) >= min_outcomes then
+    redis.call('HSET', serving, 'rule_checked', rule.n)
+    if rule.z < -canary_z then return defer(service, rule) end
+  end
+end
+
+-- 5. A canary on trial.
 if canary ~= '' then
   if not loadable(canary) then
     return retire(canary, 'it can no longer be loaded (trimmed from Redis, or refused)')
@@ -214,13 +261,13 @@ if canary ~= '' then
   return promote(canary, 'not worse than v' .. service .. ' in service', with)
 end
 
--- 5. A newer version to try.
+-- 6. A newer version to try.
 if latest ~= '' and tonumber(latest) > tonumber(service) and loadable(latest) then
   if tonumber(share) <= 0 then return promote(latest, 'no canary (NEGCASE_CANARY_SHARE=0)') end
   return start_canary(latest)
 end
 
--- 6. The version in service against the one before it, every min outcomes it scores.
+-- 7. The version in service against the one before it, every min outcomes it scores.
 if state.watch ~= '1' then return {'unchanged'} end
 local now_scored = scored(service)
 if now_scored - (tonumber(state.checked) or 0) < min_outcomes then return {'unchanged'} end

@@ -1,11 +1,13 @@
 """Live traffic for the canary tests: models trained on a market's hidden rule (rightly,
 inverted, or on coin flips), and engines that ask for a signal before each decision, trade
-what they are told, and report the closed trade with the version that decided."""
+what they are told (or, with a rule of their own, follow it when the reply has no opinion),
+and report the closed trade with the version that answered (and their rule's side)."""
 
 from __future__ import annotations
 
 import threading
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -68,6 +70,18 @@ def publish_trained(client: redis.Redis, settings: Settings, labels: str, seed: 
     return registry.publish(weights, sha256_hex(weights), meta, registry.latest_version())
 
 
+def model_rule(settings: Settings, seed: int) -> Callable[[Situation], str]:
+    """An engine's own rule that knows the market: a model trained on its hidden rule."""
+    model = trained_model(settings, "right", seed).eval()
+
+    def side(situation: Situation) -> str:
+        with torch.no_grad():
+            logits = model(torch.tensor([situation.features], dtype=torch.float32))
+        return ("BUY", "SELL", "HOLD")[int(logits.argmax())]
+
+    return side
+
+
 @dataclass
 class LiveTrading:
     """Engines trading in threads of their own until the block ends: every reply, the trades
@@ -75,6 +89,9 @@ class LiveTrading:
 
     settings: Settings
     engines: int = 2
+    # The engines' own rule, reported on every trade as rule_side and followed when a reply
+    # has no opinion; without one they trade every reply.
+    rule: Callable[[Situation], str] | None = None
     replies: list[Signal] = field(default_factory=list)
     reported: Counter[int] = field(default_factory=Counter)
     failures: list[str] = field(default_factory=list)
@@ -111,18 +128,24 @@ class LiveTrading:
                 self.failures.append(repr(error))
                 continue
             self.replies.append(signal)
-            if signal.action == "HOLD":
+            side = signal.action
+            rule = None if self.rule is None else self.rule(situation)
+            if rule is not None and not signal.opinion:
+                side = rule
+            if side == "HOLD":
                 continue
             decided += 1
             trade = {
                 "trade_id": f"engine-{n}-{decided}",
                 "symbol": situation.symbol,
-                "side": signal.action,
+                "side": side,
                 "entry_price": round(situation.price, 6),
                 "exit_price": round(situation.price * (1 + situation.move_pct / 100), 6),
                 "features": situation.features,
                 "model_version": signal.model_version,
             }
+            if rule is not None:
+                trade["rule_side"] = rule
             publish_trades(client, keys, [trade])
             self.reported[signal.model_version] += 1
         client.close()

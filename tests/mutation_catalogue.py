@@ -498,4 +498,32 @@ MUTATIONS: tuple[Mutation, ...] = (
         "return canary is not None",
         ("tests/test_serving.py", "tests/test_canary.py"),
     ),
+    # Deferring to the engine's rule
+    Mutation(
+        "serving",
+        "a version worse than the engine's rule is never deferred (the sign of the test)",
+        "store/serving_step.lua",
+        "if rule.z < -canary_z then return defer(service, rule) end",
+        "if rule.z > canary_z then return defer(service, rule) end",
+        (
+            "tests/test_events.py",
+            "tests/test_canary.py::test_a_version_worse_than_the_engines_own_rule_defers_to_it",
+        ),
+    ),
+    Mutation(
+        "serving",
+        "a version in service that defers still gives opinions",
+        "workers/processes/reloader.py",
+        "return math.inf if self.service_defers and not canary else setting",
+        "return setting",
+        ("tests/test_signals.py", "tests/test_canary.py"),
+    ),
+    Mutation(
+        "serving",
+        "the detector scores no decision against the engine's rule",
+        "workers/processes/detector.py",
+        "            rule = rule_pnl_pct(trade)\n",
+        "            rule = None\n",
+        ("tests/test_detector.py::test_each_versions_decisions_add_up_against_the_engines_rule",),
+    ),
 )

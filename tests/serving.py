@@ -190,8 +190,10 @@ class Load:
 
 def serving_story(client: redis.Redis, settings: Settings) -> tuple[int, int, int]:
     """Every serving decision the live figures make: a fresh version put in service, a canary
-    that loses retired, one that earns promoted and then, losing, rolled back. Returns
-    (the version in service, the retired one, the one promoted then rolled back)."""
+    that loses retired, one that earns promoted and then, losing, rolled back, and the
+    version in service again deferred to the engine's rule, which earned more on the same
+    decisions. Returns (the version in service, the retired one, the one promoted then
+    rolled back)."""
     judged = settings.with_overrides(canary_share=0.25, canary_min_outcomes=2, live_window=4)
     steps = ServingControl(client, judged)
     live = LiveScores(client, settings.keys, judged.live_window)
@@ -208,4 +210,8 @@ def serving_story(client: redis.Redis, settings: Settings) -> tuple[int, int, in
         versions.append(version)
     live.record([LiveOutcome(f"story-late-{n}", versions[1], -5.0) for n in range(4)])
     assert steps.step().kind == "rollback"
+    # (each decision of the version: its P&L, then the rule's on the same decision)
+    against_rule = [LiveOutcome(f"story-rule-{n}", service, p, 1.0) for n, p in enumerate((-1, 0))]
+    live.record(against_rule)
+    assert steps.step().kind == "deferred"
     return service, versions[0], versions[1]

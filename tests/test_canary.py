@@ -16,7 +16,7 @@ from negcase.cli.status import gather_status
 from negcase.runtime.settings import Settings
 from negcase.store.serving import read_state, takes_canary
 from tests.conftest import wait_until, worker_env
-from tests.live_trading import LiveTrading, publish_trained
+from tests.live_trading import LiveTrading, model_rule, publish_trained
 from tests.serving import events_of
 
 pytestmark = pytest.mark.slow
@@ -124,6 +124,31 @@ def test_a_bad_version_put_in_service_at_once_is_rolled_back_within_the_window(
     assert float(figures["z"]) < float(figures["z_threshold"]) == -settings.rollback_z
     state = read_state(client, settings.keys)
     assert (state.service, state.latest) == (good, good)
+
+
+def test_a_version_worse_than_the_engines_own_rule_defers_to_it(client, settings, spawn):
+    # given a version trained on inverted labels in service, a detector, an inference
+    # worker, and engines whose own rule knows the market, reported on every trade
+    bad = publish_trained(client, settings, "inverted", seed=2)
+    env = worker_env(settings)
+    spawn("detect", "--consumer", "d1", env=env)
+    spawn("serve", "--consumer", "w1", env=env)
+    with LiveTrading(settings, rule=model_rule(settings, seed=3)) as trading:
+        # when it has answered the minimum of decisions, then it defers to the rule
+        wait_until(lambda: decided(client, settings, "deferred", bad), 120, "the deferral")
+        # and from then on its replies say "no opinion", so the engines keep their rule
+        answered = len(trading.answered_by(bad))
+        wait_until(lambda: len(trading.answered_by(bad)) >= answered + 40, 60, "more replies")
+    assert trading.failures == []
+    assert not any(reply.opinion for reply in trading.answered_by(bad)[-20:])
+    assert any(reply.opinion for reply in trading.answered_by(bad)[:answered])
+    (deferred,) = decided(client, settings, "deferred", bad)
+    figures = deferred.details
+    assert int(figures["n"]) >= settings.canary_min_outcomes
+    assert float(figures["mean_pnl_pct"]) < float(figures["rule_mean_pnl_pct"])
+    assert float(figures["z"]) < float(figures["z_threshold"]) == -settings.canary_z
+    state = read_state(client, settings.keys)
+    assert (state.service, state.service_defers) == (bad, True)
 
 
 def test_two_workers_split_requests_alike_and_killing_one_mid_canary_changes_nothing(

@@ -290,8 +290,13 @@ def test_cheap_commands_never_import_torch(settings, client):
 
 
 def test_tail_json_prints_numbers_as_numbers(settings, client):
-    publish_loss(settings, "t1", "--model-version", "3")
+    publish_loss(settings, "t1", "--model-version", "3", "--rule-side", "sell")
     negcase(settings, "detect", "--burst")
+    # (the engine's rule, which sold, made the 1 % that v3's BUY lost)
+    assert client.hmget(settings.keys.stats, ["model:3:rule_n", "model:3:rule_sum"]) == [
+        b"1",
+        b"1",
+    ]
     tail = negcase(settings, "tail", "--type", "case_added", "--count", "1", "--json")
     event = json.loads(tail.stdout)
     assert event["priority"] == 1 and event["model_version"] == 3 and event["trainable"] == 0

@@ -123,6 +123,28 @@ def test_wins_count_per_model_version_and_featureless_losses_are_kept_not_queued
     assert Archive(settings.data_dir).read_case(case_id_for("l2")).features is None
 
 
+def test_each_versions_decisions_add_up_against_the_engines_rule(client, settings):
+    # given v1's trades on a market that rose 1 % (BUY made +1 %, SELL -1 %): one BUY where
+    # the rule sold, one SELL where the rule held, one BUY as the rule did, one BUY whose
+    # engine did not say, and the BUY where the rule sold again, delivered twice
+    trades = [
+        losing("a", 3030, model_version=1, rule_side="SELL"),
+        losing("b", 3030, model_version=1, rule_side="HOLD", side="SELL"),
+        losing("c", 3030, model_version=1, rule_side="BUY"),
+        losing("d", 3030, model_version=1),
+    ]
+    publish_trades(client, settings.keys, [*trades, trades[0]])
+    # when the detector scores them
+    drain(client, settings)
+    # then v1's sums hold its P&L minus the rule's on each decision with a known rule, once
+    sums = client.hmget(
+        settings.keys.stats,
+        ["model:1:rule_n", "model:1:rule_sum", "model:1:rule_sum_d", "model:1:rule_sumsq_d"],
+    )
+    # (differences: +2, -1 and 0; the rule made -1, 0 and +1)
+    assert [float(v) for v in sums] == pytest.approx([3, 0, 1, 5])
+
+
 def test_archive_matches_redis(client, settings):
     trades = [losing(f"a{i}", exit_price=3000 - 10 * (i + 1)) for i in range(40)]
     publish_trades(client, settings.keys, trades, "msgpack")

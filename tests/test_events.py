@@ -23,6 +23,7 @@ LUA_EMITTED = (
     "canary_started",
     "promoted",
     "retired",
+    "deferred",
 )
 
 

@@ -299,6 +299,12 @@ def test_tail_has_a_readable_line_for_every_event_type(client, settings) -> None
     assert promoted in lines["promoted"][-1]
     rolled = f"ROLLBACK: {s} in service again (was v{rolled_back}) | worse than {s} before it"
     assert rolled in lines["rollback"][1]
+    [deferred] = lines["deferred"]
+    assert (
+        f"DEFERRED: {s} in service answers with no opinion, the engine keeps its own rule | "
+        "worse than the engine's own rule on the same decisions | mean P&L -0.500% per "
+        "decision against the rule's +1.000% over the same 2 | z -3.00, threshold -1.65"
+    ) in deferred
     assert (
         "CHECKPOINT LOADED: v1 on w1 (was serving none) | Reload: " in lines["checkpoint_loaded"][0]
     )

@@ -221,6 +221,7 @@ def test_the_deployment_gauges_say_what_status_says(client, settings):
     assert samples[("negcase_serving_version", (("role", "service"),))] == 1
     assert samples[("negcase_serving_version", (("role", "canary"),))] == 0
     assert samples[("negcase_canary_share", ())] == 0
+    assert samples[("negcase_service_defers_to_rule", ())] == 0
     assert samples[("negcase_live_outcomes", (("version", "1"),))] == 2
     assert samples[("negcase_live_loss_rate", (("version", "1"),))] == 0.5
     assert samples[("negcase_live_mean_pnl_pct", (("version", "1"),))] == -7.0

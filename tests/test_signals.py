@@ -146,6 +146,23 @@ def test_one_batch_is_answered_by_one_forward_pass_of_the_given_model(client, se
     }
 
 
+def test_a_version_in_service_that_defers_to_the_rule_has_no_opinion_and_a_canary_has(
+    client, settings
+):
+    # given a confident model in service that defers to the engine's rule, and the same
+    # model on trial as the canary for every request
+    model = LoadedModel(7, seeded_model(settings, 1))
+    confident = settings.with_overrides(min_confidence=0.0)
+    entries = [(b"1-0", request_fields("r", FEATURES))]
+    worker = InferenceWorker(client, confident, "w1", Reloader(client, confident, "w1"))
+    for canary_share, canary in ((0.0, False), (1.0, True)):
+        serving = Serving(model, model if canary else None, canary_share, service_defers=True)
+        # when a request is answered, then only the canary's reply carries an opinion
+        reply = orjson.loads(worker.answer(entries, serving).replies[0][1])
+        assert (reply["canary"], reply["opinion"]) == (canary, canary)
+        assert reply["model_version"] == 7 and reply["confidence"] > 0
+
+
 def test_without_a_model_every_request_gets_the_no_model_error(client, settings):
     batch = worker_for(client, settings).answer(
         [(b"1-0", request_fields("r", FEATURES))], Serving()

@@ -164,6 +164,12 @@ def live_gauges(status: dict[str, Any]) -> Iterator[GaugeMetricFamily]:
         {"service": live["service"] or 0, "canary": trial.get("version") or 0},
     )
     yield _gauge(
+        "negcase_service_defers_to_rule",
+        "1 while the version in service defers to the engine's own rule (answers no opinion)",
+        [],
+        {(): int(live["service_defers"])},
+    )
+    yield _gauge(
         "negcase_canary_share",
         "Share of signal requests the canary answers (0: no canary)",
         [],

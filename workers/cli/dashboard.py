@@ -38,6 +38,7 @@ TRAINING_TYPES = {
     "promoted",
     "retired",
     "rollback",
+    "deferred",
     "lease_expired",
     "case_dead",
 }

@@ -423,6 +423,8 @@ def _live_status(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any
     return {
         "service": service,
         "service_since_ms": _int_or_none(state.get("service_since_ms")),
+        # serving_step.lua found it worse than the engine's own rule: it answers no opinion
+        "service_defers": service is not None and version_of(state.get("defers")) == service,
         "canary": trial,
         "history": history,
         "epoch": int(state.get("epoch") or 0),

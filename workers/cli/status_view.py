@@ -180,6 +180,8 @@ def _render_live(live: dict[str, Any]) -> list[str]:
     line = f"serving  v{service} in service"
     if live["service_since_ms"]:
         line += f" since {_clock(live['service_since_ms'])}"
+    if live["service_defers"]:
+        line += " (defers to the engine's own rule: answers with no opinion)"
     if live["history"]:
         line += " | before it: " + ", ".join(f"v{v}" for v in live["history"][:5])
     lines = [line]

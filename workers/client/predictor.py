@@ -106,13 +106,17 @@ class Predictor:
     def _live(self) -> LoadedModel | None:
         return self._pinned if self.pinned_version is not None else self.reloader.live
 
-    def _answering(self, request_id: str | None) -> tuple[LoadedModel | None, bool]:
-        """The model that answers, and whether it is the canary on trial."""
+    def _answering(self, request_id: str | None) -> tuple[LoadedModel | None, bool, float]:
+        """The model that answers, whether it is the canary on trial, and the confidence its
+        reply needs to carry an opinion (a pinned version is served as it is, the live one
+        as inference workers serve it)."""
+        setting = self.settings.min_confidence
         if self.pinned_version is not None:
-            return self._pinned, False
+            return self._pinned, False, setting
         serving = self.reloader.serving
         canary = request_id is not None and serving.takes_canary(request_id)
-        return (serving.canary if canary else serving.service), canary
+        model = serving.canary if canary else serving.service
+        return model, canary, serving.min_confidence(canary, setting)
 
     def _why_no_model(self) -> str:
         if self.pinned_version is None:
@@ -127,7 +131,7 @@ class Predictor:
         workers do. SignalRequestError names a bad value, NoModelYet means nothing can answer
         yet. Not safe to call from several threads at once (it reuses one input buffer); use
         one Predictor per thread."""
-        live, canary = self._answering(request_id)
+        live, canary, min_confidence = self._answering(request_id)
         if live is None:
             raise NoModelYet(self._why_no_model())
         row = self._row
@@ -141,7 +145,7 @@ class Predictor:
             probabilities,
             live.version,
             request_id,
-            min_confidence=self.settings.min_confidence,
+            min_confidence=min_confidence,
             canary=canary,
         )
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import redis
 
-from negcase.processes.losses import assess_trade
+from negcase.processes.losses import assess_trade, rule_pnl_pct
 from negcase.runtime.logging import Progress
 from negcase.runtime.loop import BURST_POLL_S, WorkerLoop
 from negcase.runtime.metrics import DetectorMetrics
@@ -281,7 +281,8 @@ class LossDetector:
             )
         if trade.model_version is not None:
             pnl_pct = None if trade.side == "HOLD" else assessment.pnl_pct
-            batch.live.append(LiveOutcome(trade.trade_id, trade.model_version, pnl_pct))
+            rule = rule_pnl_pct(trade)
+            batch.live.append(LiveOutcome(trade.trade_id, trade.model_version, pnl_pct, rule))
 
     def _add_dead_letter(self, batch: Batch, dead: DeadLetter, now_ms: int) -> None:
         """Add a dead letter; one whose fields cannot be packed is kept with its reason only."""

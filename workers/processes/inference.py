@@ -159,7 +159,7 @@ class InferenceWorker:
         if request_ids:
             on_trial = self._on_trial(serving, request_ids)
             rows = self._forward(serving, on_trial)
-            min_confidence = self.settings.min_confidence
+            setting = self.settings.min_confidence
             for request_id, probabilities, canary in zip(
                 request_ids, rows, on_trial.tolist(), strict=True
             ):
@@ -184,7 +184,7 @@ class InferenceWorker:
                     request_id,
                     self.consumer,
                     number,
-                    min_confidence=min_confidence,
+                    min_confidence=serving.min_confidence(canary, setting),
                     canary=canary,
                 )
                 batch.replies.append((request_id, signal.to_json()))

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from negcase.runtime.settings import Settings
 from negcase.schemas.case import NegativeCase, case_id_for
-from negcase.schemas.outcome import Outcome, hindsight_action
+from negcase.schemas.outcome import Outcome, hindsight_action, pnl_of
 from negcase.schemas.trade import TradeClosed, TradeError
 
 _GERUND = {"BUY": "BUYING", "SELL": "SELLING"}
@@ -61,6 +61,14 @@ def priority_for(loss_pct: float, thresholds_pct: tuple[float, ...]) -> int:
 def market_move(trade: TradeClosed) -> float:
     """The market's move from entry to exit as a fraction, + when the price rose."""
     return (trade.exit_price - trade.entry_price) / trade.entry_price
+
+
+def rule_pnl_pct(trade: TradeClosed) -> float | None:
+    """What the engine's own rule would have made on this decision (TradeClosed.rule_side),
+    in percent of the margin, 0 for a HOLD; None when the engine did not say."""
+    if trade.rule_side is None:
+        return None
+    return pnl_of(trade.rule_side, market_move(trade), trade.fee_rate, trade.leverage)
 
 
 def should_have_done(trade: TradeClosed, outcome: TradeResult, min_move_pct: float) -> str:

@@ -10,6 +10,7 @@ model, so a model a batch is using is never written to.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -60,11 +61,18 @@ class Serving:
     canary: LoadedModel | None = None
     canary_share: float = 0.0
     epoch: int = 0
+    # The version in service defers to the engine's own rule (store/serving.py).
+    service_defers: bool = False
 
     def takes_canary(self, request_id: str) -> bool:
         """Whether the canary answers this request (the same answer in every worker)."""
         canary = self.canary
         return canary is not None and takes_canary(request_id, canary.version, self.canary_share)
+
+    def min_confidence(self, canary: bool, setting: float) -> float:
+        """The confidence a reply needs to carry an opinion: `setting`, or never for the
+        version in service while it defers to the engine's rule."""
+        return math.inf if self.service_defers and not canary else setting
 
 
 class Reloader:
@@ -133,7 +141,9 @@ class Reloader:
         canary = None
         if state.canary is not None and state.canary != state.service:
             canary = self._model(state.canary, "canary")
-        updated = Serving(service, canary, state.canary_share, state.epoch)
+        # A worker still on an older version (the new one failed to load) never defers it.
+        defers = state.service_defers and service is not None and service.version == state.service
+        updated = Serving(service, canary, state.canary_share, state.epoch, defers)
         if updated != current:
             self.serving = updated
 

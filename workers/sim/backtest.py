@@ -78,6 +78,8 @@ from negcase.store.files import write_atomic
 
 log = logging.getLogger(__name__)
 
+TRAIN_SERVING = ("promoted", "retired", "rollback", "deferred")
+
 
 @dataclass(frozen=True, slots=True)
 class BacktestConfig:
@@ -288,14 +290,15 @@ def _report(
     registry = CheckpointRegistry(client, settings.keys, Archive(settings.data_dir))
     versions = [info.version for info in registry.list()]
     first, latest = (min(versions), registry.latest_version()) if versions else (None, None)
+    # What the train walk did, read before the served policy adds its serving changes.
+    tally = EventTally(settings.keys)
+    tally.update(client)
     # Before anything else reads the namespace: the live logic carries on over the held-out
     # part (it writes live windows and serving changes there, never a checkpoint).
     served = served_policy(client, settings, registry, market, _held_out_rows(market))
     outcomes = held_out_outcomes(client, settings, market, config.seed, first, latest, served)
     indices = block_resamples(len(plan.held_out), config.seed)
     rows = [row_figures(row, outcomes[0], indices) for row in outcomes]
-    tally = EventTally(settings.keys)
-    tally.update(client)
     decisions = walked.decisions
     return outcomes, {
         "market": {
@@ -337,6 +340,8 @@ def _report(
         "training": {
             "sessions": dict(sorted(tally.sessions.items())),
             "checkpoints_published": tally.types.get("checkpoint_published", 0),
+            # the live logic's decisions during the train walk (the held-out ones: `served`)
+            "serving_changes": {kind: tally.types.get(kind, 0) for kind in TRAIN_SERVING},
             "first_checkpoint": first,
             "latest_checkpoint": latest,
         },

@@ -4,9 +4,12 @@ Nothing of the held-out part is published or trained on; what changes there is w
 published versions serves. At each held-out decision the version `<ns>:serving` names
 answers it (the one in service, or the canary for its share of decisions, chosen by the
 decision's id as inference workers choose), used as an engine uses a model: its action where
-it has an opinion, the control rule elsewhere. Once the position closes, its result joins
-that version's live window (store/live.py), and the serving step, the same script as live,
-promotes, retires or rolls back. So the row judges the live-safety logic on real bars.
+it has an opinion, the control rule elsewhere (everywhere, while the version in service
+defers to the rule). Once the position closes, its result, and the control rule's on the
+same bar, join that version's live figures (store/live.py) whoever decided, since the
+version's served policy is what is scored; and the serving step, the same script as live,
+promotes, retires, rolls back or defers to the rule. So the row judges the live-safety logic
+on real bars.
 """
 
 from __future__ import annotations
@@ -76,19 +79,31 @@ class ServedPolicy:
             state = read_state(self.client, keys)
             decision_id = trade_id(self.symbol, t)
             version = answering_version(state, decision_id)
-            side, by_model = self._side(version, row, control_side(self.bars, t))
-            if by_model:
-                result = side_pnl_pct(self.bars, t, side, self.terms, self.symbol)
-                closing.append((exit_bar(t, self.terms), LiveOutcome(decision_id, version, result)))
+            control = control_side(self.bars, t)
+            defers = state.service_defers and version == state.service
+            side, by_model = self._side(version, row, control, defers)
+            if version is not None and self._model(version) is not None:
+                # Scored whenever the version answered, as engines report it (with the
+                # rule's side): with no opinion, what the rule did is the version's too.
+                outcome = LiveOutcome(
+                    decision_id, version, self._pnl(t, side), self._pnl(t, control) or 0.0
+                )
+                closing.append((exit_bar(t, self.terms), outcome))
             sides.append(side)
             answered_by.append(version if by_model else None)
             in_service.append(state.service)
         return Served(tuple(sides), tuple(answered_by), tuple(in_service), tuple(changes))
 
-    def _side(self, version: int | None, row: np.ndarray, control: str) -> tuple[str, bool]:
-        """The side the engine takes, and whether the model decided it."""
+    def _pnl(self, t: int, side: str) -> float | None:
+        return side_pnl_pct(self.bars, t, side, self.terms, self.symbol)
+
+    def _side(
+        self, version: int | None, row: np.ndarray, control: str, defers: bool
+    ) -> tuple[str, bool]:
+        """The side the engine takes, and whether the model decided it (never, while the
+        version defers to the engine's rule)."""
         model = None if version is None else self._model(version)
-        if model is None:
+        if model is None or defers:
             return control, False
         probabilities = model.probabilities(row.astype(np.float32)[None, :])[0].tolist()
         signal = signal_from_probabilities(

@@ -245,7 +245,8 @@ def render_report(report: dict[str, Any]) -> str:
         + f"  ({cases['total']} in all)",
         "training  "
         + (_counts(training["sessions"]) or "no sessions")
-        + f"; {training['checkpoints_published']} checkpoints published",
+        + f"; {training['checkpoints_published']} checkpoints published; serving "
+        + (_counts(training.get("serving_changes") or {}) or "n/a"),
         *_served_lines(report.get("served"), options.get("canary")),
         "train part, loss rate of the model's live trades by quarter, beside the control rule "
         "on the same bars:",

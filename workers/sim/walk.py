@@ -128,10 +128,18 @@ class TrainWalk:
         # missed move can be learnt from.
         trade = closed_trade(self.bars, t, side, self.terms, self.symbol)
         trade["features"] = features
+        # What the rule would have done, whoever decided: the serving step judges the
+        # version in service against it.
+        trade["rule_side"] = control
         trade["decided_by"] = by  # not a TradeClosed field: kept with the case under extra
+        if signal is not None:
+            # The version whose reply the engine had, opinion or not: its live window scores
+            # the policy an engine runs with it (its action where it has an opinion, the
+            # rule's elsewhere).
+            trade["model_version"] = signal.model_version
         version = None
         if by == "model":
-            version = trade["model_version"] = signal.model_version
+            version = signal.model_version
             trade["confidence"] = signal.confidence
         result = None if side == "HOLD" else pnl_pct(trade, self.features.count)
         return Decision(t, side, by, version, result, control, control_pnl), trade

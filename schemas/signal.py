@@ -50,8 +50,9 @@ class Signal:
     request_id: str | None = None
     worker: str | None = None
     batch: int | None = None
-    # False when the confidence is under NEGCASE_MIN_CONFIDENCE: the model has no opinion
-    # here, and the engine should keep its own rule rather than follow `action`.
+    # False when the confidence is under NEGCASE_MIN_CONFIDENCE, or while the version in
+    # service defers to the engine's own rule: the model has no opinion here, and the engine
+    # should keep its own rule rather than follow `action`.
     opinion: bool = True
     # True when a canary answered: a new version on trial for a share of the requests.
     canary: bool = False

@@ -8,8 +8,8 @@ Redis layout (DESIGN.md, "Checkpoints and hot reload"):
   <ns>:ckpt:counter     the highest version handed out (INCR), so versions only increase;
                         in an empty Redis it starts at the highest version the archive holds
   <ns>:ckpt:lock        held by the one trainer that rebases and publishes right now
-  <ns>:checkpoints      stream: kind (published, rollback, canary_started, promoted, retired),
-                        version, previous_version, parent_version, sha256, epoch, at_ms
+  <ns>:checkpoints      stream: kind (published, rollback, canary_started, promoted, retired,
+                        deferred), version, previous_version, parent_version, sha256, epoch, at_ms
 
 What serves (the version in service, a canary) is store/serving.py; `latest` is the head of
 the lineage trainers build on, which a new version serves from only once serving says so.

@@ -26,9 +26,10 @@ if restore then
   redis.call('HSET', checkpoint, 'weights', ARGV[5], 'sha256', ARGV[6], 'meta', ARGV[7])
   redis.call('ZADD', versions, version, version)
 end
--- A person chose it: it is not watched for an automatic rollback, and leaves the history.
+-- A person chose it: it is not watched for an automatic rollback nor compared with the
+-- engine's rule (serving_step.lua), and leaves the history.
 redis.call('HSET', serving, 'service', version, 'canary', '', 'service_since_ms', now_ms,
-  'watch', '0', 'defers', '', 'rule_checked', '0', 'epoch', string.format('%d', epoch))
+  'watch', '0', 'defers', '', 'rule_checked', 'operator', 'epoch', string.format('%d', epoch))
 redis.call('LREM', history, 0, version)
 redis.call('SET', latest, version)
 local announcement = {'kind', 'rollback', 'version', version, 'sha256', sha256, 'at_ms', now_ms,

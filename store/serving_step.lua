@@ -90,6 +90,12 @@ local function scored(version)
   return tonumber(redis.call('HGET', stats, 'model:' .. version .. ':scored') or '0')
 end
 
+-- Its decisions with a known rule so far: a version put in service is compared with the
+-- rule once it has made the minimum more of them, not at once on its whole past.
+local function rule_decisions(version)
+  return redis.call('HGET', stats, 'model:' .. version .. ':rule_n') or '0'
+end
+
 local function outcomes(version)
   return redis.call('LLEN', involved[version].window)
 end
@@ -146,7 +152,7 @@ local function promote(version, reason, with)
   -- Watched for a rollback only when there is a predecessor to compare with.
   move({'service', version, 'canary', '', 'service_since_ms', now_ms,
     'checked', scored(version), 'watch', service ~= '' and '1' or '0',
-    'defers', '', 'rule_checked', '0'})
+    'defers', '', 'rule_checked', rule_decisions(version)})
   announce('promoted', version, service)
   event('promoted', joined({'version', version, 'previous_version', service, 'reason', reason},
     with))
@@ -188,7 +194,7 @@ local function rollback(target, reason, with)
   end
   -- A version restored by a rollback is the one that just did better: not watched again.
   move({'service', target, 'canary', '', 'service_since_ms', now_ms,
-    'checked', scored(target), 'watch', '0', 'defers', '', 'rule_checked', '0'})
+    'checked', scored(target), 'watch', '0', 'defers', '', 'rule_checked', rule_decisions(target)})
   redis.call('SET', latest_key, target)
   local sha256 = redis.call('HGET', involved[target].checkpoint, 'sha256') or ''
   announce('rollback', target, service)
@@ -238,7 +244,8 @@ end
 -- 4. The version in service against the engine's own rule, every min outcomes with a known
 --    rule. Deferring costs nothing where the version is no better than the rule, so the
 --    canary's threshold, not the stricter rollback's.
-if state.defers ~= service then
+-- (A version an operator put in service, rule_checked 'operator', is not compared.)
+if state.defers ~= service and state.rule_checked ~= 'operator' then
   local rule = versus_rule(service)
   if rule and rule.n - (tonumber(state.rule_checked) or 0) >= min_outcomes then
     redis.call('HSET', serving, 'rule_checked', rule.n)

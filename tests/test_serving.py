@@ -23,7 +23,7 @@ from negcase.store.live import LiveOutcome, LiveScores, window_stats, z_score
 from negcase.store.serving import ServingControl, read_state, takes_canary
 from negcase.store.sessions import SessionStore
 from tests.conftest import run_burst
-from tests.serving import events_of, publish
+from tests.serving import events_of, publish, serving_story
 from tests.training_cases import add_cases, make_case, random_features
 
 # Two P&L patterns with the same spread: a version that earns, one that loses.
@@ -373,3 +373,17 @@ def test_status_shows_what_serves_and_each_versions_live_figures(client, setting
     table = text[text.index("live figures") :].splitlines()
     row = next(line for line in table if line.startswith(f"  v{canary} "))
     assert row.split() == [f"v{canary}", "canary", "5", "4", "1", "25.0%", "+0.700%"]
+
+
+def test_a_version_an_operator_put_in_service_is_not_deferred_again(client, settings):
+    # given the serving story: its version in service ends deferred to the engine's rule
+    service, _, _ = serving_story(client, settings)
+    judged = settings.with_overrides(canary_min_outcomes=2, live_window=4)
+    assert read_state(client, settings.keys).service_defers
+    # when an operator puts that same version back in service, then no step defers it again,
+    # however many decisions worse than the rule it makes: a person chose it
+    CheckpointRegistry(client, settings.keys).rollback(service)
+    live = LiveScores(client, settings.keys, judged.live_window)
+    live.record([LiveOutcome(f"op-{n}", service, -1.0, 1.0) for n in range(4)])
+    assert ServingControl(client, judged).step() is None
+    assert not read_state(client, settings.keys).service_defers

@@ -73,11 +73,11 @@ class SignalClient:
     ) -> Signal:
         """The signal for `features`, or SignalRequestError (the worker's error reply naming
         the field and reason), or SignalTimeout. `timeout_s` must be positive. When the
-        signal's `opinion` is false (confidence under NEGCASE_MIN_CONFIDENCE), keep your own
-        rule: the model does not know better here. `request_id` (1-128 characters of
-        A-Z a-z 0-9 . _ : -) names the decision instead of a fresh id: whether a canary
-        answers depends on it, so asking again for one decision keeps it with the same
-        version."""
+        signal's `opinion` is false (confidence under NEGCASE_MIN_CONFIDENCE, or a version
+        that defers to your rule), keep your own rule: the model does not know better here.
+        `request_id` (1-128 characters of A-Z a-z 0-9 . _ : -) names the decision instead of
+        a fresh id: whether a canary answers depends on it, so asking again for one decision
+        keeps it with the same version."""
         if not timeout_s > 0:  # NaN too; BLPOP 0 would wait forever
             raise ValueError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
         if request_id is not None and not _REQUEST_ID.match(request_id):

@@ -65,10 +65,13 @@ def market_move(trade: TradeClosed) -> float:
 
 def rule_pnl_pct(trade: TradeClosed) -> float | None:
     """What the engine's own rule would have made on this decision (TradeClosed.rule_side),
-    in percent of the margin, 0 for a HOLD; None when the engine did not say."""
+    in percent of the margin, 0 for a HOLD; None when the engine did not say (or when it is
+    not finite)."""
     if trade.rule_side is None:
         return None
-    return pnl_of(trade.rule_side, market_move(trade), trade.fee_rate, trade.leverage)
+    pnl = pnl_of(trade.rule_side, market_move(trade), trade.fee_rate, trade.leverage)
+    # One infinite value would leave a version's sums against the rule NaN for good.
+    return pnl if math.isfinite(pnl) else None
 
 
 def should_have_done(trade: TradeClosed, outcome: TradeResult, min_move_pct: float) -> str:

@@ -164,6 +164,7 @@ class Reloader:
         if loaded is not None:
             current = self.serving
             self.serving = Serving(loaded, current.canary, current.canary_share, current.epoch)
+            # (an explicit load is not the serving state's choice: it never defers)
         return loaded
 
     def _load(self, version: int, role: str) -> LoadedModel | None:

@@ -80,9 +80,10 @@ class ServedPolicy:
             decision_id = trade_id(self.symbol, t)
             version = answering_version(state, decision_id)
             control = control_side(self.bars, t)
+            model = None if version is None else self._model(version)
             defers = state.service_defers and version == state.service
-            side, by_model = self._side(version, row, control, defers)
-            if version is not None and self._model(version) is not None:
+            side, by_model = self._side(model, row, control, defers)
+            if model is not None:
                 # Scored whenever the version answered, as engines report it (with the
                 # rule's side): with no opinion, what the rule did is the version's too.
                 outcome = LiveOutcome(
@@ -98,16 +99,15 @@ class ServedPolicy:
         return side_pnl_pct(self.bars, t, side, self.terms, self.symbol)
 
     def _side(
-        self, version: int | None, row: np.ndarray, control: str, defers: bool
+        self, model: LoadedModel | None, row: np.ndarray, control: str, defers: bool
     ) -> tuple[str, bool]:
         """The side the engine takes, and whether the model decided it (never, while the
         version defers to the engine's rule)."""
-        model = None if version is None else self._model(version)
         if model is None or defers:
             return control, False
         probabilities = model.probabilities(row.astype(np.float32)[None, :])[0].tolist()
         signal = signal_from_probabilities(
-            probabilities, version, min_confidence=self.settings.min_confidence
+            probabilities, model.version, min_confidence=self.settings.min_confidence
         )
         return (signal.action, True) if signal.opinion else (control, False)
 

@@ -118,7 +118,6 @@ def test_the_real_loop_learns_on_the_train_part_and_is_judged_on_the_held_out_pa
     assert training["checkpoints_published"] == training["sessions"]["published"] >= 2
     assert (first["version"], latest["version"]) == (1, training["latest_checkpoint"])
     # and what the live logic decided during the train walk is counted
-    assert set(training["serving_changes"]) == {"promoted", "retired", "rollback", "deferred"}
     assert training["serving_changes"]["promoted"] >= 1
 
     # every losing trade of the train part became a case, through the real detector

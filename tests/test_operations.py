@@ -250,6 +250,7 @@ def test_the_grafana_dashboard_shows_the_gauges_and_only_metrics_that_exist(clie
         "negcase_group_oldest_pending_seconds",
         "negcase_served_version",
         "negcase_model_loss_rate",
+        "negcase_service_defers_to_rule",
     }
     assert wanted <= named, wanted - named
 

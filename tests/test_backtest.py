@@ -17,10 +17,11 @@ import pytest
 
 from negcase.cli.backtest import first_checkpoint_after
 from negcase.cli.main import main
+from negcase.cli.options import CommandError
 from negcase.runtime.settings import Settings
 from negcase.schemas.case import NegativeCase
 from negcase.sim.bars import read_bars
-from negcase.sim.bench_learn import market_file, write_derived_bars
+from negcase.sim.bench_learn import market_file, seeds_of, summary_lines, write_derived_bars
 from negcase.sim.progress import ProgressLine
 from tests.conftest import ROOT
 from tests.market_data import sp500_csv
@@ -244,6 +245,53 @@ def test_bench_learn_reads_arch_files_and_derives_bars_for_a_price_only_series(t
     write_derived_bars(path, ["2020-01-02", "2020-01-03"], [10.0, 9.5])
     derived = read_bars(path)
     assert derived.open.tolist() == [10.0, 10.0] and derived.low.tolist() == [10.0, 9.5]
+
+
+def learn_report(symbol: str, seed: int, control: float, first: float, latest: float) -> dict:
+    """The parts of a backtest report the bench's summary reads, with these loss rates."""
+    rates = {"control rule": control, "first checkpoint": first, "latest checkpoint": latest}
+    rows = [
+        {"policy": name, "loss_rate": rate, "loss_rate_vs_control_95": [-0.05, 0.04]}
+        for name, rate in rates.items()
+    ]
+    paired = {"difference": latest - first, "interval_95": [-0.1, 0.02]}
+    return {
+        "market": {"symbol": symbol},
+        "options": {"seed": seed},
+        "held_out": {
+            "rows": rows,
+            "latest_against": {"first checkpoint": paired, "offline model": None},
+        },
+    }
+
+
+def test_the_bench_summary_judges_each_run_against_the_learning_bar():
+    # given three runs: below first and control, equal to control, above control
+    reports = [
+        learn_report("sp500", 0, control=0.475, first=0.6, latest=0.455),
+        learn_report("sp500", 1, control=0.475, first=0.6, latest=0.475),
+        learn_report("wti", 0, control=0.47, first=0.5, latest=0.51),
+    ]
+    # when the summary is made
+    lines = summary_lines(reports)
+    # then each run has its line, with its figures, and meets the bar or not
+    assert (
+        "sp500    seed 0   vs control -2.0 [-5.0, +4.0], vs first -14.5 [-10.0, +2.0]" in lines[1]
+    )
+    assert lines[1].endswith("vs offline n/a  bar met")
+    assert lines[2].endswith("bar met")  # not above the control rule: equal is enough
+    assert "wti      seed 0   vs control +4.0" in lines[3] and "bar met" not in lines[3]
+    # and each market its count and mean
+    assert lines[4] == "  sp500    bar met in 2 of 2 runs; mean vs control -1.0 points"
+    assert lines[5] == "  wti      bar met in 0 of 1 runs; mean vs control +4.0 points"
+
+
+def test_bench_seeds_are_a_list_of_seeds_and_ranges():
+    assert seeds_of("0-3") == [0, 1, 2, 3]
+    assert seeds_of("5, 0-1,1") == [5, 0, 1]
+    for bad in ("3-1", "-1", "a", ""):
+        with pytest.raises(CommandError, match="--seeds"):
+            seeds_of(bad)
 
 
 def test_progress_is_one_line_redrawn_on_a_terminal_and_plain_lines_otherwise():

@@ -366,12 +366,20 @@ def register(sub: argparse._SubParsersAction) -> None:
             "Run `negcase backtest` with the same options on each market's full file from the "
             "arch package (pip install arch): the daily S&P 500 and NASDAQ 1999-2018, and the "
             "daily WTI spot price 1986-2019 (its OHLC derived from the closes: see "
-            "negcase.sim.bench_learn), and print the three tables with their run times. A few "
-            "minutes per market: the yardstick every change to learning is judged with."
+            "negcase.sim.bench_learn), and print the three tables with their run times, then a "
+            "summary of each run against the learning bar. A few minutes per market and seed: "
+            "the yardstick every change to learning is judged with."
         ),
     )
     learn.add_argument(
         "--markets", help="comma-separated, from sp500, nasdaq, wti (default: all three)"
+    )
+    learn.add_argument(
+        "--seeds",
+        help=(
+            "run each market with each of these seeds (a list and ranges: 0-3 or 0,2,5; "
+            "instead of --seed), then print a summary of every run against the learning bar"
+        ),
     )
     learn.add_argument("--json", action="store_true", help="print the reports as JSON")
     learn.set_defaults(run=run_learn)

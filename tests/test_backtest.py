@@ -21,7 +21,13 @@ from negcase.cli.options import CommandError
 from negcase.runtime.settings import Settings
 from negcase.schemas.case import NegativeCase
 from negcase.sim.bars import read_bars
-from negcase.sim.bench_learn import market_file, seeds_of, summary_lines, write_derived_bars
+from negcase.sim.bench_learn import (
+    market_file,
+    run_bench_learn,
+    seeds_of,
+    summary_lines,
+    write_derived_bars,
+)
 from negcase.sim.progress import ProgressLine
 from tests.conftest import ROOT
 from tests.market_data import sp500_csv
@@ -251,7 +257,12 @@ def learn_report(symbol: str, seed: int, control: float, first: float, latest: f
     """The parts of a backtest report the bench's summary reads, with these loss rates."""
     rates = {"control rule": control, "first checkpoint": first, "latest checkpoint": latest}
     rows = [
-        {"policy": name, "loss_rate": rate, "loss_rate_vs_control_95": [-0.05, 0.04]}
+        {
+            "policy": name,
+            "loss_rate": rate,
+            "loss_rate_vs_control": round(rate - control, 6),
+            "loss_rate_vs_control_95": [-0.05, 0.04],
+        }
         for name, rate in rates.items()
     ]
     paired = {"difference": latest - first, "interval_95": [-0.1, 0.02]}
@@ -266,32 +277,51 @@ def learn_report(symbol: str, seed: int, control: float, first: float, latest: f
 
 
 def test_the_bench_summary_judges_each_run_against_the_learning_bar():
-    # given three runs: below first and control, equal to control, above control
+    # given runs below first and control, equal to control, below control but not below
+    # first, equal to first, above control, and one that published nothing
+    unpublished = learn_report("wti", 2, control=0.47, first=0.5, latest=0.5)
+    unpublished["held_out"]["rows"][2]["loss_rate"] = None
     reports = [
         learn_report("sp500", 0, control=0.475, first=0.6, latest=0.455),
+        learn_report("wti", 0, control=0.47, first=0.55, latest=0.51),  # above control
         learn_report("sp500", 1, control=0.475, first=0.6, latest=0.475),
-        learn_report("wti", 0, control=0.47, first=0.5, latest=0.51),
+        learn_report("sp500", 2, control=0.5, first=0.4, latest=0.45),
+        learn_report("sp500", 3, control=0.5, first=0.45, latest=0.45),
+        unpublished,
     ]
     # when the summary is made
     lines = summary_lines(reports)
-    # then each run has its line, with its figures, and meets the bar or not
+    # then each run has its line, market by market, with its figures and whether it met the bar
     assert (
         "sp500    seed 0   vs control -2.0 [-5.0, +4.0], vs first -14.5 [-10.0, +2.0]" in lines[1]
     )
     assert lines[1].endswith("vs offline n/a  bar met")
     assert lines[2].endswith("bar met")  # not above the control rule: equal is enough
-    assert "wti      seed 0   vs control +4.0" in lines[3] and "bar met" not in lines[3]
-    # and each market its count and mean
-    assert lines[4] == "  sp500    bar met in 2 of 2 runs; mean vs control -1.0 points"
-    assert lines[5] == "  wti      bar met in 0 of 1 runs; mean vs control +4.0 points"
+    assert "seed 2" in lines[3] and "bar met" not in lines[3]  # not below the first
+    assert "seed 3" in lines[4] and "bar met" not in lines[4]  # equal to the first
+    assert "wti      seed 0   vs control +4.0" in lines[5] and "bar met" not in lines[5]
+    assert "wti      seed 2   not judged" in lines[6]
+    # and each market its count (a run not judged did not meet it) and mean
+    assert lines[7] == "  sp500    bar met in 2 of 4 runs; mean vs control -3.0 points"
+    assert lines[8] == "  wti      bar met in 0 of 2 runs; mean vs control +4.0 points"
 
 
 def test_bench_seeds_are_a_list_of_seeds_and_ranges():
     assert seeds_of("0-3") == [0, 1, 2, 3]
     assert seeds_of("5, 0-1,1") == [5, 0, 1]
-    for bad in ("3-1", "-1", "a", ""):
-        with pytest.raises(CommandError, match="--seeds"):
+    for bad, reason in [
+        ("3-1", "ends before it starts"),
+        ("-1", "is not a seed"),
+        ("a", "is not a seed"),
+        ("", "is not a seed"),
+        ("0,,1", "is not a seed"),
+        ("0-100", "more than 100 seeds"),
+    ]:
+        with pytest.raises(CommandError, match=f"--seeds: .*{reason}"):
             seeds_of(bad)
+    both = SimpleNamespace(markets=None, seeds="0-1", seed=3)
+    with pytest.raises(CommandError, match="--seed and --seeds: give one of them"):
+        run_bench_learn(both)
 
 
 def test_progress_is_one_line_redrawn_on_a_terminal_and_plain_lines_otherwise():

@@ -366,9 +366,9 @@ def register(sub: argparse._SubParsersAction) -> None:
             "Run `negcase backtest` with the same options on each market's full file from the "
             "arch package (pip install arch): the daily S&P 500 and NASDAQ 1999-2018, and the "
             "daily WTI spot price 1986-2019 (its OHLC derived from the closes: see "
-            "negcase.sim.bench_learn), and print the three tables with their run times, then a "
-            "summary of each run against the learning bar. A few minutes per market and seed: "
-            "the yardstick every change to learning is judged with."
+            "negcase.sim.bench_learn), and print each run's table with its run time, then a "
+            "summary of every run against the learning bar (--seeds). A few minutes per market "
+            "and seed: the yardstick every change to learning is judged with."
         ),
     )
     learn.add_argument(
@@ -376,9 +376,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     learn.add_argument(
         "--seeds",
+        metavar="LIST",
         help=(
-            "run each market with each of these seeds (a list and ranges: 0-3 or 0,2,5; "
-            "instead of --seed), then print a summary of every run against the learning bar"
+            "run each market with each of these seeds instead of one (--seed): seeds and "
+            "ranges, 0-3 or 0,2,5. After the tables (text output only), a summary: each run's "
+            "latest checkpoint against the control rule, the first checkpoint and the offline "
+            "model, with intervals, and whether it meets the learning bar (a loss rate below "
+            "the first checkpoint's and not above the control rule's)"
         ),
     )
     learn.add_argument("--json", action="store_true", help="print the reports as JSON")

@@ -22,6 +22,8 @@ from negcase.sim.progress import clock
 from negcase.sim.verdict import CONTROL, FIRST, LATEST, OFFLINE, render_report
 
 MARKETS = ("sp500", "nasdaq", "wti")
+# Each run takes minutes: more seeds than this is a typo, not a plan.
+MAX_SEEDS = 100
 
 
 def market_file(name: str, folder: Path) -> Path:
@@ -57,16 +59,20 @@ def write_derived_bars(path: Path, dates: list[str], closes: list[float]) -> Non
 
 
 def run_bench_learn(args: argparse.Namespace) -> int:
-    """Run the backtest on each market, one after the other, and print each table."""
+    """Run the backtest on each market with each seed, one after the other, and print each
+    run's table, then the summary against the learning bar (or every report as JSON)."""
     chosen = args.markets or ",".join(MARKETS)
     markets = [name.strip() for name in chosen.split(",") if name.strip()]
     unknown = sorted(set(markets) - set(MARKETS))
     if unknown or not markets:
         raise CommandError(f"--markets: unknown {unknown}; choose from {', '.join(MARKETS)}")
+    if args.seeds is not None and args.seed is not None:
+        raise CommandError("--seed and --seeds: give one of them")
     settings = base_settings(args)
-    seeds = (
-        seeds_of(args.seeds) if args.seeds else [settings.seed if args.seed is None else args.seed]
-    )
+    if args.seeds is not None:
+        seeds = seeds_of(args.seeds)
+    else:
+        seeds = [settings.seed if args.seed is None else args.seed]
     reports: list[dict[str, Any]] = []
     clean = True
     with tempfile.TemporaryDirectory(prefix="negcase-bench-learn-") as folder:
@@ -88,25 +94,32 @@ def run_bench_learn(args: argparse.Namespace) -> int:
 
 
 def seeds_of(text: str) -> list[int]:
-    """The seeds --seeds names: a comma-separated list of integers or ranges ("0-3,7")."""
+    """The seeds --seeds names: a comma-separated list of seeds (0 or more) and ranges
+    ("0-3,7"), each once, at most MAX_SEEDS; CommandError names the part it cannot read."""
     seeds: list[int] = []
     for part in (p.strip() for p in text.split(",")):
+        # A minus sign cannot start a part: "-1" splits into "" and "1", which int() refuses.
         low, dash, high = part.partition("-")
         try:
             first, last = int(low), int(high if dash else low)
         except ValueError:
             raise CommandError(f"--seeds: {part!r} is not a seed or a range like 0-3") from None
-        if first < 0 or last < first:
-            raise CommandError(f"--seeds: {part!r} is not a seed or a range like 0-3")
+        if last < first:
+            raise CommandError(f"--seeds: {part!r} ends before it starts")
+        if last - first >= MAX_SEEDS:
+            raise CommandError(f"--seeds: {part!r} holds more than {MAX_SEEDS} seeds")
         seeds += [seed for seed in range(first, last + 1) if seed not in seeds]
+    if len(seeds) > MAX_SEEDS:
+        raise CommandError(f"--seeds: {len(seeds)} seeds, at most {MAX_SEEDS}")
     return seeds
 
 
 @dataclass(frozen=True, slots=True)
 class RunVerdict:
-    """One run against the learning bar: the latest checkpoint's loss rate minus the control
-    rule's (a share, and as text with its interval), minus the first checkpoint's and the
-    offline model's (as text), and whether the run meets the bar."""
+    """One run against the learning bar, on point estimates as the bar is stated: the latest
+    checkpoint's loss rate minus the control rule's (a share, and as text with its
+    interval), minus the first checkpoint's and the offline model's (as text), and whether
+    the run meets the bar (below the first, not above the control rule)."""
 
     difference: float
     against_control: str
@@ -116,16 +129,17 @@ class RunVerdict:
 
 
 def run_verdict(report: dict[str, Any]) -> RunVerdict | None:
-    """One run's verdict, or None when a row it needs made no trade (or nothing was
-    published)."""
+    """One run's verdict, or None when nothing was published or a row it needs made no
+    trade."""
     rows = {row["policy"]: row for row in report["held_out"]["rows"]}
     latest, first, control = (rows[name]["loss_rate"] for name in (LATEST, FIRST, CONTROL))
     if latest is None or first is None or control is None:
         return None
     against = report["held_out"]["latest_against"]
+    difference = rows[LATEST]["loss_rate_vs_control"]
     return RunVerdict(
-        difference=latest - control,
-        against_control=_with_interval(latest - control, rows[LATEST]["loss_rate_vs_control_95"]),
+        difference=difference,
+        against_control=_with_interval(difference, rows[LATEST]["loss_rate_vs_control_95"]),
         against_first=_paired_text(against[FIRST]),
         against_offline=_paired_text(against[OFFLINE]),
         met=latest < first and latest <= control,
@@ -133,30 +147,32 @@ def run_verdict(report: dict[str, Any]) -> RunVerdict | None:
 
 
 def summary_lines(reports: list[dict[str, Any]]) -> list[str]:
-    """One line per run (its verdict), then per market how many runs met the bar and the
-    mean difference from the control rule."""
+    """One line per run (its verdict), then per market how many runs met the bar (a run
+    that cannot be judged did not) and the mean difference from the control rule of those
+    that can."""
     lines = [
         "summary: the latest checkpoint's loss rate minus each row's, in points [95 % "
         "interval]; the bar: below the first checkpoint's and not above the control rule's",
     ]
-    by_market: dict[str, list[RunVerdict]] = {}
-    for report in reports:
+    by_market: dict[str, list[RunVerdict | None]] = {}
+    for report in sorted(reports, key=lambda r: r["market"]["symbol"]):
         verdict = run_verdict(report)
         name = f"{report['market']['symbol']:<8} seed {report['options']['seed']:<3}"
+        by_market.setdefault(report["market"]["symbol"], []).append(verdict)
         if verdict is None:
-            lines.append(f"  {name} a row made no trade (or nothing was published): not judged")
+            lines.append(f"  {name} not judged: nothing was published, or a row made no trade")
             continue
         lines.append(
             f"  {name} vs control {verdict.against_control}, vs first {verdict.against_first}, "
             f"vs offline {verdict.against_offline}{'  bar met' if verdict.met else ''}"
         )
-        by_market.setdefault(report["market"]["symbol"], []).append(verdict)
     for symbol, verdicts in by_market.items():
-        mean = sum(v.difference for v in verdicts) / len(verdicts)
-        lines.append(
-            f"  {symbol:<8} bar met in {sum(v.met for v in verdicts)} of {len(verdicts)} "
-            f"runs; mean vs control {mean * 100:+.1f} points"
-        )
+        judged = [v for v in verdicts if v is not None]
+        line = f"  {symbol:<8} bar met in {sum(v.met for v in judged)} of {len(verdicts)} runs"
+        if judged:
+            mean = sum(v.difference for v in judged) / len(judged)
+            line += f"; mean vs control {mean * 100:+.1f} points"
+        lines.append(line)
     return lines
 
 

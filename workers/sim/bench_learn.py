@@ -19,7 +19,7 @@ import orjson
 from negcase.cli.backtest import backtest, base_settings, config_from
 from negcase.cli.options import CommandError
 from negcase.sim.progress import clock
-from negcase.sim.verdict import CONTROL, FIRST, LATEST, OFFLINE, render_report
+from negcase.sim.verdict import CONTROL, FIRST, LATEST, OFFLINE, difference_text, render_report
 
 MARKETS = ("sp500", "nasdaq", "wti")
 # Each run takes minutes: more seeds than this is a typo, not a plan.
@@ -139,7 +139,7 @@ def run_verdict(report: dict[str, Any]) -> RunVerdict | None:
     difference = rows[LATEST]["loss_rate_vs_control"]
     return RunVerdict(
         difference=difference,
-        against_control=_with_interval(difference, rows[LATEST]["loss_rate_vs_control_95"]),
+        against_control=difference_text(difference, rows[LATEST]["loss_rate_vs_control_95"]),
         against_first=_paired_text(against[FIRST]),
         against_offline=_paired_text(against[OFFLINE]),
         met=latest < first and latest <= control,
@@ -179,11 +179,4 @@ def summary_lines(reports: list[dict[str, Any]]) -> list[str]:
 def _paired_text(paired: dict[str, Any] | None) -> str:
     if paired is None:
         return "n/a"
-    return _with_interval(paired["difference"], paired["interval_95"])
-
-
-def _with_interval(difference: float, interval: list[float] | None) -> str:
-    text = f"{difference * 100:+.1f}"
-    if interval is not None:
-        text += f" [{interval[0] * 100:+.1f}, {interval[1] * 100:+.1f}]"
-    return text
+    return difference_text(paired["difference"], paired["interval_95"])

@@ -174,6 +174,15 @@ def _points(share: float) -> str:
     return f"{share * 100:+.1f}"
 
 
+def difference_text(share: float, interval: list[float] | None, unit: str = "") -> str:
+    """A difference of loss rates in points, then `unit`, then its interval when there is
+    one: "+0.5 points [-6.6, +8.0]"."""
+    text = _points(share) + unit
+    if interval is not None:
+        text += f" [{_points(interval[0])}, {_points(interval[1])}]"
+    return text
+
+
 def render_table(rows: list[dict[str, Any]]) -> list[str]:
     """The rows as aligned text lines, with a header."""
     lines = [
@@ -213,10 +222,7 @@ def _difference_text(row: dict[str, Any]) -> str:
     interval = row["loss_rate_vs_control_95"]
     if row["loss_rate_vs_control"] is None or interval is None:
         return "n/a"
-    return (
-        f"{_points(row['loss_rate_vs_control'])} points "
-        f"[{_points(interval[0])}, {_points(interval[1])}]"
-    )
+    return difference_text(row["loss_rate_vs_control"], interval, " points")
 
 
 def render_report(report: dict[str, Any]) -> str:
@@ -266,9 +272,9 @@ def _latest_lines(compared: dict[str, Any] | None) -> list[str]:
         if figures is None:
             parts.append(f"{name} n/a")
             continue
-        interval = figures["interval_95"]
-        within = "" if interval is None else f" [{_points(interval[0])}, {_points(interval[1])}]"
-        parts.append(f"{name} {_points(figures['difference'])} points{within}")
+        parts.append(
+            f"{name} {difference_text(figures['difference'], figures['interval_95'], ' points')}"
+        )
     return ["latest    loss rate against the " + ", against the ".join(parts)]
 
 

@@ -29,8 +29,9 @@ class CheckpointError(Exception):
 
 class ModelFactory(Protocol):
     """What `--model package.module:factory` names: a callable that builds the network.
-    It gets the input width and the number of actions (SELL, HOLD, BUY) and returns an
-    nn.Module mapping a (batch, feature_count) float32 tensor to (batch, n_actions) logits."""
+    It gets the input width and the number of actions and returns an nn.Module mapping a
+    (batch, feature_count) float32 tensor to (batch, n_actions) logits, in the order of
+    ACTIONS: BUY, SELL, HOLD."""
 
     def __call__(self, *, feature_count: int, n_actions: int) -> nn.Module: ...
 

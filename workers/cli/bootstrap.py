@@ -38,8 +38,9 @@ def register(sub: argparse._SubParsersAction) -> None:
             "train the model on all of them (the same warm start the trainers make once "
             "NEGCASE_MIN_OUTCOMES outcomes exist) and publish it as a checkpoint. About "
             "NEGCASE_HELDOUT_SHARE of the outcomes are held out to judge it: the model is "
-            "published only if its trading result there is not worse than what it replaces "
-            "(the latest checkpoint with --force, else untrained weights)."
+            "published only if its trading result there is not worse than the latest "
+            "checkpoint's (with --force); with no checkpoint yet it only has to give finite "
+            "output, as the trainers' first checkpoint does."
         ),
     )
     parser.add_argument("--trades", type=Path, required=True, help="JSON lines of TradeClosed")

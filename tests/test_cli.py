@@ -96,6 +96,18 @@ def test_publish_detect_status_tail(settings):
     assert "DEAD LETTER" in tail.stdout
 
 
+def test_publish_a_skipped_decision_from_flags(settings):
+    # given a skip published from flags: the market rose 3 % while the engine stayed out
+    skip = "--symbol X --side hold --entry 100 --exit 103 --features [0,0,0,0,0,0,0,0]"
+    assert negcase(settings, "publish", *skip.split()).returncode == 0
+    # when a detector drains the stream
+    assert negcase(settings, "detect", "--burst").returncode == 0
+    # then it is a missed opportunity, prioritized by the 3 % it missed
+    status = json.loads(negcase(settings, "status", "--json").stdout)
+    assert status["counters"]["opportunities"] == 1
+    assert status["cases"]["queued_by_priority"]["3"] == 1
+
+
 def test_tail_filters_by_type(settings):
     negcase(settings, "publish", "--symbol", "X", "--side", "BUY", "--entry", "1", "--exit", "0.5")
     negcase(settings, "publish", "--symbol", "X", "--side", "BUY", "--entry", "-1", "--exit", "1")

@@ -80,9 +80,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--trade-id", help="default: a random cli-<hex> id")
     parser.add_argument("--symbol")
-    parser.add_argument("--side", choices=("BUY", "SELL", "buy", "sell"))
-    parser.add_argument("--entry", type=float, help="entry price")
-    parser.add_argument("--exit", type=float, help="exit price")
+    parser.add_argument(
+        "--side",
+        choices=("BUY", "SELL", "HOLD", "buy", "sell", "hold"),
+        help="the side of the position that closed, or HOLD for a skipped decision",
+    )
+    parser.add_argument(
+        "--entry", type=float, help="entry price (for HOLD: the price when the engine decided)"
+    )
+    parser.add_argument(
+        "--exit", type=float, help="exit price (for HOLD: the price at the end of its horizon)"
+    )
     parser.add_argument("--quantity", type=float)
     parser.add_argument("--leverage", type=float)
     parser.add_argument("--fee-rate", type=float)

@@ -98,14 +98,16 @@ def test_publish_detect_status_tail(settings):
 
 def test_publish_a_skipped_decision_from_flags(settings):
     # given a skip published from flags: the market rose 3 % while the engine stayed out
-    skip = "--symbol X --side hold --entry 100 --exit 103 --features [0,0,0,0,0,0,0,0]"
-    assert negcase(settings, "publish", *skip.split()).returncode == 0
+    skip = "--trade-id s1 --symbol X --side hold --entry 100 --exit 103 --features"
+    assert negcase(settings, "publish", *skip.split(), json.dumps([0] * 8)).returncode == 0
     # when a detector drains the stream
     assert negcase(settings, "detect", "--burst").returncode == 0
     # then it is a missed opportunity, prioritized by the 3 % it missed
     status = json.loads(negcase(settings, "status", "--json").stdout)
     assert status["counters"]["opportunities"] == 1
     assert status["cases"]["queued_by_priority"]["3"] == 1
+    case = json.loads(negcase(settings, "case", "s1", "--json").stdout)
+    assert case["case"]["what_should_have_been_done"] == "BUY"
 
 
 def test_tail_filters_by_type(settings):

@@ -35,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=(
             "Read trade-close events (TradeClosed, one JSON object per line, skipped decisions "
             "as side HOLD) from FILE, turn each into its outcome with the hindsight label, "
-            "train the model on all of them (the same warm start the trainers make once "
+            "train the model on those not held out (the same warm start the trainers make once "
             "NEGCASE_MIN_OUTCOMES outcomes exist) and publish it as a checkpoint. About "
             "NEGCASE_HELDOUT_SHARE of the outcomes are held out to judge it: the model is "
             "published only if its trading result there is not worse than the latest "

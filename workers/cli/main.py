@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="negcase",
         description=(
             "negcase learns from losing trades: a loss detector turns each losing trade on "
-            "the Redis stream <ns>:trades into a prioritized negative case, training workers "
+            "the Redis stream <ns>:trades (and each skipped decision that missed a profitable "
+            "move) into a prioritized negative case, training workers "
             "retrain a PyTorch model on the worst cases first and publish checkpoints, and "
             "inference workers hot-reload each checkpoint while they keep answering."
         ),

@@ -37,11 +37,13 @@ def register_detect(sub: argparse._SubParsersAction) -> None:
         help="run a loss detector (consumer group 'detectors' on <ns>:trades)",
         description=(
             "Read trade-close events from <ns>:trades in the consumer group 'detectors', turn "
-            "every losing trade into a prioritized negative case (stored in Redis, queued for "
-            "training, archived on disk), copy bad entries to <ns>:trades:dead with the "
-            "reason, and acknowledge each batch only after it is stored. Several detectors "
-            "can run side by side. The first SIGTERM/SIGINT finishes the batch in hand, and "
-            "the detector leaves the group unless it still holds pending entries."
+            "every losing trade, and every skipped decision that missed a profitable move, into "
+            "a prioritized negative case (stored in Redis, queued for training, archived on "
+            "disk), record every decision with features as an outcome for replay, copy bad "
+            "entries to <ns>:trades:dead with the reason, and acknowledge each batch only "
+            "after it is stored. Several detectors can run side by side. The first "
+            "SIGTERM/SIGINT finishes the batch in hand, and the detector leaves the group "
+            "unless it still holds pending entries."
         ),
     )
     parser.add_argument(

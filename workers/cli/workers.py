@@ -39,11 +39,11 @@ def register_detect(sub: argparse._SubParsersAction) -> None:
             "Read trade-close events from <ns>:trades in the consumer group 'detectors', turn "
             "every losing trade, and every skipped decision that missed a profitable move, into "
             "a prioritized negative case (stored in Redis, queued for training, archived on "
-            "disk), record every decision with features as an outcome for replay, copy bad "
-            "entries to <ns>:trades:dead with the reason, and acknowledge each batch only "
-            "after it is stored. Several detectors can run side by side. The first "
-            "SIGTERM/SIGINT finishes the batch in hand, and the detector leaves the group "
-            "unless it still holds pending entries."
+            "disk), record every decision with features as an outcome (in the replay store, "
+            "or the validation window when held out), copy bad entries to <ns>:trades:dead "
+            "with the reason, and acknowledge each batch only after it is stored. Several "
+            "detectors can run side by side. The first SIGTERM/SIGINT finishes the batch in "
+            "hand, and the detector leaves the group unless it still holds pending entries."
         ),
     )
     parser.add_argument(

@@ -59,9 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "negcase learns from losing trades: a loss detector turns each losing trade on "
             "the Redis stream <ns>:trades (and each skipped decision that missed a profitable "
-            "move) into a prioritized negative case, training workers "
-            "retrain a PyTorch model on the worst cases first and publish checkpoints, and "
-            "inference workers hot-reload each checkpoint while they keep answering."
+            "move) into a prioritized negative case, training workers retrain a PyTorch "
+            "model on the worst cases first and publish checkpoints, and inference workers "
+            "hot-reload each checkpoint while they keep answering."
         ),
         epilog=(
             "Every command reads NEGCASE_REDIS_URL (redis://, rediss://, unix://; default "

@@ -14,6 +14,7 @@ import orjson
 
 from negcase.cli.options import CommandError, connection_options, redis_client, settings_from
 from negcase.client.trades import ENCODINGS, publish_trades
+from negcase.schemas.trade import SIDES
 
 
 def read_json_lines(stream: TextIO) -> Iterator[dict[str, Any]]:
@@ -38,14 +39,14 @@ def trade_from_flags(args: argparse.Namespace) -> dict[str, Any]:
     trade: dict[str, Any] = {
         "trade_id": args.trade_id or f"cli-{uuid.uuid4().hex[:16]}",
         "symbol": args.symbol,
-        "side": args.side.upper(),
+        "side": args.side,
         "entry_price": args.entry,
         "exit_price": args.exit,
         "quantity": args.quantity,
         "leverage": args.leverage,
         "fee_rate": args.fee_rate,
         "model_version": args.model_version,
-        "rule_side": args.rule_side and args.rule_side.upper(),
+        "rule_side": args.rule_side,
     }
     if args.features is not None:
         try:
@@ -80,9 +81,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--trade-id", help="default: a random cli-<hex> id")
     parser.add_argument("--symbol")
+    # Sides in any case, upper-cased before the choice is checked.
     parser.add_argument(
         "--side",
-        choices=("BUY", "SELL", "HOLD", "buy", "sell", "hold"),
+        type=str.upper,
+        choices=SIDES,
         help="the side of the position that closed, or HOLD for a skipped decision",
     )
     parser.add_argument(
@@ -97,7 +100,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--model-version", type=int)
     parser.add_argument(
         "--rule-side",
-        choices=("BUY", "SELL", "HOLD", "buy", "sell", "hold"),
+        type=str.upper,
+        choices=SIDES,
         help="what the engine's own rule would have done on this decision",
     )
     parser.add_argument("--features", help="JSON array of the model's input numbers")

@@ -78,6 +78,19 @@ def test_column_names_in_any_case_and_the_usual_time_formats_are_read(
         (GOOD + "1/4/1999,10,11,9,10,10,100\n", 3, "Date", "strictly increasing time order"),
         (GOOD + "yesterday,10,11,9,10,10,100\n", 3, "Date", "'yesterday' is not a date"),
         (GOOD + "13/5/1999,10,11,9,10,10,100\n", 3, "Date", "month must be in 1..12"),
+        (
+            "Date,Open,High,Low,Close,Adj Close,Volume\n1969-12-31,10,11,9,10,10,100\n",
+            2,
+            "Date",
+            "'1969-12-31' is outside 1970-01-01 to 9999-12-31",
+        ),
+        (
+            "Date,Open,High,Low,Close,Adj Close,Volume\n7/1/1926,10,11,9,10,10,100\n",
+            2,
+            "Date",
+            "'7/1/1926' is outside 1970-01-01",
+        ),
+        (GOOD + "253402300800000,10,11,9,10,10,100\n", 3, "Date", "outside 1970-01-01"),
         (GOOD + "1/5/1999,10,11\n", 3, "Low", "too few to reach it"),
     ],
 )

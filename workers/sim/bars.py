@@ -4,8 +4,10 @@ The header row names a date/time column (`date`, `datetime`, `time` or `timestam
 `open`, `high`, `low`, `close` and `volume`, matched case-insensitively; other columns (an
 `Adj Close`, say) are ignored. A date is ISO 8601 (`2019-01-31`, `2019-01-31 15:30`, with or
 without an offset; naive times are UTC), US month/day/year (`1/31/2019`, as Yahoo Finance and
-FRED exports write it), or a Unix time in seconds or milliseconds. Rows must be in strictly
-increasing time order. Every error names the file, the line, the column and the reason.
+FRED exports write it), or a Unix time in seconds or milliseconds, from 1970-01-01 on (the
+trades a backtest publishes carry Unix times in milliseconds, which cannot be negative). Rows
+must be in strictly increasing time order. Every error names the file, the line, the column
+and the reason.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+
+from negcase.schemas.trade import MAX_TIMESTAMP_MS
 
 TIME_COLUMNS = ("date", "datetime", "time", "timestamp")
 VALUE_COLUMNS = ("open", "high", "low", "close", "volume")
@@ -155,6 +159,17 @@ def _value(path: Path, line: int, name: str, text: str) -> float:
 
 
 def _time_ms(path: Path, line: int, column: str, text: str) -> int:
+    milliseconds = _parsed_ms(path, line, column, text)
+    if not 0 <= milliseconds <= MAX_TIMESTAMP_MS:
+        reason = (
+            f"{text!r} is outside 1970-01-01 to 9999-12-31: a trade's times are Unix "
+            "milliseconds, which cannot be negative; start the file at 1970 or later"
+        )
+        raise BarsError(path, reason, line, column)
+    return milliseconds
+
+
+def _parsed_ms(path: Path, line: int, column: str, text: str) -> int:
     if _NUMBER.fullmatch(text):
         number = float(text)
         return int(number if number >= _MS_FROM else number * 1000)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 
 from negcase.processes.losses import (
@@ -15,6 +16,8 @@ from negcase.processes.losses import (
 )
 from negcase.runtime.settings import Settings
 from negcase.schemas.trade import TradeClosed, TradeDefaults, validate_trade
+from negcase.sim.bars import Bars
+from negcase.sim.trading import Terms, best_action, closed_trade
 
 SETTINGS = Settings()
 
@@ -191,3 +194,29 @@ def test_every_outcome_carries_the_hindsight_label_whatever_was_done():
     assert (win.kind, win.case, win.outcome.label) == ("win", None, "BUY")
     assert (loss.kind, loss.outcome.label) == ("loss", "SELL")
     assert loss.case.what_should_have_been_done == "SELL"
+
+
+@pytest.mark.parametrize(
+    ("exit_", "fee", "min_move_pct", "label"),
+    [
+        (3.0, 0.5, 1.0, "HOLD"),  # the move is exactly the fee: a trade would earn nothing
+        (3.2, 0.5, 1.0, "BUY"),
+        (1.0, 0.5, 1.0, "HOLD"),  # down by exactly the fee
+        (0.9, 0.5, 1.0, "SELL"),
+        (2.02, 0.0, 1.0, "BUY"),  # exactly the minimum profitable move, no fee
+        (2.018, 0.0, 1.0, "HOLD"),
+    ],
+)
+def test_the_backtests_hindsight_label_is_the_detectors_on_the_same_prices(
+    exit_, fee, min_move_pct, label
+):
+    """The offline model learns best_action on every bar; the trainers learn the detector's
+    label. Both must be the same rule on the same prices, boundaries included."""
+    bars = Bars(
+        np.array([0, 86_400_000], np.int64),
+        *(np.array(column, np.float64) for column in ([2, 2], [2, 4], [1, 1], [2, exit_], [0, 0])),
+    )
+    terms = Terms(hold=1, leverage=1.0, fee_rate=fee, min_move_pct=min_move_pct)
+    sold = validate_trade(closed_trade(bars, 1, "SELL", terms, "X"), TradeDefaults())
+    assert best_action(bars, 1, terms) == label
+    assert should_have_done(sold, outcome_of(sold), min_move_pct) == label

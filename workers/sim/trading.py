@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from negcase.processes.losses import outcome_of
+from negcase.schemas.outcome import hindsight_action
 from negcase.schemas.trade import TradeDefaults, validate_trade
 from negcase.sim.bars import Bars
 
@@ -48,20 +49,13 @@ def exit_bar(t: int, terms: Terms) -> int:
     return t + terms.hold - 1
 
 
-def move_pct(bars: Bars, t: int, terms: Terms) -> float:
-    """The market's move over a position opened at bar t, in percent, up positive."""
-    return (bars.close[exit_bar(t, terms)] / bars.open[t] - 1) * 100
-
-
 def best_action(bars: Bars, t: int, terms: Terms) -> str:
-    """What would have paid at bar t, in hindsight: BUY or SELL when the market moved that
-    way by at least the smallest move worth trading and the fee, HOLD otherwise. The label
-    the loss detector gives a losing trade, for every bar (the offline model learns it)."""
-    move = move_pct(bars, t, terms)
-    needed = max(terms.min_move_pct, terms.fee_rate * 100)
-    if move >= needed:
-        return "BUY"
-    return "SELL" if -move >= needed else "HOLD"
+    """What would have paid at bar t, in hindsight: the label the loss detector gives the
+    position opened there, by its own rule on the same prices (a side when the market moved
+    its way by at least the smallest move worth trading and by more than the fee, HOLD
+    otherwise), for every bar (the offline model learns it)."""
+    entry, exit_ = float(bars.open[t]), float(bars.close[exit_bar(t, terms)])
+    return hindsight_action((exit_ - entry) / entry, terms.fee_rate, terms.min_move_pct / 100)
 
 
 def trade_id(symbol: str, t: int) -> str:

@@ -21,7 +21,8 @@ from negcase.sim.features import (
 )
 from tests.market_data import sp500_csv
 
-GOOD = "Date,Open,High,Low,Close,Adj Close,Volume\n1/4/1999,10,11,9,10.5,10.5,100\n"
+HEADER = "Date,Open,High,Low,Close,Adj Close,Volume\n"
+GOOD = HEADER + "1/4/1999,10,11,9,10.5,10.5,100\n"
 
 
 def write(tmp_path: Path, text: str, name: str = "bars.csv") -> Path:
@@ -54,6 +55,9 @@ def test_real_bars_are_read_from_a_gzipped_csv_as_arch_ships_them(tmp_path):
         ),
         ("\ufeffDateTime,open,high,low,close,volume\n1548948600,1,2,1,2,0\n", "2019-01-31 15:30"),
         ("date,open,high,low,close,volume\n1548948600000,1,2,1,2,0\n", "2019-01-31 15:30"),
+        # the first and the last time a trade can carry
+        ("date,open,high,low,close,volume\n1970-01-01,1,2,1,2,0\n", "1970-01-01"),
+        ("date,open,high,low,close,volume\n253402300799999,1,2,1,2,0\n", "9999-12-31 23:59"),
     ],
 )
 def test_column_names_in_any_case_and_the_usual_time_formats_are_read(
@@ -78,19 +82,12 @@ def test_column_names_in_any_case_and_the_usual_time_formats_are_read(
         (GOOD + "1/4/1999,10,11,9,10,10,100\n", 3, "Date", "strictly increasing time order"),
         (GOOD + "yesterday,10,11,9,10,10,100\n", 3, "Date", "'yesterday' is not a date"),
         (GOOD + "13/5/1999,10,11,9,10,10,100\n", 3, "Date", "month must be in 1..12"),
-        (
-            "Date,Open,High,Low,Close,Adj Close,Volume\n1969-12-31,10,11,9,10,10,100\n",
-            2,
-            "Date",
-            "'1969-12-31' is outside 1970-01-01 to 9999-12-31",
-        ),
-        (
-            "Date,Open,High,Low,Close,Adj Close,Volume\n7/1/1926,10,11,9,10,10,100\n",
-            2,
-            "Date",
-            "'7/1/1926' is outside 1970-01-01",
-        ),
-        (GOOD + "253402300800000,10,11,9,10,10,100\n", 3, "Date", "outside 1970-01-01"),
+        (HEADER + "1969-12-31,10,11,9,10,10,100\n", 2, "Date", "before 1970-01-01 00:00 UTC"),
+        (HEADER + "7/1/1926,10,11,9,10,10,100\n", 2, "Date", "'7/1/1926' is before 1970-01-01"),
+        (HEADER + "1970-01-01T00:30+01:00,10,11,9,10,10,100\n", 2, "Date", "before 1970-01-01"),
+        (GOOD + "253402300800000,10,11,9,10,10,100\n", 3, "Date", "after 9999-12-31 (UTC)"),
+        (GOOD + "1700000000000000,10,11,9,10,10,100\n", 3, "Date", "in microseconds or nano"),
+        (GOOD + "9" * 400 + ",10,11,9,10,10,100\n", 3, "Date", "after 9999-12-31 (UTC)"),
         (GOOD + "1/5/1999,10,11\n", 3, "Low", "too few to reach it"),
     ],
 )

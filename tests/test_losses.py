@@ -197,24 +197,28 @@ def test_every_outcome_carries_the_hindsight_label_whatever_was_done():
 
 
 @pytest.mark.parametrize(
-    ("exit_", "fee", "min_move_pct", "label"),
+    ("entry", "exit_", "fee", "min_move_pct", "label"),
     [
-        (3.0, 0.5, 1.0, "HOLD"),  # the move is exactly the fee: a trade would earn nothing
-        (3.2, 0.5, 1.0, "BUY"),
-        (1.0, 0.5, 1.0, "HOLD"),  # down by exactly the fee
-        (0.9, 0.5, 1.0, "SELL"),
-        (2.02, 0.0, 1.0, "BUY"),  # exactly the minimum profitable move, no fee
-        (2.018, 0.0, 1.0, "HOLD"),
+        (2, 3.0, 0.5, 1.0, "HOLD"),  # up by exactly the fee: a trade would earn nothing
+        (2, 3.2, 0.5, 1.0, "BUY"),
+        (2, 1.0, 0.5, 1.0, "HOLD"),  # down by exactly the fee
+        (2, 0.9, 0.5, 1.0, "SELL"),
+        (2, 2.02, 0.0, 1.0, "BUY"),  # exactly the minimum profitable move, no fee
+        (2, 2.018, 0.0, 1.0, "HOLD"),
+        # 0.1 % as the detector computes it, (exit - entry) / entry; close / open - 1 falls
+        # a float's width short of it
+        (250, 250.25, 0.0, 0.1, "BUY"),
     ],
 )
 def test_the_backtests_hindsight_label_is_the_detectors_on_the_same_prices(
-    exit_, fee, min_move_pct, label
+    entry, exit_, fee, min_move_pct, label
 ):
     """The offline model learns best_action on every bar; the trainers learn the detector's
     label. Both must be the same rule on the same prices, boundaries included."""
+    prices = ([entry, entry], [entry, max(entry, exit_)], [entry, min(entry, exit_)])
     bars = Bars(
         np.array([0, 86_400_000], np.int64),
-        *(np.array(column, np.float64) for column in ([2, 2], [2, 4], [1, 1], [2, exit_], [0, 0])),
+        *(np.array(column, np.float64) for column in (*prices, [entry, exit_], [0, 0])),
     )
     terms = Terms(hold=1, leverage=1.0, fee_rate=fee, min_move_pct=min_move_pct)
     sold = validate_trade(closed_trade(bars, 1, "SELL", terms, "X"), TradeDefaults())

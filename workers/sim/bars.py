@@ -160,19 +160,27 @@ def _value(path: Path, line: int, name: str, text: str) -> float:
 
 def _time_ms(path: Path, line: int, column: str, text: str) -> int:
     milliseconds = _parsed_ms(path, line, column, text)
-    if not 0 <= milliseconds <= MAX_TIMESTAMP_MS:
+    if milliseconds < 0:
         reason = (
-            f"{text!r} is outside 1970-01-01 to 9999-12-31: a trade's times are Unix "
-            "milliseconds, which cannot be negative; start the file at 1970 or later"
+            f"{text!r} is before 1970-01-01 00:00 UTC: a trade's times are Unix milliseconds, "
+            "which cannot be negative; start the file at 1970 or later"
         )
         raise BarsError(path, reason, line, column)
-    return milliseconds
+    if milliseconds > MAX_TIMESTAMP_MS:
+        reason = (
+            f"{text!r} is after 9999-12-31 (UTC): a Unix time in microseconds or nanoseconds? "
+            "Use seconds or milliseconds"
+        )
+        raise BarsError(path, reason, line, column)
+    return int(milliseconds)
 
 
-def _parsed_ms(path: Path, line: int, column: str, text: str) -> int:
+def _parsed_ms(path: Path, line: int, column: str, text: str) -> float:
+    """The time `text` names, in Unix milliseconds (a float: a number of 400 digits is
+    infinity here, and is refused by its range, not by an overflow)."""
     if _NUMBER.fullmatch(text):
         number = float(text)
-        return int(number if number >= _MS_FROM else number * 1000)
+        return number if number >= _MS_FROM else number * 1000
     if match := _US_DATE.fullmatch(text):
         month, day, year, hour, minute, second = (int(g) if g else 0 for g in match.groups())
         try:
@@ -190,7 +198,7 @@ def _parsed_ms(path: Path, line: int, column: str, text: str) -> int:
             raise BarsError(path, reason, line, column) from None
         if moment.tzinfo is None:
             moment = moment.replace(tzinfo=UTC)
-    return int(moment.timestamp() * 1000)
+    return moment.timestamp() * 1000
 
 
 def _check_row(

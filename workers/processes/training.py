@@ -10,8 +10,9 @@ The design follows what works for learning from mistakes without forgetting:
 - online hard example mining: losses and missed opportunities are the cases, wins and
   right skips are context the replay draws from, so training sees what was right too;
 - continual learning: replay in every step keeps one case, however intensive its training,
-  from flipping the whole policy; an L2 pull toward the parent's weights (a plain form of
-  EWC, Kirkpatrick et al., 2017) is available, off by default (see the settings);
+  from flipping the whole policy, and an L2 pull toward the parent's weights (a plain form
+  of EWC, Kirkpatrick et al., 2017) keeps one session from moving the model far (see the
+  settings);
 - counterfactual evaluation: every outcome carries the market's move, so the P&L of any
   action on it is known, and the gate compares policies exactly, on the same decisions.
 """

@@ -132,3 +132,34 @@ def test_one_intensive_case_does_not_flip_a_learned_policy() -> None:
     after = (model(fresh.features).argmax(1) == fresh.labels).float().mean().item()
     assert before > 0.8
     assert after > before - 0.1
+
+
+def test_the_pull_toward_the_parent_keeps_one_session_close_to_it() -> None:
+    """Given a warm-started model, when one case trains its largest budget beside replay with
+    the deployment's pull and with none, then the pull ends much nearer the parent."""
+    torch.manual_seed(0)
+    history, _ = _rule_examples(600, seed=1)
+    parent = build_model(ModelSpec(8))
+    fit_history(parent, history, 60, lambda: False, torch.Generator().manual_seed(0))
+    contrary = Examples(torch.ones(1, 8), torch.tensor([1]))
+    defaults = Settings()
+
+    def squared_move(anchor_weight: float) -> float:
+        model = build_model(ModelSpec(8))
+        model.load_state_dict(parent.state_dict())
+        train_on_cases(
+            model,
+            contrary,
+            history,
+            1000,
+            defaults.learning_rate,
+            anchor_weight,
+            0,
+            lambda: False,
+            torch.Generator().manual_seed(0),
+        )
+        moved = zip(model.parameters(), parent.parameters(), strict=True)
+        return sum(((p - q) ** 2).sum().item() for p, q in moved)
+
+    assert defaults.anchor_weight > 0
+    assert squared_move(defaults.anchor_weight) * 5 < squared_move(0.0)

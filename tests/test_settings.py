@@ -47,6 +47,9 @@ def test_every_variable_is_read_with_its_type():
         ("NEGCASE_DEFAULT_LEVERAGE", "0.5", "default_leverage"),
         ("NEGCASE_PARTITIONS", "0", "NEGCASE_PARTITIONS: must be 1 to 1024, got 0"),
         ("NEGCASE_PARTITIONS", "1025", "NEGCASE_PARTITIONS: must be 1 to 1024, got 1025"),
+        ("NEGCASE_ANCHOR_WEIGHT", "-0.01", "anchor_weight: must be 0 (off) or more, got -0.01"),
+        ("NEGCASE_ANCHOR_WEIGHT", "nan", "anchor_weight: must be 0 (off) or more"),
+        ("NEGCASE_LEARNING_RATE", "0", "learning_rate: must be above 0, got 0.0"),
     ],
 )
 def test_a_bad_variable_is_an_error_that_names_it(variable, value, message):

@@ -135,7 +135,8 @@ def trading_result(model: nn.Module, window: Sequence[Outcome]) -> TradingResult
 def gate_reason(parent: TradingResult | None, candidate: TradingResult | None) -> str | None:
     """Why the gate refuses a candidate, or None when it may be published. The candidate must
     earn at least its parent's mean P&L per decision on the same window, and at equal P&L
-    must not lose more often: no tolerance, so nothing can compound from version to version.
+    must not lose more often: no tolerance, so no loss on the window compounds from version
+    to version (off it, moves the window cannot see can: hence the pull toward the parent).
     Without a window (or a parent) there is nothing to judge against."""
     if candidate is not None and not math.isfinite(candidate.mean_pnl_pct):
         return "the candidate's output is not finite"

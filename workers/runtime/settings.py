@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
@@ -122,10 +123,11 @@ class Settings:
     # Sessions train from the latest checkpoint with this rate, and anchor_weight adds an L2
     # pull toward its weights (0: off). Without the pull one session moved the default
     # model's weights by a squared distance of 20-60 (about 0.1 per weight), and on a
-    # monthly equity market the gate let 48 such jumps compound into a model 10 points worse
-    # than the control rule. A pull of 0.01 is the size of the cross-entropy at that
-    # distance: it cut a session's move tenfold, kept the three daily markets level and
-    # brought that market back within the noise of the rule (the README's measurements).
+    # monthly equity market the gate let 48 such moves add up to a model 10 points worse
+    # than the control rule. At that distance a pull of 0.01 costs 0.2-0.6, the order of
+    # the cross-entropy: it cut the squared distance to 2-3, kept the three daily markets
+    # level and brought that market back within the noise of the rule (README, "More
+    # markets than three").
     learning_rate: float = 0.01
     anchor_weight: float = 0.01
     # Share of cases and outcomes held out by a fixed rule on the id: never trained, they
@@ -213,6 +215,12 @@ class Settings:
             raise SettingsError("priority_thresholds_pct: must be in decreasing order")
         if len(self.base_epochs) != 5:
             raise SettingsError("base_epochs: needs 5 values, for priorities 1 to 5")
+        # A negative pull pushes each session away from its parent; NaN or infinity would
+        # only surface as a diverged session, far from the setting that caused it.
+        if not 0 <= self.anchor_weight < math.inf:
+            raise SettingsError(f"anchor_weight: must be 0 (off) or more, got {self.anchor_weight}")
+        if not 0 < self.learning_rate < math.inf:
+            raise SettingsError(f"learning_rate: must be above 0, got {self.learning_rate}")
         if self.feature_count < 1:
             raise SettingsError("feature_count: must be at least 1")
         # A batch's entry ids travel to one Lua call as arguments; Lua's unpack() takes

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 from negcase.processes.model import ModelSpec, build_model
 from negcase.processes.training import (
@@ -106,29 +107,43 @@ def _rule_examples(n: int, seed: int) -> tuple[Examples, list[list[float]]]:
     return Examples.of_rows(rows, 8), [r[0] for r in rows]
 
 
-def test_one_intensive_case_does_not_flip_a_learned_policy() -> None:
-    """Given a model warm-started on history where the sign of x0 decides, when one case that
-    says the opposite trains for the largest epoch budget beside replay, then the model still
-    agrees with the rule on almost all fresh inputs."""
+# SELL where the rule of _rule_examples says BUY
+CONTRARY = Examples(torch.ones(1, 8), torch.tensor([1]))
+
+
+def _warm_started_on_the_rule() -> tuple[nn.Module, Examples]:
+    """A model warm-started on history where the sign of x0 decides, and that history."""
     torch.manual_seed(0)
     history, _ = _rule_examples(600, seed=1)
     model = build_model(ModelSpec(8))
     fit_history(model, history, 60, lambda: False, torch.Generator().manual_seed(0))
-    fresh, _ = _rule_examples(400, seed=2)
-    before = (model(fresh.features).argmax(1) == fresh.labels).float().mean().item()
-    contrary = Examples(torch.ones(1, 8), torch.tensor([1]))  # SELL where the rule says BUY
-    defaults = Settings()  # the deployment's rate and pull
+    return model, history
+
+
+def _one_contrary_session(model: nn.Module, history: Examples, anchor_weight: float) -> None:
+    """The contrary case trained for the largest epoch budget beside replay, at the
+    deployment's learning rate."""
     train_on_cases(
         model,
-        contrary,
+        CONTRARY,
         history,
         1000,
-        defaults.learning_rate,
-        defaults.anchor_weight,
+        Settings().learning_rate,
+        anchor_weight,
         0,
         lambda: False,
         torch.Generator().manual_seed(0),
     )
+
+
+def test_one_intensive_case_does_not_flip_a_learned_policy() -> None:
+    """Given a model warm-started on history where the sign of x0 decides, when one case that
+    says the opposite trains for the largest epoch budget beside replay, then the model still
+    agrees with the rule on almost all fresh inputs."""
+    model, history = _warm_started_on_the_rule()
+    fresh, _ = _rule_examples(400, seed=2)
+    before = (model(fresh.features).argmax(1) == fresh.labels).float().mean().item()
+    _one_contrary_session(model, history, Settings().anchor_weight)  # the deployment's pull
     after = (model(fresh.features).argmax(1) == fresh.labels).float().mean().item()
     assert before > 0.8
     assert after > before - 0.1
@@ -137,29 +152,15 @@ def test_one_intensive_case_does_not_flip_a_learned_policy() -> None:
 def test_the_pull_toward_the_parent_keeps_one_session_close_to_it() -> None:
     """Given a warm-started model, when one case trains its largest budget beside replay with
     the deployment's pull and with none, then the pull ends much nearer the parent."""
-    torch.manual_seed(0)
-    history, _ = _rule_examples(600, seed=1)
-    parent = build_model(ModelSpec(8))
-    fit_history(parent, history, 60, lambda: False, torch.Generator().manual_seed(0))
-    contrary = Examples(torch.ones(1, 8), torch.tensor([1]))
-    defaults = Settings()
+    parent, history = _warm_started_on_the_rule()
 
     def squared_move(anchor_weight: float) -> float:
         model = build_model(ModelSpec(8))
         model.load_state_dict(parent.state_dict())
-        train_on_cases(
-            model,
-            contrary,
-            history,
-            1000,
-            defaults.learning_rate,
-            anchor_weight,
-            0,
-            lambda: False,
-            torch.Generator().manual_seed(0),
-        )
+        _one_contrary_session(model, history, anchor_weight)
         moved = zip(model.parameters(), parent.parameters(), strict=True)
         return sum(((p - q) ** 2).sum().item() for p, q in moved)
 
-    assert defaults.anchor_weight > 0
-    assert squared_move(defaults.anchor_weight) * 5 < squared_move(0.0)
+    pull = Settings().anchor_weight
+    assert pull > 0
+    assert squared_move(pull) * 5 < squared_move(0.0)

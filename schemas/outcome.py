@@ -20,6 +20,13 @@ from negcase.schemas.case import ACTIONS
 KINDS = ("win", "loss", "skip", "opportunity")
 
 
+def price_move(entry_price: float, exit_price: float) -> float:
+    """The market's move from entry to exit as a fraction, + when the price rose: the one
+    formula every label and P&L is computed from, so that the same prices always give the
+    same label, to the last bit."""
+    return (exit_price - entry_price) / entry_price
+
+
 def hindsight_action(market_move: float, fee_rate: float, min_move: float) -> str:
     """The action that would have paid: a side when the market moved its way by at least the
     minimum profitable move and by more than the fees, HOLD otherwise. `market_move` is the

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from negcase.runtime.settings import Settings
 from negcase.schemas.case import NegativeCase, case_id_for
-from negcase.schemas.outcome import Outcome, hindsight_action, pnl_of
+from negcase.schemas.outcome import Outcome, hindsight_action, pnl_of, price_move
 from negcase.schemas.trade import TradeClosed, TradeError
 
 _GERUND = {"BUY": "BUYING", "SELL": "SELLING"}
@@ -60,7 +60,7 @@ def priority_for(loss_pct: float, thresholds_pct: tuple[float, ...]) -> int:
 
 def market_move(trade: TradeClosed) -> float:
     """The market's move from entry to exit as a fraction, + when the price rose."""
-    return (trade.exit_price - trade.entry_price) / trade.entry_price
+    return price_move(trade.entry_price, trade.exit_price)
 
 
 def rule_pnl_pct(trade: TradeClosed) -> float | None:

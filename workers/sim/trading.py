@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from negcase.processes.losses import outcome_of
-from negcase.schemas.outcome import hindsight_action
+from negcase.schemas.outcome import hindsight_action, price_move
 from negcase.schemas.trade import TradeDefaults, validate_trade
 from negcase.sim.bars import Bars
 
@@ -54,8 +54,8 @@ def best_action(bars: Bars, t: int, terms: Terms) -> str:
     position opened there, by its own rule on the same prices (a side when the market moved
     its way by at least the smallest move worth trading and by more than the fee, HOLD
     otherwise), for every bar (the offline model learns it)."""
-    entry, exit_ = float(bars.open[t]), float(bars.close[exit_bar(t, terms)])
-    return hindsight_action((exit_ - entry) / entry, terms.fee_rate, terms.min_move_pct / 100)
+    move = price_move(float(bars.open[t]), float(bars.close[exit_bar(t, terms)]))
+    return hindsight_action(move, terms.fee_rate, terms.min_move_pct / 100)
 
 
 def trade_id(symbol: str, t: int) -> str:
